@@ -12,6 +12,7 @@ from apd.components import LinearComponents, TiedLinear, TransposedComponents
 from apd.config import APDConfig, Attribution, ConfigError, LRSchedule, OutputLoss
 from apd.data import DataError
 from apd.decomposition import CheckpointError, Decomposition, load_decomposition
+from apd.multi import decompose_seeds
 from apd.optim import OPTIMIZERS
 from apd.topk import topk_mask
 from apd.train import LossTerms, NonFiniteLossError, compute_losses, decompose, train_step
@@ -23,6 +24,7 @@ __all__ = [
     "OutputLoss",
     "OPTIMIZERS",
     "decompose",
+    "decompose_seeds",
     "Decomposition",
     "load_decomposition",
     "ComponentModel",

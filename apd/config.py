@@ -72,6 +72,11 @@ class APDConfig:
     topk: float | None = 1.0
     """k active components per sample (may be fractional with batch_topk); None = no top-k"""
     batch_topk: bool = True
+    topk_start: float | None = None
+    """k at step 0 of a batch top-k schedule: k moves linearly from topk_start to topk over the
+    first topk_anneal_frac of the steps, then stays at topk; None = topk throughout"""
+    topk_anneal_frac: float = 0.5
+    """fraction of the steps over which k moves from topk_start to topk"""
     attribution: Attribution = Attribution.gradient
     gradient_mode: GradientMode | None = None
     """computation of the gradient attribution during training; None = the library's default.
@@ -151,7 +156,15 @@ class APDConfig:
                 self.batch_topk or float(self.topk).is_integer(),
                 f"topk={self.topk}: per-sample top-k needs a whole number; set batch_topk=True for fractional k",
             )
-        else:
+        if self.topk_start is not None:
+            need(self.topk is not None, "topk_start is set but topk=None: a k schedule needs top-k on")
+            need(
+                0 < self.topk_start <= self.C,
+                f"topk_start={self.topk_start}: must lie in (0, C={self.C}]",
+            )
+            need(self.batch_topk, "topk_start: a k schedule passes fractional k; set batch_topk=True")
+            need(0 < self.topk_anneal_frac <= 1, f"topk_anneal_frac={self.topk_anneal_frac}: must lie in (0, 1]")
+        if self.topk is None:
             need(
                 self.lp_sparsity_coeff is not None,
                 "topk=None switches top-k off: set lp_sparsity_coeff so something makes the decomposition sparse",

@@ -16,15 +16,16 @@ from torch import Tensor, nn
 
 from apd.attributions import compute_attributions
 from apd.config import APDConfig
-from apd.decomposition import CHECKPOINT_NAME, FILE_NAME, Decomposition, load_decomposition
+from apd.decomposition import CHECKPOINT_NAME, FILE_NAME, Decomposition, load_decomposition, safe_load
 from apd.losses import faithfulness_loss
 from apd.metrics.resid_mlp import resid_mlp_metrics
 from apd.metrics.tms import tms_recovery
+from apd.multi import SEEDS_CHECKPOINT_NAME, decompose_seeds
 from apd.targets import ResidMLPTargetConfig, TargetConfig, TMSTargetConfig, get_target
 from apd.topk import topk_mask
 from apd.train import decompose
 
-__all__ = ["DecomposeRun", "RunResult", "run_decompose", "evaluate", "cpu_share"]
+__all__ = ["DecomposeRun", "RunResult", "run_decompose", "run_decompose_seeds", "seed_run_dir", "evaluate", "cpu_share"]
 
 
 def cpu_share(parallel_jobs: int = 1) -> int:
@@ -55,11 +56,15 @@ class DecomposeRun:
     job's share of the CPUs, as set by the experiments' launcher layer)"""
     n_eval: int = 10_000
     """fresh samples for the output-level metrics"""
+    n_seeds: int = 1
+    """train seeds seed, seed+1, ..., seed+n_seeds-1 at once in this process (vectorised instances,
+    ``apd.decompose_seeds``); each seed gets its own ``seed_<s>/`` run dir"""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.threads < 0 or self.n_eval < 1:
-            raise ValueError(f"batch_size={self.batch_size}, threads={self.threads}, n_eval={self.n_eval}: "
-                             "batch_size and n_eval must be >= 1, threads >= 0 (0 = automatic)")
+        if self.batch_size < 1 or self.threads < 0 or self.n_eval < 1 or self.n_seeds < 1:
+            raise ValueError(f"batch_size={self.batch_size}, threads={self.threads}, n_eval={self.n_eval}, "
+                             f"n_seeds={self.n_seeds}: batch_size, n_eval and n_seeds must be >= 1, threads >= 0 "
+                             "(0 = automatic)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA device is available here; use device=cpu")
         steps = self.method.steps if self.steps is None else self.steps
@@ -111,12 +116,79 @@ def run_decompose(
     return RunResult(metrics, dec, target)
 
 
-def _truncate_log(out: Path) -> None:
+def seed_run_dir(out_dir: str | Path, seed: int) -> Path:
+    """Where a multi-seed run (``n_seeds`` > 1) puts seed ``seed``'s results."""
+    return Path(out_dir) / f"seed_{seed}"
+
+
+def run_decompose_seeds(
+    run: DecomposeRun, out_dir: str | Path, callback: Callable[[int, int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> list[RunResult]:  # fmt: skip
+    """Seeds ``run.seed`` .. ``run.seed + run.n_seeds - 1`` trained at once (``decompose_seeds``).
+
+    ``out_dir`` holds the shared checkpoint (resumable); each seed's decomposition, ``metrics.jsonl``
+    and ``metrics.json`` go to ``seed_run_dir(out_dir, seed)``, as a single run would write them.
+    ``wall_seconds`` of each seed is the whole run's time divided by the number of seeds.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(run.threads or cpu_share())
+    t0 = time.perf_counter()
+    target, info = get_target(run.target)
+    target.to(run.device)
+    seeds = list(range(run.seed, run.seed + run.n_seeds))
+    dirs = {s: seed_run_dir(out, s) for s in seeds}
+    seed_runs = {s: dataclasses.replace(run, seed=s, n_seeds=1) for s in seeds}
+    if all((d / "metrics.json").is_file() and (d / FILE_NAME).is_file() for d in dirs.values()):
+        return [RunResult(json.loads((d / "metrics.json").read_text()), load_decomposition(d), target) for d in dirs.values()]
+
+    step = _checkpoint_step(out / SEEDS_CHECKPOINT_NAME)
+    logs = {}
+    for s, d in dirs.items():
+        d.mkdir(parents=True, exist_ok=True)
+        _truncate_log(d, step)
+        logs[s] = (d / "metrics.jsonl").open("a")
+    try:
+
+        def on_log(seed: int, step: int, terms: dict[str, float]) -> None:
+            logs[seed].write(json.dumps(terms) + "\n")
+            logs[seed].flush()
+            if callback is not None:
+                callback(seed, step, terms)
+
+        decs = decompose_seeds(
+            target, lambda: run.target.batch(run.batch_size, None), run.method, run.target.modules(), seeds,
+            callback=on_log, checkpoint_dir=out, progress=progress,
+        )  # fmt: skip
+    finally:
+        for f in logs.values():
+            f.close()
+    train_seconds = time.perf_counter() - t0
+    results = []
+    for s, dec in zip(seeds, decs):
+        t1 = time.perf_counter()
+        dec.save(dirs[s])
+        metrics = evaluate(dec, target, seed_runs[s])
+        metrics |= {"wall_seconds": train_seconds / len(seeds) + time.perf_counter() - t1, "torch_threads": torch.get_num_threads(),
+                    "target_train_loss": float(info["train_loss"]), "n_seeds_at_once": len(seeds)}  # fmt: skip
+        (dirs[s] / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        results.append(RunResult(metrics, dec, target))
+    return results
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint was written at (0 if there is none)."""
+    return int(safe_load(checkpoint)["step"]) if checkpoint.is_file() else 0
+
+
+def _truncate_log(out: Path, step: int | None = None) -> None:
     """A resumed run replays the steps after its checkpoint: drop their lines from metrics.jsonl."""
     log = out / "metrics.jsonl"
     if not log.is_file():
         return
-    step = load_decomposition(out / CHECKPOINT_NAME).step if (out / CHECKPOINT_NAME).is_file() else 0
+    if step is None:
+        step = _checkpoint_step(out / CHECKPOINT_NAME)
     kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] < step]
     log.write_text("".join(line + "\n" for line in kept))
 

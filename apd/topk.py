@@ -20,11 +20,10 @@ def topk_mask(attributions: Float[Tensor, "B C"], k: float, batch_topk: bool = T
     B, C = attr.shape
     if batch_topk:
         n = max(1, min(B * C, math.floor(k * B)))
-        idx = attr.flatten().topk(n, sorted=False).indices
-        mask = torch.zeros(B * C, dtype=attr.dtype, device=attr.device)
-        mask[idx] = 1.0
-        return mask.view(B, C)
+        flat = attr.flatten()
+        idx = flat.topk(n, sorted=False).indices
+        return torch.zeros_like(flat).scatter(0, idx, 1.0).view(B, C)  # out of place: runs under vmap
     if not float(k).is_integer() or not 1 <= k <= C:
         raise ValueError(f"per-sample top-k needs a whole k in [1, C={C}], got {k}; use batch_topk for fractional k")
     idx = attr.topk(int(k), dim=1, sorted=False).indices
-    return torch.zeros_like(attr).scatter_(1, idx, 1.0)
+    return torch.zeros_like(attr).scatter(1, idx, 1.0)

@@ -28,8 +28,8 @@ from apd.losses import act_recon_loss, faithfulness_loss, lp_sparsity_loss, mini
 from apd.optim import lr_at_step, make_optimizer
 from apd.topk import topk_mask
 
-__all__ = ["decompose", "LossTerms", "compute_losses", "train_step", "in_finetune", "lr_for_step", "NonFiniteLossError",
-           "CHECKPOINT_NAME"]  # fmt: skip
+__all__ = ["decompose", "LossTerms", "compute_losses", "train_step", "in_finetune", "lr_for_step", "topk_at_step",
+           "NonFiniteLossError", "CHECKPOINT_NAME"]  # fmt: skip
 
 LogCallback = Callable[[int, dict[str, float]], None]
 
@@ -48,7 +48,7 @@ class LossTerms:
     simplicity: Tensor | None
     act_recon: Tensor | None
     lp_sparsity: Tensor | None
-    l0: float  # mean number of active components per input
+    l0: Tensor | float  # mean number of active components per input
 
     def as_floats(self) -> dict[str, float]:
         return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in vars(self).items() if v is not None}
@@ -72,12 +72,20 @@ def _attributions(cm: ComponentModel, x: Tensor, config: APDConfig) -> Tensor:
 
 
 def compute_losses(
-    cm: ComponentModel, x: Tensor, config: APDConfig, act_names: Sequence[str] = (), *, simplicity: bool = True
+    cm: ComponentModel,
+    x: Tensor,
+    config: APDConfig,
+    act_names: Sequence[str] = (),
+    *,
+    k: float | None = None,
+    simplicity: bool = True,
 ) -> LossTerms:
     """Target pass → attributions → selection → masked pass → every loss term (SPEC §1.4).
 
-    ``simplicity=False`` leaves the Schatten term out (the fine-tune phase, see ``in_finetune``).
+    ``k`` overrides ``config.topk`` (a k schedule, see ``topk_at_step``); ``simplicity=False``
+    leaves the Schatten term out (the fine-tune phase, see ``in_finetune``).
     """
+    k = config.topk if k is None else k
     use_act = config.act_recon_coeff is not None
     with torch.no_grad(), cm.capture(act_names if use_act else []) as target_acts:
         target_out = cm(x)
@@ -85,12 +93,12 @@ def compute_losses(
     attr = None
     if config.lp_sparsity_coeff is not None:
         attr = _attributions(cm, x, config)  # differentiable: L_p trains through it
-    elif config.topk is not None:
+    elif k is not None:
         with torch.no_grad():
             attr = _attributions(cm, x, config)
-    if config.topk is not None:
+    if k is not None:
         assert attr is not None
-        mask = topk_mask(attr, config.topk, config.batch_topk)
+        mask = topk_mask(attr, k, config.batch_topk)
     else:
         mask = torch.ones(x.shape[0], cm.C, dtype=target_out.dtype, device=x.device)
 
@@ -114,7 +122,7 @@ def compute_losses(
     if config.lp_sparsity_coeff is not None:
         lp = lp_sparsity_loss(attr, config.lp_sparsity_p)  # type: ignore[arg-type]
         total = total + config.lp_sparsity_coeff * lp
-    return LossTerms(total, faith, minimality, simp, act, lp, l0=float(mask.sum(1).mean()))
+    return LossTerms(total, faith, minimality, simp, act, lp, l0=mask.sum(1).mean())
 
 
 def _unit_norm_A_grads(cm: ComponentModel) -> None:
@@ -138,6 +146,15 @@ def in_finetune(step: int, config: APDConfig) -> bool:
     return step >= config.finetune_start
 
 
+def topk_at_step(step: int, config: APDConfig) -> float | None:
+    """k of the top-k selection at ``step``: linear from ``topk_start`` to ``topk`` over the first
+    ``topk_anneal_frac`` of the steps, then ``topk`` (``topk`` throughout without a schedule)."""
+    if config.topk_start is None or config.topk is None:
+        return config.topk
+    progress = min(1.0, step / max(1, round(config.topk_anneal_frac * config.steps)))
+    return config.topk_start + progress * (config.topk - config.topk_start)
+
+
 def lr_for_step(step: int, config: APDConfig) -> float:
     """The main warm-up + decay schedule, or ``finetune_lr`` (when set) during the fine-tune."""
     if in_finetune(step, config) and config.finetune_lr is not None:
@@ -150,12 +167,13 @@ def train_step(
 ) -> LossTerms:
     """One optimiser step; raises NonFiniteLossError (before any update) on a NaN/inf loss.
 
-    Everything that changes over the run (learning rate, fine-tune phase) derives from ``step``, so
-    a resumed run repeats an uninterrupted one exactly.
+    Everything that changes over the run (learning rate, k, fine-tune phase) derives from ``step``,
+    so a resumed run repeats an uninterrupted one exactly.
     """
     for group in opt.param_groups:
         group["lr"] = lr_for_step(step, config)
-    terms = compute_losses(cm, x, config, act_names, simplicity=not in_finetune(step, config))
+    k, finetune = topk_at_step(step, config), in_finetune(step, config)
+    terms = compute_losses(cm, x, config, act_names, k=k, simplicity=not finetune)
     if not torch.isfinite(terms.total):
         raise NonFiniteLossError(_nan_message(step, terms, x))
     opt.zero_grad(set_to_none=True)

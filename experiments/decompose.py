@@ -5,6 +5,7 @@ sweep) a run resumes from its last checkpoint, and a finished run is not redone.
 failing job writes `failure.json` (error and traceback) into its run dir and the sweep goes on.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from apd.experiment import cpu_share, run_decompose
+from apd.experiment import cpu_share, run_decompose, run_decompose_seeds, seed_run_dir
 from experiments import schema  # noqa: F401  (registers the config schemas)
 from experiments.figures import save_figures
 from experiments.loggers import make_logger
@@ -29,6 +30,8 @@ def decompose_app(cfg: DictConfig, out: Path) -> dict[str, float]:
     if app.threads == 0:  # automatic: divide this machine's CPUs among the launcher's parallel jobs
         app.threads = cpu_share(_parallel_jobs())
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if app.n_seeds > 1:
+        return _decompose_seeds_app(cfg, app, out)
     logger, close = make_logger(app.logger, out, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     try:
         result = run_decompose(app, out, callback=logger)
@@ -37,6 +40,44 @@ def decompose_app(cfg: DictConfig, out: Path) -> dict[str, float]:
     if app.figures:
         save_figures(result, app, out / "figures")
     return result.metrics
+
+
+def _decompose_seeds_app(cfg: DictConfig, app: schema.DecomposeApp, out: Path) -> dict[str, float]:
+    """``n_seeds`` > 1: one ``seed_<s>/`` run dir per seed (config, metrics, figures, logger);
+    ``out/metrics.json`` holds the mean of each metric over the seeds and their ``success_rate``."""
+    seeds = list(range(app.seed, app.seed + app.n_seeds))
+    loggers = {}
+    for s in seeds:
+        seed_cfg = OmegaConf.merge(cfg, {"seed": s, "n_seeds": 1})
+        seed_run_dir(out, s).mkdir(parents=True, exist_ok=True)
+        (seed_run_dir(out, s) / "config.yaml").write_text(OmegaConf.to_yaml(seed_cfg, resolve=True))
+        loggers[s] = make_logger(app.logger, seed_run_dir(out, s), OmegaConf.to_container(seed_cfg, resolve=True))  # type: ignore[arg-type]
+    try:
+
+        def on_log(seed: int, step: int, terms: dict[str, float]) -> None:
+            log_fn = loggers[seed][0]
+            if log_fn is not None:
+                log_fn(step, terms)
+
+        results = run_decompose_seeds(app, out, callback=on_log)
+    finally:
+        for _, close in loggers.values():
+            close()
+    for s, result in zip(seeds, results):
+        if app.figures:
+            save_figures(result, dataclasses.replace(app, seed=s, n_seeds=1), seed_run_dir(out, s) / "figures")
+    keys = [k for k, v in results[0].metrics.items() if isinstance(v, (int, float))]
+    summary = {k: sum(r.metrics[k] for r in results) / len(results) for k in keys}
+    summary["success_rate"] = summary.get("all_recovered", summary.get("n_features_with_dedicated_component", 0.0))
+    summary["wall_seconds"] = sum(r.metrics["wall_seconds"] for r in results)
+    summary["n_seeds"] = float(len(results))
+    (out / "metrics_seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for s, r in zip(seeds, results):
+        print(f"seed {s}: " + ", ".join(f"{k}={r.metrics[k]:.4g}" for k in _HEADLINE if k in r.metrics))
+    return summary
+
+
+_HEADLINE = ["all_recovered", "mmcs", "ml2r", "n_features_with_dedicated_component", "topk_recon_mse", "wall_seconds"]
 
 
 def _parallel_jobs() -> int:

@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +26,9 @@ import yaml  # noqa: E402  (PyYAML comes with hydra-core)
 
 REPORTED = ["all_recovered", "mmcs", "ml2r", "n_recovered_matched_0.99", "n_features_with_dedicated_component",
             "topk_recon_mse", "faithfulness_loss", "l0", "wall_seconds"]  # fmt: skip
+
+
+_SEED_DIR = re.compile(r"seed_\d+")
 
 
 def _overrides(run: Path) -> dict[str, str]:
@@ -41,9 +45,17 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One record per run dir (a folder with a .hydra/ or config.yaml) below ``sweep_dir``."""
     runs = sorted({p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")} |
                   {p.parent for p in sweep_dir.rglob("config.yaml") if p.parent.name != ".hydra"})  # fmt: skip
+    # a multi-seed job (n_seeds > 1) is one record per seed_<s>/ dir, with the job's overrides and seed=s
+    parents = {run.parent for run in runs if _SEED_DIR.fullmatch(run.name)}
     records = []
     for run in runs:
-        rec: dict[str, Any] = {"run": str(run.relative_to(sweep_dir)), **_overrides(run)}
+        if run in parents:
+            continue
+        overrides = _overrides(run)
+        if _SEED_DIR.fullmatch(run.name) and run.parent in parents:
+            overrides = {**_overrides(run.parent), "seed": run.name.split("_", 1)[1]}
+            overrides.pop("n_seeds", None)
+        rec: dict[str, Any] = {"run": str(run.relative_to(sweep_dir)), **overrides}
         if (run / "metrics.json").is_file():
             rec["status"] = "finished"
             rec |= json.loads((run / "metrics.json").read_text())

@@ -7,7 +7,7 @@ from apd import APDConfig, ConfigError, decompose, load_decomposition
 from apd.component_model import ComponentModel
 from apd.metrics import tms_recovery
 from apd.config import GradientMode
-from apd.train import compute_losses, in_finetune, lr_for_step
+from apd.train import compute_losses, in_finetune, lr_for_step, topk_at_step
 from apd.toy_models import TMS, TMSConfig, tms_batch, train_tms
 
 TMS_CFG = dict(C=5, topk=0.211, batch_topk=True, simplicity_coeff=0.7, schatten_p=1.0, lr=3e-2, warmup_frac=0.05)
@@ -104,3 +104,13 @@ def test_gradient_mode_config():
         APDConfig(attribution="activation", gradient_mode="hidden")
     with pytest.raises(ConfigError, match="'per_sample', 'hidden'"):
         APDConfig(gradient_mode="fast")
+
+
+def test_topk_schedule_moves_k_linearly_then_holds():
+    config = APDConfig(C=10, topk=2.0, topk_start=6.0, topk_anneal_frac=0.5, steps=100)
+    assert [topk_at_step(s, config) for s in (0, 25, 50, 99)] == [6.0, 4.0, 2.0, 2.0]
+    assert topk_at_step(10, APDConfig(C=10, topk=2.0, steps=100)) == 2.0  # no schedule
+    with pytest.raises(ConfigError, match="topk_start=12.0"):
+        APDConfig(C=10, topk=2.0, topk_start=12.0)
+    with pytest.raises(ConfigError, match="batch_topk=True"):
+        APDConfig(C=10, topk=2.0, topk_start=4.0, batch_topk=False)
