@@ -1,8 +1,10 @@
 """Speed and memory of the hot paths (pytest-benchmark). Run: pytest benchmarks --benchmark-json=out.json
 
-Groups: attribution (batched vs the per-output loop), step (one APD training step, the toolkit's
-and the straightforward baseline's), sae (one SAE step at a matched size), memory (peak RSS of a
-step in extra_info). One torch thread throughout (benchmarks/conftest.py).
+Groups: attribution (batched vs the per-output loop, and the batched modes against each other),
+step (one APD training step, the toolkit's and the straightforward baseline's), seeds (a short TMS
+5-2 run of one seed against 12 seeds trained at once; seconds per seed-step in extra_info), sae
+(one SAE step at a matched size), memory (peak RSS of a step in extra_info). One torch thread
+throughout (benchmarks/conftest.py).
 """
 
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apd import APDConfig, ComponentModel, gradient_attributions, gradient_attributions_loop
+from apd import APDConfig, ComponentModel, decompose, decompose_seeds, gradient_attributions, gradient_attributions_loop
 from apd.baselines import BatchTopKSAE, BatchTopKSAEConfig, TrainStepInput
 from apd.optim import make_optimizer
 from apd.targets import PRETRAINED_DIR, load_target
@@ -77,6 +79,15 @@ def test_gradient_attribution_batched(benchmark, resid_full):
     benchmark(lambda: gradient_attributions(cm, x).detach())
 
 
+@pytest.mark.parametrize("mode", ["per_sample", "hidden"])
+@pytest.mark.benchmark(group="attribution")
+def test_gradient_attribution_mode(benchmark, resid_full, mode):
+    """The two batched modes on the same case ("auto" picks per_sample here)."""
+    cm, _, x, _ = resid_full
+    result = benchmark(lambda: gradient_attributions(cm, x, mode).detach())
+    torch.testing.assert_close(result, gradient_attributions(cm, x, "jacrev").detach(), rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.benchmark(group="attribution")
 def test_gradient_attribution_reference(benchmark, resid_full):
     """The baseline's attribution (as in the reference code), for the ratio in the README."""
@@ -131,3 +142,27 @@ def test_sae_step(benchmark, d_in, d_sae, batch):
 
     benchmark(step)
 
+
+
+SEED_STEPS = 100
+
+
+@pytest.mark.parametrize("n_seeds", [1, 12])
+@pytest.mark.benchmark(group="seeds")
+def test_seeds_at_once(benchmark, n_seeds):
+    """TMS 5-2 preset, SEED_STEPS steps for n_seeds seeds in one vectorised run (decompose_seeds)."""
+    model, tcfg = _target("tms_5_2")
+    cfg = APDConfig(C=5, init_scale=0.1, topk=0.211, simplicity_coeff=0.7, lr=3e-2, steps=SEED_STEPS, log_every=SEED_STEPS)
+    run = lambda: decompose_seeds(model, lambda: tcfg.batch(2048, None), cfg, tcfg.modules(), range(n_seeds), progress=False)  # noqa: E731
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.extra_info["ms_per_seed_step"] = benchmark.stats.stats.mean / (SEED_STEPS * n_seeds) * 1e3 if benchmark.stats else float("nan")
+
+
+@pytest.mark.benchmark(group="seeds")
+def test_seeds_one_at_a_time(benchmark):
+    """The same run through decompose (one seed; its auto attribution mode)."""
+    model, tcfg = _target("tms_5_2")
+    cfg = APDConfig(C=5, init_scale=0.1, topk=0.211, simplicity_coeff=0.7, lr=3e-2, steps=SEED_STEPS, log_every=SEED_STEPS)
+    run = lambda: decompose(model, lambda: tcfg.batch(2048, None), cfg, tcfg.modules(), progress=False)  # noqa: E731
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.extra_info["ms_per_seed_step"] = benchmark.stats.stats.mean / SEED_STEPS * 1e3 if benchmark.stats else float("nan")

@@ -1,0 +1,71 @@
+"""The benchmarks/README.md table from one pytest-benchmark run.
+
+    OMP_NUM_THREADS=1 python -m pytest benchmarks --benchmark-json=bench.json
+    python -m benchmarks.table bench.json          # prints the Markdown tables and ratios
+
+Every ratio divides two numbers from the same json, i.e. measured side by side in one run.
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+RATIOS = [
+    ("gradient attributions, per-output loop / batched (residual MLP 1-layer, full rank, B=256)",
+     "test_gradient_attribution_loop", "test_gradient_attribution_batched"),
+    ("gradient attributions, reference code's loop / batched",
+     "test_gradient_attribution_reference", "test_gradient_attribution_batched"),
+    ("gradient attributions, 'hidden' mode / 'per_sample' mode (auto's choice here)",
+     "test_gradient_attribution_mode[hidden]", "test_gradient_attribution_mode[per_sample]"),
+    ("APD step, residual MLP 1-layer: full rank / rank 1",
+     "test_step[resid_mlp_1_full_rank]", "test_step[resid_mlp_1_rank_1]"),
+    ("APD step, baseline / toolkit: residual MLP 1-layer full rank",
+     "test_step_baseline[resid_mlp_1_full_rank]", "test_step[resid_mlp_1_full_rank]"),
+    ("APD step, baseline / toolkit: residual MLP 1-layer rank 1",
+     "test_step_baseline[resid_mlp_1_rank_1]", "test_step[resid_mlp_1_rank_1]"),
+    ("APD step, baseline / toolkit: TMS 40-10",
+     "test_step_baseline[tms_40_10]", "test_step[tms_40_10]"),
+    ("baseline step, residual MLP full rank / toolkit step, residual MLP rank 1 (the preset)",
+     "test_step_baseline[resid_mlp_1_full_rank]", "test_step[resid_mlp_1_rank_1]"),
+]  # fmt: skip
+PER_SEED = [("TMS 5-2, one seed at a time (decompose)", "test_seeds_one_at_a_time"),
+            ("TMS 5-2, 1 seed through decompose_seeds", "test_seeds_at_once[1]"),
+            ("TMS 5-2, 12 seeds at once (decompose_seeds)", "test_seeds_at_once[12]")]  # fmt: skip
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def tables(data: dict[str, Any]) -> str:
+    benches = {b["name"]: b for b in data["benchmarks"]}
+    lines = ["| group | case | mean | min | rounds | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
+    for b in sorted(data["benchmarks"], key=lambda b: (b["group"] or "", b["name"])):
+        rss = b.get("extra_info", {}).get("peak_rss_mib")
+        lines.append(f"| {b['group']} | `{b['name']}` | {_fmt(b['stats']['mean'])} | {_fmt(b['stats']['min'])} | "
+                     f"{b['stats']['rounds']} | {'' if rss is None else f'{rss:.0f}'} |")  # fmt: skip
+    lines += ["", "| ratio (same run) | value |", "|---|---|"]
+    for label, num, den in RATIOS:
+        if num in benches and den in benches:
+            lines.append(f"| {label} | **{benches[num]['stats']['mean'] / benches[den]['stats']['mean']:.1f}×** |")
+    lines += ["", "| multi-seed throughput (100 steps, batch 2048) | ms per seed-step |", "|---|---|"]
+    for label, name in PER_SEED:
+        if name in benches:
+            n = 12 if name.endswith("[12]") else 1
+            lines.append(f"| {label} | {benches[name]['stats']['mean'] / (100 * n) * 1e3:.2f} |")
+    info = data.get("machine_info", {})
+    lines += ["", f"Machine: {info.get('cpu', {}).get('brand_raw', '?')}, {info.get('cpu', {}).get('count', '?')} CPUs, "
+              f"Python {info.get('python_version', '?')}; torch threads: 1; {data.get('datetime', '')}."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", type=Path, help="the file written by pytest --benchmark-json")
+    args = parser.parse_args(argv)
+    print(tables(json.loads(args.json.read_text())))
+
+
+if __name__ == "__main__":
+    main()
