@@ -77,6 +77,9 @@ class APDConfig:
     first topk_anneal_frac of the steps, then stays at topk; None = topk throughout"""
     topk_anneal_frac: float = 0.5
     """fraction of the steps over which k moves from topk_start to topk"""
+    min_active: int = 0
+    """during training, each component is also selected on the min_active samples of the batch
+    where its attribution is largest (0 = off; evaluation always uses plain top-k)"""
     attribution: Attribution = Attribution.gradient
     gradient_mode: GradientMode | None = None
     """computation of the gradient attribution during training; None = the library's default.
@@ -164,6 +167,8 @@ class APDConfig:
             )
             need(self.batch_topk, "topk_start: a k schedule passes fractional k; set batch_topk=True")
             need(0 < self.topk_anneal_frac <= 1, f"topk_anneal_frac={self.topk_anneal_frac}: must lie in (0, 1]")
+        need(self.min_active >= 0, f"min_active={self.min_active}: must be >= 0 (0 = off)")
+        need(self.min_active == 0 or self.topk is not None, "min_active needs top-k on (topk is None)")
         if self.topk is None:
             need(
                 self.lp_sparsity_coeff is not None,

@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["topk_mask"]
+__all__ = ["topk_mask", "with_best_samples"]
 
 
 def topk_mask(attributions: Float[Tensor, "B C"], k: float, batch_topk: bool = True) -> Float[Tensor, "B C"]:
@@ -27,3 +27,15 @@ def topk_mask(attributions: Float[Tensor, "B C"], k: float, batch_topk: bool = T
         raise ValueError(f"per-sample top-k needs a whole k in [1, C={C}], got {k}; use batch_topk for fractional k")
     idx = attr.topk(int(k), dim=1, sorted=False).indices
     return torch.zeros_like(attr).scatter(1, idx, 1.0)
+
+
+def with_best_samples(mask: Float[Tensor, "B C"], attributions: Float[Tensor, "B C"], n: int) -> Float[Tensor, "B C"]:
+    """``mask`` with each component also selected on the ``n`` samples where its attribution is largest.
+
+    A component that top-k never selects gets no minimality gradient and cannot take over part of
+    another component's work; switched on where it matters most, it can (``APDConfig.min_active``).
+    """
+    if n <= 0:
+        return mask
+    idx = attributions.detach().topk(min(n, attributions.shape[0]), dim=0, sorted=False).indices  # (n, C)
+    return mask.scatter(0, idx, 1.0)

@@ -26,7 +26,7 @@ from apd.data import BatchSource, DataError
 from apd.decomposition import CKPT_FORMAT, CHECKPOINT_NAME, CheckpointError, Decomposition, atomic_save, safe_load
 from apd.losses import act_recon_loss, faithfulness_loss, lp_sparsity_loss, minimality_loss, simplicity_loss
 from apd.optim import lr_at_step, make_optimizer
-from apd.topk import topk_mask
+from apd.topk import topk_mask, with_best_samples
 
 __all__ = ["decompose", "LossTerms", "compute_losses", "train_step", "in_finetune", "lr_for_step", "topk_at_step",
            "NonFiniteLossError", "CHECKPOINT_NAME"]  # fmt: skip
@@ -98,7 +98,7 @@ def compute_losses(
             attr = _attributions(cm, x, config)
     if k is not None:
         assert attr is not None
-        mask = topk_mask(attr, k, config.batch_topk)
+        mask = with_best_samples(topk_mask(attr, k, config.batch_topk), attr, config.min_active)
     else:
         mask = torch.ones(x.shape[0], cm.C, dtype=target_out.dtype, device=x.device)
 

@@ -34,3 +34,16 @@ def test_fractional_k_needs_batch_topk():
 def test_mask_carries_no_gradient():
     attr = torch.rand(4, 3, requires_grad=True)
     assert not topk_mask(attr, 1).requires_grad
+
+
+def test_with_best_samples_switches_each_component_on_where_its_attribution_is_largest():
+    from apd.topk import with_best_samples
+
+    attr = torch.tensor([[9.0, 0.1, 0.0], [8.0, 0.3, 0.0], [7.0, 0.2, 0.5]])
+    mask = topk_mask(attr, 1.0, batch_topk=True)  # the three largest: component 0 on every sample
+    assert mask.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0]]
+    out = with_best_samples(mask, attr, 1)
+    assert out.tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]  # comp 1 best on sample 1, comp 2 on sample 2
+    assert with_best_samples(mask, attr, 0) is mask
+    assert with_best_samples(mask, attr, 10).sum() == 9  # n larger than the batch: everything on
+    assert mask.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0]]  # the input mask is not modified
