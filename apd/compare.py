@@ -4,7 +4,10 @@ The library side of ``python -m experiments.compare``: the grid spec, the TMS hi
 one function that trains and scores an SAE (:func:`train_evaluate_sae`), one that scores an APD run
 (:func:`evaluate_apd`), and the loop over the grid (:func:`run_comparison`). Every model is scored
 on the same evaluation batch of the same shipped target, into one row of :data:`COLUMNS`. No Hydra,
-no plotting: the entry point writes the CSV, the Markdown table and the figures.
+no plotting: the entry point writes the CSV, the Markdown table and the figures. The pieces that do
+not depend on the target (:class:`SAESite` and :func:`score_sae`, :func:`train_sae_cell`,
+:func:`apd_recovery_row`, the APD and SAE loops) are shared with the residual-MLP comparison in
+:mod:`apd.compare_resid`.
 
 Where APD's numbers are defined differently from the SAE ones (an SAE has latents, APD has
 parameter components):
@@ -30,6 +33,7 @@ parameter components):
 """
 
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -46,7 +50,7 @@ from torch import Tensor
 from apd.attributions import compute_attributions
 from apd.baselines import SAE, SAEConfig, SAETrainConfig, get_sae_class, save_sae, train_sae
 from apd.config import APDConfig
-from apd.decomposition import Decomposition
+from apd.decomposition import Decomposition, load_decomposition
 from apd.experiment import DecomposeRun, run_decompose
 from apd.metrics.recovery import cosine_matrix
 from apd.metrics.sae import LossRecovered, duplicate_latents, evaluate_sae, fraction_variance_unexplained
@@ -67,19 +71,30 @@ __all__ = [
     "tms_downstream",
     "sae_training_data",
     "Trained",
+    "SAESite",
+    "score_sae",
+    "train_sae_cell",
     "train_evaluate_sae",
     "evaluate_sae_row",
+    "apd_recovery_row",
     "evaluate_apd",
     "run_apd",
+    "load_apd_run",
+    "apd_results",
+    "sae_results",
+    "row_logger",
     "Comparison",
     "run_comparison",
     "feature_splitting",
     "apd_feature_splitting",
+    "column_cosines",
     "identity_parts",
     "apd_loss_recovered",
     "apd_n_params",
     "apd_bits",
+    "nan_identity",
     "summarise",
+    "tms_best_key",
     "best_settings",
 ]
 
@@ -163,9 +178,13 @@ class APDGrid:
     """top-k values (empty = the preset's topk)"""
     steps: int | None = None
     """APD steps (None = the preset's)"""
+    runs: list[str] = field(default_factory=list)
+    """finished APD run dirs (``python -m experiments.decompose ...``) to score instead of training
+    (each loaded with ``apd.load_decomposition``; its seed, C and topk come from its own config, so
+    ``widths``/``topks``/``steps`` and the comparison's ``seeds`` do not apply to APD)"""
 
     def __post_init__(self) -> None:
-        self.widths, self.topks = list(self.widths), list(self.topks)
+        self.widths, self.topks, self.runs = list(self.widths), list(self.topks), [str(r) for r in self.runs]
 
     def settings(self, method: APDConfig) -> list[APDConfig]:
         """One APD config per (C, topk) cell, the preset's other settings unchanged."""
@@ -194,6 +213,9 @@ class CompareConfig:
     """cosine above which a latent (component) counts as a feature's copy, or two as duplicates"""
     negligible: float = 0.1
     """norm fraction below which a component's part of a feature column or of the identity is ignored"""
+    serve_threshold: float = 0.04
+    """residual MLP: a component (latent) serves feature i when its contribution to output i on
+    x = e_i exceeds this (APD: max over neurons of |NC_c(i)|, SPEC §3.2)"""
     save_models: bool = True
 
     def __post_init__(self) -> None:
@@ -204,6 +226,8 @@ class CompareConfig:
             raise ValueError(f"n_eval={self.n_eval}: use at least 100 evaluation samples")
         if not 0 < self.tau < 1 or not 0 < self.negligible < 1:
             raise ValueError(f"tau={self.tau}, negligible={self.negligible}: both must lie in (0, 1)")
+        if self.serve_threshold <= 0:
+            raise ValueError(f"serve_threshold={self.serve_threshold}: must be > 0 (the paper uses 0.04)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +334,7 @@ def apd_feature_splitting(
     W, P = W.detach().float().cpu(), P.detach().float().cpu()
     w_norm = W.norm(dim=0)  # (n,)
     cols = P.norm(dim=1)  # (C, n)
-    cos = torch.einsum("mj,cmj->cj", W, P) / (w_norm[None] * cols).clamp_min(1e-12)
+    cos = column_cosines(W, P)
     carries = (cos >= tau) & (cols >= negligible * w_norm[None]) & live[:, None]  # (C, n)
     per_feature = carries.sum(0)
     flat = P.flatten(1)
@@ -319,6 +343,12 @@ def apd_feature_splitting(
         "n_split_features": float((per_feature >= 2).sum()),
         "n_duplicate_pairs": float(duplicate_latents(flat, tau, live=live & (flat.norm(dim=1) > 0)).shape[0]),
     }
+
+
+def column_cosines(W: Float[Tensor, "m n"], P: Float[Tensor, "C m n"]) -> Float[Tensor, "C n"]:
+    """cos(P_c[:, j], W[:, j]) for every component c and feature j (0 for a zero column)."""
+    W, P = W.detach().float().cpu(), P.detach().float().cpu()
+    return torch.einsum("mj,cmj->cj", W, P) / (W.norm(dim=0)[None] * P.norm(dim=1)).clamp_min(1e-12)
 
 
 def _mechanism_cosines(W: Float[Tensor, "m n"], P: Float[Tensor, "C m n"]) -> Float[Tensor, "C n"]:
@@ -382,7 +412,7 @@ def apd_bits(l0: float, C: int) -> float:
     return l0 * math.log2(C) if C > 1 else 0.0
 
 
-def _nan_id() -> dict[str, float]:
+def nan_identity() -> dict[str, float]:
     return {k: float("nan") for k in COLUMNS if k.startswith("id_")}
 
 
@@ -393,6 +423,72 @@ def _sae_arrows(sae: SAE, onehot_in: Tensor) -> Tensor:
     W_dec = sae.W_dec.detach()
     unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return torch.where((scale > 0)[:, None], W_dec * scale[:, None], unit).cpu()
+
+
+@dataclass
+class SAESite:
+    """Where an SAE grid sits in the target, on the evaluation batch: what it reads, what it
+    reconstructs, its ground truth and how its reconstruction reaches the model's output."""
+
+    inputs: Float[Tensor, "N d_in"]
+    targets: Float[Tensor, "N d_out"] | None
+    """what a transcoder predicts; None = ``inputs`` (an autoencoder)"""
+    truth: Float[Tensor, "n_features d_out"]
+    """per feature, what a latent should write (its decoder row's ground truth)"""
+    onehot_in: Float[Tensor, "n_features d_in"]
+    """per feature, the SAE's input on the one-feature input x = e_j"""
+    downstream: Callable[[Tensor], Tensor]
+    """reconstruction of this batch ↦ the model's output with it spliced in"""
+
+
+@torch.no_grad()
+def score_sae(sae: SAE, site: SAESite, *, bits_per_value: float = 8.0, tau: float = 0.9) -> Trained:
+    """The target-independent columns of an SAE's row (:func:`apd.metrics.sae.evaluate_sae` on the
+    site); the caller adds the method fields, wall time and its target's own columns."""
+    ev = evaluate_sae(sae, site.inputs, site.targets, truth=site.truth, onehot_inputs=site.onehot_in,
+                      downstream=site.downstream, bits_per_value=bits_per_value)  # fmt: skip
+    assert ev.recovery is not None and ev.loss_recovered is not None and ev.mean_shrinkage is not None
+    live = (ev.frequency > 0).cpu()
+    rec = ev.recovery
+    row = {
+        "l0": ev.l0, "mmcs": rec.mmcs, "mmcs_learned": rec.mmcs_learned, "matched_mean_cos": rec.matched_mean_cos,
+        "n_recovered_0.9": float(rec.n_recovered[0.9]), "n_recovered_0.99": float(rec.n_recovered[0.99]),
+        "n_recovered_matched_0.99": float(rec.n_recovered_matched[0.99]),
+        "all_recovered": float(rec.n_recovered_matched[0.99] == site.truth.shape[0]),
+        "shrinkage": ev.mean_shrinkage, "fvu": ev.fvu, "loss_recovered": ev.loss_recovered.score,
+        "n_dead": float(ev.n_dead),
+        **feature_splitting(sae.W_dec.detach().cpu(), site.truth.cpu(), live, tau),
+        "n_params": float(ev.n_params), "bits_per_datapoint": ev.description_length_bits,
+    }  # fmt: skip
+    return Trained(row=row, arrows=_sae_arrows(sae, site.onehot_in), arrows_live=live, parts={"W_dec": sae.W_dec.detach().cpu()})
+
+
+def train_sae_cell(
+    name: str,
+    grid: SAEGrid,
+    width: int,
+    value: float,
+    seed: int,
+    d_in: int,
+    d_out: int,
+    data: Callable[[int, torch.Generator], Any],
+    score: Callable[[SAE], Trained],
+    train_cfg: SAETrainConfig | None = None,
+    save_dir: Path | None = None,
+) -> Trained:
+    """Train one SAE (one grid cell, one seed) on fresh batches from ``data``, score it with
+    ``score`` and fill in the row's method fields and wall time."""
+    t0 = time.perf_counter()
+    sae_cls, _ = get_sae_class(grid.architecture)
+    sae = sae_cls(grid.sae_config(d_in, width, value, d_out=d_out))
+    train_sae(sae, data, train_cfg, seed=seed, **grid.train)
+    if save_dir is not None:
+        save_sae(sae, save_dir)
+    trained = score(sae)
+    trained.row = {"method": name, "architecture": grid.architecture, "seed": seed, "width": width,
+                   "sparsity_knob": grid.knob, "sparsity": value, **trained.row,
+                   "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+    return trained
 
 
 def train_evaluate_sae(
@@ -411,17 +507,12 @@ def train_evaluate_sae(
     save_dir: Path | None = None,
 ) -> Trained:
     """Train one SAE (one grid cell, one seed) on fresh TMS hidden activations; score it on ``data``."""
-    t0 = time.perf_counter()
-    sae_cls, _ = get_sae_class(grid.architecture)
-    sae = sae_cls(grid.sae_config(data.h_in.shape[1], width, value, d_out=data.h.shape[1]))
-    train_sae(sae, sae_training_data(target, target_cfg, grid.transcoder), train_cfg, seed=seed, **grid.train)
-    if save_dir is not None:
-        save_sae(sae, save_dir)
-    trained = evaluate_sae_row(sae, target, data, transcoder=grid.transcoder, bits_per_value=bits_per_value, tau=tau)
-    trained.row = {"method": name, "architecture": grid.architecture, "seed": seed, "width": width,
-                   "sparsity_knob": grid.knob, "sparsity": value, **trained.row,
-                   "wall_seconds": time.perf_counter() - t0}  # fmt: skip
-    return trained
+    return train_sae_cell(
+        name, grid, width, value, seed, data.h_in.shape[1], data.h.shape[1],
+        sae_training_data(target, target_cfg, grid.transcoder),
+        lambda sae: evaluate_sae_row(sae, target, data, transcoder=grid.transcoder, bits_per_value=bits_per_value, tau=tau),
+        train_cfg, save_dir,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -430,23 +521,35 @@ def evaluate_sae_row(
 ) -> Trained:
     """Score a trained SAE (or transcoder) on ``data``; the row's method fields and wall time are
     the caller's."""
-    inputs, targets = (data.h_in, data.h) if transcoder else (data.h, None)
-    ev = evaluate_sae(sae, inputs, targets, truth=data.truth, onehot_inputs=data.onehot_in,
-                      downstream=tms_downstream(target), bits_per_value=bits_per_value)  # fmt: skip
-    assert ev.recovery is not None and ev.loss_recovered is not None and ev.mean_shrinkage is not None
-    live = (ev.frequency > 0).cpu()
-    rec = ev.recovery
-    row = {
-        "l0": ev.l0, "mmcs": rec.mmcs, "mmcs_learned": rec.mmcs_learned, "matched_mean_cos": rec.matched_mean_cos,
-        "n_recovered_0.9": float(rec.n_recovered[0.9]), "n_recovered_0.99": float(rec.n_recovered[0.99]),
-        "n_recovered_matched_0.99": float(rec.n_recovered_matched[0.99]),
-        "all_recovered": float(rec.n_recovered_matched[0.99] == data.truth.shape[0]),
-        "shrinkage": ev.mean_shrinkage, "fvu": ev.fvu, "loss_recovered": ev.loss_recovered.score,
-        "n_dead": float(ev.n_dead),
-        **feature_splitting(sae.W_dec.detach().cpu(), data.truth.cpu(), live, tau),
-        "n_params": float(ev.n_params), "bits_per_datapoint": ev.description_length_bits,
-    } | _nan_id()  # fmt: skip
-    return Trained(row=row, arrows=_sae_arrows(sae, data.onehot_in), arrows_live=live, parts={"W_dec": sae.W_dec.detach().cpu()})
+    site = SAESite(inputs=data.h_in if transcoder else data.h, targets=data.h if transcoder else None, truth=data.truth,
+                   onehot_in=data.onehot_in, downstream=tms_downstream(target))  # fmt: skip
+    trained = score_sae(sae, site, bits_per_value=bits_per_value, tau=tau)
+    trained.row |= nan_identity()
+    return trained
+
+
+def apd_recovery_row(
+    W: Float[Tensor, "d n_features"],
+    P: Float[Tensor, "C d n_features"],
+    live: Bool[Tensor, " C"],
+    *,
+    tau: float = 0.9,
+    negligible: float = 0.1,
+) -> dict[str, float]:
+    """The recovery columns of an APD row from per-feature ground-truth columns W[:, j] and each
+    component's version of them P_c[:, j] (TMS: W and the components of W; residual MLP: the neuron
+    contributions NC(j) and NC_c(j)): MMCS, R_τ, the one-to-one matching and ML2R as ``shrinkage``
+    (:func:`apd.metrics.tms.tms_recovery`), MMCS learned (per live component, the best Frobenius
+    cosine with a mechanism W e_j e_jᵀ) and feature splitting (:func:`apd_feature_splitting`)."""
+    rec = tms_recovery(W, P, taus=(0.9, 0.99))
+    mech = _mechanism_cosines(W, P)
+    return {
+        "mmcs": rec["mmcs"], "mmcs_learned": mech.max(dim=1).values[live].mean().item() if live.any() else 0.0,
+        "matched_mean_cos": rec["matched_mean_cos"], "n_recovered_0.9": rec["n_recovered_0.9"],
+        "n_recovered_0.99": rec["n_recovered_0.99"], "n_recovered_matched_0.99": rec["n_recovered_matched_0.99"],
+        "all_recovered": float(rec["n_recovered_matched_0.99"] == W.shape[1]), "shrinkage": rec["ml2r"],
+        **apd_feature_splitting(W, P, live, tau, negligible),
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -467,27 +570,20 @@ def evaluate_apd(
     W = target.W.detach()
     P = dec.component_weights()["enc"].to(W)
     live = (mask.sum(0) > 0).cpu()
-    rec = tms_recovery(W, P, taus=(0.9, 0.99))
-    mech = _mechanism_cosines(W, P)
     l0 = mask.sum(1).mean().item()
     ablated = tms_downstream(target)(torch.zeros_like(data.h))
     row = {
-        "l0": l0, "mmcs": rec["mmcs"],
-        "mmcs_learned": mech.max(dim=1).values[live].mean().item() if live.any() else 0.0,
-        "matched_mean_cos": rec["matched_mean_cos"], "n_recovered_0.9": rec["n_recovered_0.9"],
-        "n_recovered_0.99": rec["n_recovered_0.99"], "n_recovered_matched_0.99": rec["n_recovered_matched_0.99"],
-        "all_recovered": float(rec["n_recovered_matched_0.99"] == W.shape[1]),
-        "shrinkage": rec["ml2r"], "fvu": fraction_variance_unexplained(data.h, h_hat),
+        "l0": l0, **apd_recovery_row(W, P, live, tau=tau, negligible=negligible),
+        "fvu": fraction_variance_unexplained(data.h, h_hat),
         "loss_recovered": apd_loss_recovered(out_topk, data.out, ablated).score,
         "n_dead": float((~live).sum()),
-        **apd_feature_splitting(W, P, live, tau, negligible),
         "n_params": float(apd_n_params(dec)), "bits_per_datapoint": apd_bits(l0, cm.C),
     }  # fmt: skip
     Pc = P.cpu()
     cols = Pc.norm(dim=1)  # (C, n)
     best_col = cols.argmax(dim=1)  # (C,)
     w_norm = W.cpu().norm(dim=0)
-    col_cos = torch.einsum("mj,cmj->cj", W.cpu(), Pc) / (w_norm[None] * cols).clamp_min(1e-12)
+    col_cos = column_cosines(W, Pc)
     details = [{"component": float(c), "live": float(live[c]), "enc_feature": float(best_col[c]),
                 "enc_cos": col_cos[c, best_col[c]].item(), "enc_share": (cols[c, best_col[c]] / w_norm[best_col[c]]).item()}
                for c in range(Pc.shape[0])]  # fmt: skip
@@ -497,24 +593,96 @@ def evaluate_apd(
         row |= summary
         details = [d | e for d, e in zip(details, per_component)]
     else:
-        row |= _nan_id()
+        row |= nan_identity()
     drawn = (cols >= negligible * w_norm[None]).nonzero().tolist()  # (component, feature) pairs
     return Trained(row=row, arrows=torch.stack([Pc[c, :, j] for c, j in drawn]) if drawn else Pc.new_zeros(0, Pc.shape[1]),
                    arrows_live=torch.stack([live[c] for c, _ in drawn]) if drawn else live.new_zeros(0),
                    arrow_labels=[f"c{c}" for c, _ in drawn], details=details, parts=weights)  # fmt: skip
 
 
+def _apd_method_fields(trained: Trained, config: APDConfig, wall_seconds: float) -> Trained:
+    trained.row = {"method": "apd", "architecture": "apd", "seed": config.seed, "width": config.C,
+                   "sparsity_knob": "topk", "sparsity": config.topk, **trained.row, "wall_seconds": wall_seconds}  # fmt: skip
+    return trained
+
+
 def run_apd(run: DecomposeRun, target: TMS, data: TMSActivations, out_dir: Path, *, tau: float = 0.9,
             negligible: float = 0.1, progress: bool = False) -> Trained:  # fmt: skip
     """Decompose (or reload a finished run from ``out_dir``) and score it on ``data``."""
+    return _apd_run(run, out_dir, lambda dec: evaluate_apd(dec, target, data, tau=tau, negligible=negligible), progress)
+
+
+def _apd_run(run: DecomposeRun, out_dir: Path, score: Callable[[Decomposition], Trained], progress: bool = False) -> Trained:
     result = run_decompose(run, out_dir, progress=progress)
     t0 = time.perf_counter()
-    trained = evaluate_apd(result.decomposition, target, data, tau=tau, negligible=negligible)
-    trained.row = {"method": "apd", "architecture": "apd", "seed": run.seed, "width": run.method.C,
-                   "sparsity_knob": "topk", "sparsity": run.method.topk, **trained.row,
-                   # the decomposition's own time (kept in its metrics.json when reloaded) + this evaluation
-                   "wall_seconds": result.metrics["wall_seconds"] + time.perf_counter() - t0}  # fmt: skip
-    return trained
+    trained = score(result.decomposition)
+    # the decomposition's own time (kept in its metrics.json when reloaded) + this evaluation
+    return _apd_method_fields(trained, run.method, result.metrics["wall_seconds"] + time.perf_counter() - t0)
+
+
+def load_apd_run(run_dir: str | Path) -> tuple[Decomposition, float]:
+    """A finished APD run (a ``python -m experiments.decompose`` run dir, or a decomposition file):
+    the decomposition and its wall seconds from ``metrics.json`` (NaN when there is none)."""
+    dec = load_decomposition(run_dir)
+    metrics = Path(run_dir) / "metrics.json"
+    wall = json.loads(metrics.read_text()).get("wall_seconds", math.nan) if metrics.is_file() else math.nan
+    return dec, float(wall)
+
+
+def apd_results(
+    cfg: CompareConfig, apd_run: DecomposeRun, out: Path, score: Callable[[Decomposition], Trained],
+    done: Callable[[Trained], None], notes: list[str] | None = None,
+) -> None:  # fmt: skip
+    """Every APD model of the comparison, scored by ``score`` and handed to ``done``: the finished
+    runs of ``cfg.apd.runs`` when given (scored as they are), else each cell of ``cfg.apd`` on top of
+    ``apd_run``'s method × ``cfg.seeds``, decomposed into ``out/apd/`` (a finished run there is
+    reloaded, not redone). Appends a line per loaded run to ``notes``."""
+    if not cfg.apd.enabled:
+        return
+    for run_dir in cfg.apd.runs:
+        dec, wall = load_apd_run(run_dir)
+        m = dec.config
+        if notes is not None:
+            notes.append(f"APD seed {m.seed}: loaded from `{run_dir}` (C={m.C}, rank={m.rank if m.rank is not None else 'full'}, "
+                         f"batch top-k={m.topk}, {m.steps} steps, coefficients faithfulness/minimality/simplicity "
+                         f"{m.faithfulness_coeff:g}/{m.minimality_coeff:g}/{m.simplicity_coeff:g}, its own time {wall:.0f} s)")  # fmt: skip
+        t0 = time.perf_counter()
+        trained = score(dec)
+        done(_apd_method_fields(trained, m, wall + time.perf_counter() - t0))
+    if cfg.apd.runs:
+        return
+    for method in cfg.apd.settings(apd_run.method):
+        for seed in cfg.seeds:
+            run = dataclasses.replace(apd_run, method=method, seed=seed, steps=method.steps)
+            done(_apd_run(run, out / "apd" / f"C{method.C}_topk{method.topk:g}" / f"seed{seed}", score))
+
+
+def sae_results(
+    cfg: CompareConfig, out: Path, train: Callable[[str, SAEGrid, int, float, int, Path | None], Trained],
+    done: Callable[[Trained], None],
+) -> None:  # fmt: skip
+    """Every SAE grid cell × seed: ``train(name, grid, width, value, seed, save_dir)`` → ``done``
+    (models saved under ``out/saes/`` when ``cfg.save_models``)."""
+    for name, grid in cfg.saes.items():
+        for width in grid.widths:
+            for value in grid.sparsity_values:
+                for seed in cfg.seeds:
+                    save = out / "saes" / f"{name}_w{width}_{grid.knob}{value:g}_seed{seed}" if cfg.save_models else None
+                    done(train(name, grid, width, value, seed, save))
+
+
+def row_logger(results: list[Trained], log: Callable[[str], None]) -> Callable[[Trained], None]:
+    """A ``done`` callback for :func:`apd_results` / :func:`sae_results`: log a one-line summary
+    of the row, append the model to ``results``."""
+
+    def done(t: Trained) -> None:
+        r = t.row
+        log(f"{r['method']:>12} width={r['width']:<3} {r['sparsity_knob']}={r['sparsity']:<7.4g} seed={r['seed']}: "
+            f"l0={r['l0']:.3f} mmcs={r['mmcs']:.3f} matched={r['matched_mean_cos']:.3f} "
+            f"shrink={r['shrinkage']:.3f} fvu={r['fvu']:.3f} lossrec={r['loss_recovered']:.3f} ({r['wall_seconds']:.1f}s)")  # fmt: skip
+        results.append(t)
+
+    return done
 
 
 @dataclass
@@ -522,8 +690,17 @@ class Comparison:
     """Every scored model, and the target and evaluation batch they were scored on."""
 
     results: list[Trained]
-    target: TMS
-    data: TMSActivations
+    target: Any
+    """the target model (TMS or ResidMLP)"""
+    data: Any
+    """the evaluation batch (:class:`TMSActivations` or :class:`apd.compare_resid.ResidActivations`);
+    ``data.truth`` is the features' ground truth the figures draw"""
+    kind: str = "tms"
+    """the target kind (``TargetConfig.kind``): tms or resid_mlp"""
+    side_methods: set[str] = field(default_factory=set)
+    """SAE grids kept out of the main table and Pareto figure (TMS: the transcoders, a side study)"""
+    notes: list[str] = field(default_factory=list)
+    """lines for comparison.md (e.g. which finished APD runs were loaded)"""
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -533,11 +710,13 @@ class Comparison:
 def run_comparison(
     cfg: CompareConfig, apd_run: DecomposeRun, out_dir: str | Path, log: Callable[[str], None] = print
 ) -> Comparison:
-    """APD (each cell of ``cfg.apd`` on top of ``apd_run``'s method) and every SAE grid, each over
-    ``cfg.seeds``, on ``apd_run``'s TMS target; all scored on one evaluation batch. APD runs go to
-    ``out_dir/apd/``, SAEs to ``out_dir/saes/``; a finished APD run there is reloaded, not redone."""
+    """APD (each cell of ``cfg.apd`` on top of ``apd_run``'s method, or the finished runs of
+    ``cfg.apd.runs``) and every SAE grid, each over ``cfg.seeds``, on ``apd_run``'s TMS target; all
+    scored on one evaluation batch. APD runs go to ``out_dir/apd/``, SAEs to ``out_dir/saes/``; a
+    finished APD run there is reloaded, not redone. (Residual MLPs: :func:`apd.compare_resid.run_resid_comparison`.)"""
     if not isinstance(apd_run.target, TMSTargetConfig):
-        raise TypeError(f"the comparison covers the TMS targets only, not {type(apd_run.target).__name__}")
+        raise TypeError(f"run_comparison covers the TMS targets, not {type(apd_run.target).__name__}; "
+                        "for a residual MLP use apd.compare_resid.run_resid_comparison")  # fmt: skip
     out = Path(out_dir)
     target_cfg = apd_run.target
     target, _ = get_target(target_cfg)
@@ -546,28 +725,15 @@ def run_comparison(
     x = target_cfg.batch(cfg.n_eval, torch.Generator().manual_seed(cfg.eval_seed))
     data = tms_activations(target, x)
     results: list[Trained] = []
-
-    def done(t: Trained) -> None:
-        r = t.row
-        log(f"{r['method']:>12} width={r['width']:<3} {r['sparsity_knob']}={r['sparsity']:<7.4g} seed={r['seed']}: "
-            f"l0={r['l0']:.3f} mmcs={r['mmcs']:.3f} matched={r['matched_mean_cos']:.3f} "
-            f"shrink={r['shrinkage']:.3f} fvu={r['fvu']:.3f} lossrec={r['loss_recovered']:.3f} ({r['wall_seconds']:.1f}s)")  # fmt: skip
-        results.append(t)
-
-    if cfg.apd.enabled:
-        for method in cfg.apd.settings(apd_run.method):
-            for seed in cfg.seeds:
-                run = dataclasses.replace(apd_run, method=method, seed=seed, steps=method.steps)
-                done(run_apd(run, target, data, out / "apd" / f"C{method.C}_topk{method.topk:g}" / f"seed{seed}",
-                             tau=cfg.tau, negligible=cfg.negligible))  # fmt: skip
-    for name, grid in cfg.saes.items():
-        for width in grid.widths:
-            for value in grid.sparsity_values:
-                for seed in cfg.seeds:
-                    save = out / "saes" / f"{name}_w{width}_{grid.knob}{value:g}_seed{seed}" if cfg.save_models else None
-                    done(train_evaluate_sae(name, grid, width, value, seed, target, target_cfg, data, cfg.sae_train,
-                                            bits_per_value=cfg.bits_per_value, tau=cfg.tau, save_dir=save))  # fmt: skip
-    return Comparison(results, target, data)
+    notes: list[str] = []
+    done = row_logger(results, log)
+    apd_results(cfg, apd_run, out, lambda dec: evaluate_apd(dec, target, data, tau=cfg.tau, negligible=cfg.negligible),
+                done, notes)  # fmt: skip
+    sae_results(cfg, out, lambda name, grid, width, value, seed, save: train_evaluate_sae(
+        name, grid, width, value, seed, target, target_cfg, data, cfg.sae_train, bits_per_value=cfg.bits_per_value,
+        tau=cfg.tau, save_dir=save), done)  # fmt: skip
+    side = {name for name, grid in cfg.saes.items() if grid.transcoder}
+    return Comparison(results, target, data, kind="tms", side_methods=side, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,13 +767,20 @@ def summarise(
     return out
 
 
-def best_settings(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method, its setting (width × sparsity, aggregated by :func:`summarise`) with the largest
-    fraction of seeds recovering every feature one-to-one; ties go to the higher mean one-to-one
-    cosine (to 3 decimals), then fewer duplicate pairs, then the smaller width."""
+def tms_best_key(a: dict[str, Any]) -> tuple:
+    """Most seeds recovering every feature one-to-one, then the higher mean one-to-one cosine (to 3
+    decimals), then fewer duplicate pairs, then the smaller width."""
+    return (a["all_recovered"], round(a["matched_mean_cos"], 3), -a["n_duplicate_pairs"], -a["width"])
+
+
+def best_settings(
+    rows: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], tuple] = tms_best_key
+) -> list[dict[str, Any]]:
+    """Per method, its setting (width × sparsity, aggregated by :func:`summarise`) that maximises
+    ``key`` (default :func:`tms_best_key`)."""
     best: dict[str, tuple[tuple, dict[str, Any]]] = {}
     for a in summarise(rows):
-        key = (a["all_recovered"], round(a["matched_mean_cos"], 3), -a["n_duplicate_pairs"], -a["width"])
-        if a["method"] not in best or key > best[a["method"]][0]:
-            best[a["method"]] = (key, a)
+        k = key(a)
+        if a["method"] not in best or k > best[a["method"]][0]:
+            best[a["method"]] = (k, a)
     return [a for _, a in best.values()]

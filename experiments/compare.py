@@ -1,8 +1,9 @@
-"""APD against the SAE baselines on a TMS toy: `python -m experiments.compare [experiment=compare_tms_5_2]`.
+"""APD against the SAE baselines on a toy: `python -m experiments.compare [experiment=compare_tms_5_2]`.
 
-Trains APD (the settings of the decompose preset named by ``apd_experiment``) and every SAE grid of
-the preset over its seeds on the same shipped target, scores all of them on one evaluation batch
-(``apd.compare``) and writes into the run dir: ``comparison.csv`` (one row per model),
+Trains APD (the settings of the decompose preset named by ``apd_experiment``; or scores the finished
+run dirs listed in ``apd.runs``) and every SAE grid of the preset over its seeds on the same shipped
+target, scores all of them on one evaluation batch (``apd.compare`` for TMS, ``apd.compare_resid``
+for the 1-layer residual MLP) and writes into the run dir: ``comparison.csv`` (one row per model),
 ``comparison.md`` (mean ± std over seeds, with a legend) and ``figures/``. APD runs land in
 ``apd/`` (a finished one is reloaded when the run dir is reused), SAEs in ``saes/``.
 """
@@ -19,8 +20,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from apd.compare import COLUMNS, Comparison, Trained, best_settings, run_comparison, summarise
+from apd.compare import COLUMNS, Comparison, Trained, best_settings, run_comparison, summarise, tms_best_key
+from apd.compare_resid import RESID_COLUMNS, resid_best_key, run_resid_comparison
 from apd.experiment import DecomposeRun
+from apd.targets import ResidMLPTargetConfig
 from experiments import compare_schema, schema
 from experiments.compare_figures import save_figures
 
@@ -42,17 +45,18 @@ def compare_app(cfg: DictConfig, out: Path) -> Comparison:
     t0 = time.perf_counter()
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     apd_run = apd_template(app)
-    comparison = run_comparison(app, apd_run, out, log=log.info)
-    write_csv(comparison.rows, out / "comparison.csv")
+    run = run_resid_comparison if isinstance(apd_run.target, ResidMLPTargetConfig) else run_comparison
+    comparison = run(app, apd_run, out, log=log.info)
+    write_csv(comparison.rows, out / "comparison.csv", RESID_COLUMNS if comparison.kind == "resid_mlp" else COLUMNS)
     figures = save_figures(comparison, app, out / "figures") if app.figures else []
     wall = time.perf_counter() - t0
     (out / "comparison.md").write_text(markdown(app, apd_run, comparison, wall, [p.relative_to(out) for p in figures]))
     return comparison
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """One row per model; NaN (not applicable) is written as an empty cell."""
-    columns = COLUMNS + [c for c in rows[0] if c not in COLUMNS] if rows else COLUMNS
+def write_csv(rows: list[dict[str, Any]], path: Path, first: list[str] = COLUMNS) -> None:
+    """One row per model, the ``first`` columns first; NaN (not applicable) is written as an empty cell."""
+    columns = first + [c for c in rows[0] if c not in first] if rows else first
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -109,19 +113,58 @@ Legend (APD's definition where it differs from the SAEs'):
 """
 
 
-def _fmt(mean: float, std: float, decimals: int | None) -> str:
+_RESID_TABLE = [
+    ("n_features_dedicated", "dedicated", 1), ("n_mono", "mono", 1), ("n_duo", "duo", 1), ("n_poly", "poly", 1),
+    ("mmcs_enc", "MMCS enc", 3), ("matched_mean_cos_enc", "1-1 cos enc", 3),
+    ("mse_vs_target", "MSE vs target", ".2e"), ("mse_vs_labels", "MSE vs labels", ".2e"),
+]  # fmt: skip
+"""the residual-MLP columns (apd.compare_resid)"""
+
+_RESID_BEST = ("l0", "matched_mean_cos", "n_features_dedicated", "shrinkage", "fvu", "loss_recovered", "mse_vs_target",
+               "bits_per_datapoint")  # fmt: skip
+
+_RESID_LEGEND = """Legend (full definitions: the docstring of `apd/compare_resid.py`). Ground truth per feature i, on x = e_i: its MLP
+input W_E[:, i], its MLP output t_i = W_out ReLU(W_in W_E[:, i]), its neurons a_i = ReLU(W_in W_E[:, i]) and its neuron
+contributions NC(i) = (W_U[i] W_out) ⊙ (W_in W_E[:, i]) (SPEC §3.2).
+- **method**: `apd`, or the SAE grid's label; `transcoder_*` read the MLP's input r = W_E x and predict its output,
+  `sae_*` (neuron SAEs) reconstruct the neurons a = ReLU(W_in r). **width**: d_sae; APD: C. **knob=value**: sparsity.
+- **L0**: mean non-zero latents (APD: active components under its batch top-k) per sample.
+- **MMCS**, **1-1 cos** (Hungarian), **R.9 / R.99**, **1-1 R.99**, **all 1-1**: per feature the best cosine with its
+  ground truth: transcoder decoder rows vs t_i; neuron-SAE decoder rows vs a_i; APD NC_c(i) vs NC(i).
+  **MMCS learned**: per live latent its best cosine with any t_i (a_i); APD: per live component the Frobenius cosine of
+  its whole NC_c with a one-feature mechanism NC(i) e_iᵀ.
+- **shrinkage**: what the feature's unit alone adds to output i on x = e_i over what the MLP adds (W_U[i] · t_i ≈ 1);
+  SAEs: the Hungarian-matched latent; APD: the component of best NC cosine, W_U[i] · P_c^out ReLU(P_c^in W_E[:, i]).
+- **FVU**: of the MLP output in R^d_embed (transcoder, trained on exactly this; APD: the MLP output of its top-k forward
+  pass, trained only through the outputs and the neurons) or of the neurons (neuron SAE).
+- **loss rec.**: 1 − MSE(output, target output) / MSE(output with the MLP zero-ablated, target output), with the
+  reconstruction spliced in (APD: the top-k model).
+- **dead**: never active on the evaluation batch. **per feature**, **dup. pairs**: as for TMS on the vectors of MMCS.
+- **params**: trainable SAE parameters; APD Σ_l C·m·(d_in + d_out). **bits**: SAE L0·(log₂ K + BITS); APD L0·log₂ C.
+- **dedicated / mono / duo / poly** (SPEC §3.2): a unit serves feature i when its contribution to output i on x = e_i
+  exceeds SERVE (APD: max over neurons of |NC_c(i)|, as the decompose run reports; SAEs: latent activation × its write
+  read off at output i); mono / duo / poly serve 1 / 2 / ≥ 3 features; a feature is dedicated when a mono unit serves it.
+- **MMCS enc**, **1-1 cos enc**: the read side: encoder columns vs the feature's input (transcoder W_E[:, i], neuron SAE
+  a_i); APD ‖P_c^in ŵ_i‖ / ‖P_c^in‖_F (|cos(A_c, W_E[:, i])| for rank 1).
+- **MSE vs target / labels**: output MSE of the spliced (APD: top-k) model against the target's output / the labels.
+"""
+
+
+def _fmt(mean: float, std: float, decimals: int | str | None) -> str:
+    """``decimals``: digits after the point, a format spec (e.g. ".2e"), or None for an integer without std."""
     if isinstance(mean, float) and math.isnan(mean):
         return "–"
     if decimals is None:
         return f"{mean:.0f}"
-    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+    spec = decimals if isinstance(decimals, str) else f".{decimals}f"
+    return f"{mean:{spec}} ± {std:{spec}}"
 
 
 def _setting(a: dict[str, Any]) -> str:
     return f"{a['sparsity_knob']}={a['sparsity']:g}"
 
 
-def _table(groups: list[dict[str, Any]], columns: list[tuple[str, str, int | None]]) -> list[str]:
+def _table(groups: list[dict[str, Any]], columns: list[tuple[str, str, int | str | None]]) -> list[str]:
     lines = ["| method | width | setting | n | " + " | ".join(h for _, h, _ in columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]  # fmt: skip
     for a in groups:
@@ -136,47 +179,79 @@ def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: 
     groups = summarise(rows)
     target = apd_run.target
     m = apd_run.method
-    transcoders = {name for name, g in app.saes.items() if g.transcoder}
-    main = [a for a in groups if a["method"] not in transcoders]
+    resid = comparison.kind == "resid_mlp"
+    side = comparison.side_methods
+    main = [a for a in groups if a["method"] not in side]
     st = app.sae_train
     n_features = comparison.data.truth.shape[0]
+    if app.apd.runs:
+        apd_line = (f"APD: {len(app.apd.runs)} finished run(s) of `python -m experiments.decompose experiment={app.apd_experiment} "
+                    "seed=S`, scored as they are (not retrained; their settings below).")  # fmt: skip
+    else:
+        apd_line = (
+            f"APD: decompose preset `experiment={app.apd_experiment}`"
+            + (f" with {app.apd_overrides}" if app.apd_overrides else "")
+            + f" — C={m.C}, rank={m.rank if m.rank is not None else 'full'}, batch top-k={m.topk}, coefficients faithfulness/minimality/"
+            f"simplicity {m.faithfulness_coeff:g}/{m.minimality_coeff:g}/{m.simplicity_coeff:g}, p={m.schatten_p:g}, lr "
+            f"{m.lr:g} ({m.lr_schedule.value}), {app.apd.steps or m.steps} steps, batch {apd_run.batch_size}"
+            + (f", final {m.finetune_frac:g} of the steps without the simplicity term" if getattr(m, "finetune_frac", 0) else "")
+            + ". Grid: C ∈ " + str(app.apd.widths or [m.C]) + ", topk ∈ " + str(app.apd.topks or [m.topk]) + "."
+        )  # fmt: skip
+    if resid:
+        data_line = ("trained on fresh samples: transcoders read the MLP's input r = W_E x and predict its output "
+                     "W_out ReLU(W_in r); SAEs reconstruct the MLP's neurons ReLU(W_in r)")  # fmt: skip
+    else:
+        data_line = "trained on fresh samples of the hidden activations h" + (
+            " (after the identity)" if getattr(target, "identity", False) else " = W x")
+    grids = "; ".join(f"`{n}` ({g.architecture}{', transcoder' if g.transcoder else ''}): width ∈ {g.widths}, "
+                      f"{g.knob} ∈ {g.sparsity_values}" + (f", {g.options}" if g.options else "") for n, g in app.saes.items())  # fmt: skip
     lines = [
         f"# APD vs SAE baselines on {target.name}",
         "",
         f"Target: the shipped `{target.name}` (`apd/toy_models/pretrained/{target.name}.pt`); every model is scored on the "
         f"same {app.n_eval} fresh samples (seed {app.eval_seed}). Seeds: {app.seeds}. Wall time of this invocation: "
-        f"{wall / 60:.1f} min; the models' own training + evaluation times sum to {sum(r['wall_seconds'] for r in rows) / 60:.1f} "
-        "min (an APD run already finished in the run dir is reloaded, with its original time).",
+        f"{wall / 60:.1f} min; the models' own training + evaluation times sum to "
+        f"{sum(r['wall_seconds'] for r in rows if not math.isnan(r['wall_seconds'])) / 60:.1f} "
+        "min (an APD run already finished is reloaded, with its original time).",
         "",
-        f"APD: decompose preset `experiment={app.apd_experiment}`"
-        + (f" with {app.apd_overrides}" if app.apd_overrides else "")
-        + f" — C={m.C}, rank={m.rank if m.rank is not None else 'full'}, batch top-k={m.topk}, coefficients faithfulness/minimality/"
-        f"simplicity {m.faithfulness_coeff:g}/{m.minimality_coeff:g}/{m.simplicity_coeff:g}, p={m.schatten_p:g}, lr "
-        f"{m.lr:g} ({m.lr_schedule.value}), {app.apd.steps or m.steps} steps, batch {apd_run.batch_size}"
-        + (f", final {m.finetune_frac:g} of the steps without the simplicity term" if getattr(m, "finetune_frac", 0) else "")
-        + ". Grid: C ∈ " + str(app.apd.widths or [m.C]) + ", topk ∈ " + str(app.apd.topks or [m.topk]) + ".",
+        apd_line,
         "",
-        f"SAEs: {st.steps} steps, batch {st.batch_size}, Adam lr {st.lr:g}, b_dec from the geometric median; trained on "
-        "fresh samples of the hidden activations h"
-        + (" (after the identity)" if getattr(target, "identity", False) else " = W x")
-        + ". Grids: " + "; ".join(f"`{n}` ({g.architecture}{', transcoder' if g.transcoder else ''}): width ∈ {g.widths}, "
-                                  f"{g.knob} ∈ {g.sparsity_values}" + (f", {g.options}" if g.options else "")
-                                  for n, g in app.saes.items()) + ".",
+        f"SAEs: {st.steps} steps, batch {st.batch_size}, Adam lr {st.lr:g}, b_dec from the geometric median; {data_line}. "
+        f"Grids: {grids}.",
         "",
+        *([f"- {note}" for note in comparison.notes] + [""] if comparison.notes else []),
         f"## Results (mean ± std over seeds; {n_features} features)",
         "",
         *_table(main, _TABLE),
         "",
-        "### Best setting per method",
-        "",
-        "(most seeds with every feature recovered one-to-one; ties: higher 1-1 cos, fewer duplicates, smaller width)",
-        "",
-        *_table(best_settings([r for r in rows if r["method"] not in transcoders]), [c for c in _TABLE if c[0] in _BEST]),
-        "",
-        _LEGEND.replace("BITS", f"{app.bits_per_value:g}"),
     ]  # fmt: skip
-    if transcoders or any(not math.isnan(r["id_n_components"]) for r in rows if r["method"] == "apd"):
-        lines += _identity_section(groups, results, transcoders, n_features, app)
+    if resid:
+        lines += [
+            f"### Residual-MLP quantities (serve threshold {app.serve_threshold:g})",
+            "",
+            *_table(main, _RESID_TABLE),
+            "",
+            "### Best setting per method",
+            "",
+            "(most features with a dedicated latent / component; ties: higher 1-1 cos, higher loss recovered, smaller width)",
+            "",
+            *_table(best_settings([r for r in rows if r["method"] not in side], resid_best_key),
+                    [c for c in _TABLE + _RESID_TABLE if c[0] in _RESID_BEST]),
+            "",
+            _RESID_LEGEND.replace("BITS", f"{app.bits_per_value:g}").replace("SERVE", f"{app.serve_threshold:g}"),
+        ]  # fmt: skip
+    else:
+        lines += [
+            "### Best setting per method",
+            "",
+            "(most seeds with every feature recovered one-to-one; ties: higher 1-1 cos, fewer duplicates, smaller width)",
+            "",
+            *_table(best_settings([r for r in rows if r["method"] not in side], tms_best_key), [c for c in _TABLE if c[0] in _BEST]),
+            "",
+            _LEGEND.replace("BITS", f"{app.bits_per_value:g}"),
+        ]  # fmt: skip
+        if side or any(not math.isnan(r["id_n_components"]) for r in rows if r["method"] == "apd"):
+            lines += _identity_section(groups, results, side, n_features, app)
     if figures:
         lines += ["## Figures", ""] + [f"- [`{p}`]({p})" for p in figures] + [""]
     return "\n".join(lines) + "\n"

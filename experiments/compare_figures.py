@@ -16,18 +16,26 @@ from apd.metrics.recovery import cosine_matrix  # noqa: E402
 _MARKERS = "osD^vP*X"
 
 
+_PANELS = [("mmcs", "MMCS (best cosine per feature)"), ("matched_mean_cos", "one-to-one (Hungarian) mean cosine"),
+           ("loss_recovered", "loss recovered")]  # fmt: skip
+_RESID_PANELS = _PANELS + [("n_features_dedicated", "features with a dedicated latent / component")]
+
+
 def save_figures(comparison: Comparison, cfg: CompareConfig, out_dir: Path) -> list[Path]:
-    """Pareto views (MMCS, one-to-one cosine and loss recovered against L0), the learned directions
-    against the ground truth (2-D hidden layers), and for transcoder grids / APD on +ID the identity
-    figures."""
+    """Pareto views (MMCS, one-to-one cosine and loss recovered against L0; residual MLP: also the
+    features with a dedicated latent / component), the learned directions against the ground truth
+    (2-D hidden layers), the transcoder width sweep, and for APD on +ID the identity figure."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results, truth = comparison.results, comparison.data.truth
+    resid = comparison.kind == "resid_mlp"
     transcoders = {name for name, g in cfg.saes.items() if g.transcoder}
-    paths = [pareto(results, transcoders, out_dir / "pareto_l0.png")]
+    paths = [pareto(results, comparison.side_methods, out_dir / "pareto_l0.png", _RESID_PANELS if resid else _PANELS)]
     if truth.shape[1] == 2:
         paths.append(directions(results, truth, out_dir / "directions.png"))
     if transcoders:
-        paths.append(transcoder_sweep(results, transcoders, truth.shape[0], out_dir / "transcoder_sweep.png"))
+        title = ("Transcoders (MLP input → MLP output): feature splitting as width grows (mean ± std over seeds)" if resid
+                 else "Transcoders across the identity: feature splitting as width grows (mean ± std over seeds)")  # fmt: skip
+        paths.append(transcoder_sweep(results, transcoders, truth.shape[0], out_dir / "transcoder_sweep.png", title))
     apd_id = [r for r in results if r.row["method"] == "apd" and "hidden" in r.parts]
     if apd_id:
         paths.append(apd_identity(apd_id, out_dir / "apd_identity.png"))
@@ -49,17 +57,16 @@ def _methods(results: list[Trained], exclude: set[str] = frozenset()) -> list[st
     return list(dict.fromkeys(r.row["method"] for r in results if r.row["method"] not in exclude))
 
 
-def pareto(results: list[Trained], transcoders: set[str], path: Path) -> Path:
-    """Per setting (method × width × sparsity): mean ± std over seeds, seeds as faint dots."""
-    rows = [r.row for r in results if r.row["method"] not in transcoders]
-    methods = _methods(results, transcoders)
+def pareto(results: list[Trained], exclude: set[str], path: Path, panels: list[tuple[str, str]] = _PANELS) -> Path:
+    """Per setting (method × width × sparsity): mean ± std over seeds, seeds as faint dots; one
+    panel per (column, label) against L0; the methods in ``exclude`` left out."""
+    rows = [r.row for r in results if r.row["method"] not in exclude]
+    methods = _methods(results, exclude)
     colors = _colors(methods)
     widths = sorted({r["width"] for r in rows})
     marker = {w: _MARKERS[i % len(_MARKERS)] for i, w in enumerate(widths)}
     groups = summarise(rows)
-    panels = [("mmcs", "MMCS (best cosine per feature)"), ("matched_mean_cos", "one-to-one (Hungarian) mean cosine"),
-              ("loss_recovered", "loss recovered")]  # fmt: skip
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 5))
     for ax, (col, label) in zip(axes, panels):
         for r in rows:
             ax.scatter(r["l0"], r[col], color=colors[r["method"]], marker=marker[r["width"]], alpha=0.25, s=14, lw=0)
@@ -125,7 +132,7 @@ def directions(results: list[Trained], truth: torch.Tensor, path: Path) -> Path:
     return _save(fig, path)
 
 
-def transcoder_sweep(results: list[Trained], transcoders: set[str], n_features: int, path: Path) -> Path:
+def transcoder_sweep(results: list[Trained], transcoders: set[str], n_features: int, path: Path, title: str) -> Path:
     """Do features split as transcoders widen? Against APD's count of components carrying the identity."""
     rows = [r.row for r in results if r.row["method"] in transcoders]
     groups = summarise(rows)
@@ -154,7 +161,7 @@ def transcoder_sweep(results: list[Trained], transcoders: set[str], n_features: 
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Transcoders across the identity: feature splitting as width grows (mean ± std over seeds)")
+    fig.suptitle(title)
     return _save(fig, path)
 
 
