@@ -48,7 +48,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from apd.attributions import compute_attributions
-from apd.baselines import SAE, SAEConfig, SAETrainConfig, get_sae_class, save_sae, train_sae
+from apd.baselines import SAE, SAEConfig, SAETrainConfig, get_sae_class, load_sae, save_sae, train_sae
 from apd.config import APDConfig
 from apd.decomposition import Decomposition, load_decomposition
 from apd.experiment import DecomposeRun, run_decompose
@@ -477,18 +477,42 @@ def train_sae_cell(
     save_dir: Path | None = None,
 ) -> Trained:
     """Train one SAE (one grid cell, one seed) on fresh batches from ``data``, score it with
-    ``score`` and fill in the row's method fields and wall time."""
+    ``score`` and fill in the row's method fields and wall time. With ``save_dir`` the SAE is saved
+    there with its training config and time (``training.json``); an SAE already saved there with
+    the same SAE and training configs is reloaded, not retrained (its wall time: the saved one +
+    this evaluation)."""
     t0 = time.perf_counter()
     sae_cls, _ = get_sae_class(grid.architecture)
-    sae = sae_cls(grid.sae_config(d_in, width, value, d_out=d_out))
-    train_sae(sae, data, train_cfg, seed=seed, **grid.train)
-    if save_dir is not None:
-        save_sae(sae, save_dir)
+    sae_cfg = grid.sae_config(d_in, width, value, d_out=d_out)
+    train = dataclasses.replace(train_cfg or SAETrainConfig(), seed=seed, **grid.train)
+    record = {"train": {k: getattr(v, "value", v) for k, v in dataclasses.asdict(train).items()}}
+    sae, seconds = _saved_sae(save_dir, sae_cfg, record) if save_dir is not None else (None, 0.0)
+    if sae is None:
+        sae = sae_cls(sae_cfg)
+        train_sae(sae, data, train)
+        seconds = time.perf_counter() - t0
+        if save_dir is not None:
+            save_sae(sae, save_dir)
+            (save_dir / "training.json").write_text(json.dumps(record | {"seconds": seconds}, indent=2) + "\n")
+    t1 = time.perf_counter()
     trained = score(sae)
     trained.row = {"method": name, "architecture": grid.architecture, "seed": seed, "width": width,
                    "sparsity_knob": grid.knob, "sparsity": value, **trained.row,
-                   "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+                   "wall_seconds": seconds + time.perf_counter() - t1}  # fmt: skip
     return trained
+
+
+def _saved_sae(save_dir: Path, sae_cfg: SAEConfig, record: dict[str, Any]) -> tuple[SAE | None, float]:
+    """The SAE saved in ``save_dir`` and its training seconds, if it was trained with ``sae_cfg`` and
+    the training config in ``record``; (None, 0) otherwise."""
+    info = save_dir / "training.json"
+    if not info.is_file():
+        return None, 0.0
+    saved = json.loads(info.read_text())
+    sae = load_sae(save_dir)
+    if saved.get("train") != record["train"] or sae.cfg != sae_cfg:
+        return None, 0.0
+    return sae, float(saved["seconds"])
 
 
 def train_evaluate_sae(

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from apd.baselines import SAETrainConfig, StandardSAE, StandardSAEConfig
-from apd.compare import APDGrid, run_comparison
+from apd.compare import APDGrid, SAEGrid, run_comparison
 from apd.compare_resid import (
     RESID_COLUMNS,
     component_outputs,
@@ -206,21 +206,28 @@ def _apd_run() -> DecomposeRun:
     return DecomposeRun(target=ResidMLPTargetConfig(name="resid_mlp_1"), method=method, steps=8, batch_size=64, n_eval=200)
 
 
-def test_finished_apd_runs_are_scored_as_if_trained_inside(tmp_path):
+def test_finished_apd_runs_and_saved_saes_are_scored_as_if_trained_again(tmp_path):
     run = _apd_run()
-    cfg = compare_schema.CompareApp(apd_experiment="resid_mlp_1", seeds=[0], n_eval=300)
-    trained = run_resid_comparison(cfg, run, tmp_path / "inside", log=lambda s: None)
-    (row,) = trained.rows
+    cfg = compare_schema.CompareApp(apd_experiment="resid_mlp_1", seeds=[0], n_eval=300,
+                                    sae_train=SAETrainConfig(steps=20, batch_size=64),
+                                    saes={"sae": SAEGrid(architecture="topk", widths=[10], sparsity_values=[1])})  # fmt: skip
+    first = run_resid_comparison(cfg, run, tmp_path / "inside", log=lambda s: None)
     run_dir = tmp_path / "inside" / "apd" / f"C{run.method.C}_topk{run.method.topk:g}" / "seed0"
+    saved = tmp_path / "inside" / "saes" / "sae_w10_k1_seed0" / "training.json"
+    stamp = saved.stat().st_mtime_ns
     cfg.apd = APDGrid(runs=[str(run_dir)])
-    loaded = run_resid_comparison(cfg, run, tmp_path / "reused", log=lambda s: None)
-    (again,) = loaded.rows
-    assert not (tmp_path / "reused" / "apd").exists()  # nothing retrained
-    assert again["seed"] == 0 and again["width"] == run.method.C and again["sparsity"] == run.method.topk
-    for col in RESID_COLUMNS:
-        if col not in ("method", "architecture", "sparsity_knob", "wall_seconds") and not math.isnan(row[col]):
-            assert again[col] == pytest.approx(row[col], rel=1e-5, abs=1e-7), col
-    assert any(str(run_dir) in note for note in loaded.notes) and "monosemantic" in loaded.notes[0]
+    again = run_resid_comparison(cfg, run, tmp_path / "inside", log=lambda s: None)
+    assert saved.stat().st_mtime_ns == stamp  # the SAE was reloaded, not retrained
+    apd = again.rows[0]
+    assert apd["seed"] == 0 and apd["width"] == run.method.C and apd["sparsity"] == run.method.topk
+    for row, new in zip(first.rows, again.rows, strict=True):
+        for col in RESID_COLUMNS:
+            if col not in ("method", "architecture", "sparsity_knob", "wall_seconds") and not math.isnan(row[col]):
+                assert new[col] == pytest.approx(row[col], rel=1e-5, abs=1e-7), (row["method"], col)
+    assert any(str(run_dir) in note for note in again.notes) and "monosemantic" in again.notes[0]
+    cfg.sae_train = SAETrainConfig(steps=21, batch_size=64)  # another training config: trained anew
+    run_resid_comparison(cfg, run, tmp_path / "inside", log=lambda s: None)
+    assert saved.stat().st_mtime_ns != stamp
 
 
 def test_reduced_resid_mlp_comparison_end_to_end(tmp_path):
