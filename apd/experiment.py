@@ -84,12 +84,7 @@ def run_decompose(
 ) -> RunResult:  # fmt: skip
     """Get the target (shipped or trained), decompose it, score it; write to ``out_dir``:
     ``decomposition.pt``, ``checkpoint.pt`` (resumable), ``metrics.jsonl``, ``metrics.json``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(run.threads or cpu_share())
-    t0 = time.perf_counter()
-    target, info = get_target(run.target)
-    target.to(run.device)
+    out, target, info, t0 = _start(run, out_dir)
     if (out / "metrics.json").is_file() and (out / FILE_NAME).is_file():  # finished: not redone
         return RunResult(json.loads((out / "metrics.json").read_text()), load_decomposition(out), target)
 
@@ -116,6 +111,16 @@ def run_decompose(
     return RunResult(metrics, dec, target)
 
 
+def _start(run: DecomposeRun, out_dir: str | Path) -> tuple[Path, nn.Module, dict, float]:
+    """Make the run dir, set the thread count, get the target: (out, target, its info, start time)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(run.threads or cpu_share())
+    t0 = time.perf_counter()
+    target, info = get_target(run.target)
+    return out, target.to(run.device), info, t0
+
+
 def seed_run_dir(out_dir: str | Path, seed: int) -> Path:
     """Where a multi-seed run (``n_seeds`` > 1) puts seed ``seed``'s results."""
     return Path(out_dir) / f"seed_{seed}"
@@ -131,12 +136,7 @@ def run_decompose_seeds(
     and ``metrics.json`` go to ``seed_run_dir(out_dir, seed)``, as a single run would write them.
     ``wall_seconds`` of each seed is the whole run's time divided by the number of seeds.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(run.threads or cpu_share())
-    t0 = time.perf_counter()
-    target, info = get_target(run.target)
-    target.to(run.device)
+    out, target, info, t0 = _start(run, out_dir)
     seeds = list(range(run.seed, run.seed + run.n_seeds))
     dirs = {s: seed_run_dir(out, s) for s in seeds}
     seed_runs = {s: dataclasses.replace(run, seed=s, n_seeds=1) for s in seeds}
