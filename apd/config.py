@@ -116,6 +116,12 @@ class APDConfig:
     (+ act recon, L_p) only, top-k unchanged): undoes the shrinkage the Schatten penalty causes"""
     finetune_lr: float | None = None
     """constant learning rate during the fine-tune; None = the main schedule continues"""
+    merge_threshold: float | None = None
+    """at the start of the fine-tune, merge components whose weights are parallel (cosine over all
+    matrices >= this) into one and zero the rest (``apd.merge``); None = never merge"""
+    compile: bool = False
+    """run each step's loss computation through ``torch.compile`` (``decompose`` only). On CPU it
+    costs ~50 s of compilation up front for ~15% faster steps (benchmarks/README.md)"""
     seed: int = 0
     device: str = "cpu"
 
@@ -199,6 +205,16 @@ class APDConfig:
             self.finetune_lr is None or (math.isfinite(self.finetune_lr) and self.finetune_lr > 0),
             f"finetune_lr={self.finetune_lr}: must be > 0, or None to continue the main schedule",
         )
+        if self.merge_threshold is not None:
+            need(
+                0 < self.merge_threshold <= 1,
+                f"merge_threshold={self.merge_threshold}: a cosine threshold must lie in (0, 1] (e.g. 0.99), or None",
+            )
+            need(
+                self.finetune_frac > 0,
+                f"merge_threshold={self.merge_threshold} merges at the start of the fine-tune, but finetune_frac=0: "
+                "set finetune_frac > 0 (e.g. 0.1) so the merged components are re-fitted",
+            )
         need(self.log_every > 0, f"log_every={self.log_every}: must be > 0")
         need(
             self.checkpoint_every is None or self.checkpoint_every > 0,

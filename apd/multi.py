@@ -34,6 +34,7 @@ from apd.component_model import ComponentModel
 from apd.config import APDConfig, Attribution, ConfigError, GradientMode
 from apd.data import BatchSource
 from apd.decomposition import CheckpointError, Decomposition, atomic_save, safe_load
+from apd.merge import merge_parallel_
 from apd.optim import make_optimizer
 from apd.train import (
     NonFiniteLossError,
@@ -77,6 +78,7 @@ def _vectorised_config(config: APDConfig, n_seeds: int) -> APDConfig:
             raise ConfigError(msg)
 
     need(n_seeds >= 1, "seeds is empty: give at least one seed")
+    need(not config.compile, "compile=True applies to decompose; decompose_seeds vmaps the seeds instead: set compile=False")
     need(
         config.optimizer in VECTORISABLE_OPTIMIZERS,
         f"optimizer={config.optimizer!r} cannot train seeds side by side (it may couple the stacked "
@@ -157,6 +159,8 @@ def decompose_seeds(
             for group in opt.param_groups:
                 group["lr"] = lr_for_step(step, config)
             k, simplicity = topk_at_step(step, config), not in_finetune(step, config)
+            if config.merge_threshold is not None and step == config.finetune_start:
+                _merge_instances(params, opt, config.merge_threshold, len(seeds))
             terms = vmap(one_instance, in_dims=(0, 0, None, None), randomness="different")(params, x, k, simplicity)
             _check_finite(step, terms, seeds)
             opt.zero_grad(set_to_none=True)
@@ -194,6 +198,20 @@ def decompose_seeds(
             seed_config = dataclasses.replace(config, seed=seed)
             decompositions.append(Decomposition.from_component_model(cm, seed_config, config.steps, histories[i]))
     return decompositions
+
+
+def _merge_instances(params: dict[str, Tensor], opt: torch.optim.Optimizer, threshold: float, n: int) -> None:
+    """``merge_parallel_`` on each stacked instance (views into the stacked parameters and moments)."""
+    with torch.no_grad():
+        for i in range(n):
+            A = {name[: -len(".A")]: p.data[i] for name, p in params.items() if name.endswith(".A")}
+            B = {name[: -len(".B")]: p.data[i] for name, p in params.items() if name.endswith(".B")}
+            states = [
+                (p.data[i], {k: v[i] for k, v in opt.state[p].items() if isinstance(v, Tensor) and v.shape == p.shape})
+                for p in params.values()
+                if p in opt.state
+            ]
+            merge_parallel_(A, B, threshold, states)
 
 
 def _check_finite(step: int, terms: dict[str, Tensor], seeds: list[int]) -> None:

@@ -5,6 +5,7 @@
 """
 
 import fnmatch
+import functools
 import json
 import math
 import random
@@ -25,11 +26,12 @@ from apd.config import APDConfig, Attribution
 from apd.data import BatchSource, DataError
 from apd.decomposition import CKPT_FORMAT, CHECKPOINT_NAME, CheckpointError, Decomposition, atomic_save, safe_load
 from apd.losses import act_recon_loss, faithfulness_loss, lp_sparsity_loss, minimality_loss, simplicity_loss
+from apd.merge import merge_parallel_
 from apd.optim import lr_at_step, make_optimizer
 from apd.topk import topk_mask, with_best_samples
 
 __all__ = ["decompose", "LossTerms", "compute_losses", "train_step", "in_finetune", "lr_for_step", "topk_at_step",
-           "NonFiniteLossError", "CHECKPOINT_NAME"]  # fmt: skip
+           "NonFiniteLossError", "CHECKPOINT_NAME", "merge_parallel_components"]  # fmt: skip
 
 LogCallback = Callable[[int, dict[str, float]], None]
 
@@ -125,6 +127,13 @@ def compute_losses(
     return LossTerms(total, faith, minimality, simp, act, lp, l0=mask.sum(1).mean())
 
 
+@functools.cache
+def _compiled_losses() -> Callable[..., LossTerms]:
+    """``compute_losses`` through ``torch.compile`` (one compiled function per process; Dynamo
+    recompiles per target, config and phase)."""
+    return torch.compile(compute_losses)
+
+
 def _unit_norm_A_grads(cm: ComponentModel) -> None:
     """Remove from each A row's gradient its component along that (unit-norm) row."""
     for n in cm.matrix_names:
@@ -173,7 +182,10 @@ def train_step(
     for group in opt.param_groups:
         group["lr"] = lr_for_step(step, config)
     k, finetune = topk_at_step(step, config), in_finetune(step, config)
-    terms = compute_losses(cm, x, config, act_names, k=k, simplicity=not finetune)
+    if config.merge_threshold is not None and step == config.finetune_start:
+        merge_parallel_components(cm, opt, config.merge_threshold)
+    losses = _compiled_losses() if config.compile else compute_losses
+    terms = losses(cm, x, config, act_names, k=k, simplicity=not finetune)
     if not torch.isfinite(terms.total):
         raise NonFiniteLossError(_nan_message(step, terms, x))
     opt.zero_grad(set_to_none=True)
@@ -186,6 +198,14 @@ def train_step(
     if config.unit_norm_A:
         _normalise_A(cm)
     return terms
+
+
+def merge_parallel_components(cm: ComponentModel, opt: torch.optim.Optimizer | None, threshold: float) -> list[list[int]]:
+    """``apd.merge.merge_parallel_`` on a component model's parameters (and their optimiser state)."""
+    A = {n: cm.layers[n].A.data for n in cm.matrix_names}
+    B = {n: cm.layers[n].B.data for n in cm.matrix_names}
+    states = [] if opt is None else [(p.data, opt.state[p]) for p in cm.component_parameters() if p in opt.state]
+    return merge_parallel_(A, B, threshold, states)
 
 
 def _nan_message(step: int, terms: LossTerms, x: Tensor) -> str:

@@ -19,7 +19,7 @@ def reference_attributions(cm: ComponentModel, x: Tensor) -> Tensor:
     with cm.capture(names, inputs=True) as a_in, cm.capture(names, require_grad=True) as h_out:
         out = cm(x).reshape(x.shape[0], -1)
     per_component = {n: cm.layers[n].per_component_out(cm.layers[n].component_acts(a_in[n])) for n in names}
-    attr = torch.zeros(x.shape[0], cm.C)
+    attr = torch.zeros(x.shape[0], cm.C, device=x.device)
     for o in range(out.shape[1]):  # one backward pass per output dimension
         grads = torch.autograd.grad(out[:, o].sum(), [h_out[n] for n in names], retain_graph=True)
         total = sum(torch.einsum("bcd,bd->bc", per_component[n], g) for n, g in zip(names, grads))

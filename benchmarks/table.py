@@ -26,6 +26,8 @@ RATIOS = [
      "test_step_baseline[resid_mlp_1_rank_1]", "test_step[resid_mlp_1_rank_1]"),
     ("APD step, baseline / toolkit: TMS 40-10",
      "test_step_baseline[tms_40_10]", "test_step[tms_40_10]"),
+    ("APD step, TMS 40-10: eager / compile=True (after compilation)",
+     "test_step[tms_40_10]", "test_step_compiled"),
     ("baseline step, residual MLP full rank / toolkit step, residual MLP rank 1 (the preset)",
      "test_step_baseline[resid_mlp_1_full_rank]", "test_step[resid_mlp_1_rank_1]"),
 ]  # fmt: skip

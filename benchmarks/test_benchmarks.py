@@ -4,8 +4,11 @@ Groups: attribution (batched vs the per-output loop, and the batched modes again
 step (one APD training step, the toolkit's and the straightforward baseline's), seeds (a short TMS
 5-2 run of one seed against 12 seeds trained at once; seconds per seed-step in extra_info), sae
 (one SAE step at a matched size), memory (peak RSS of a step in extra_info). One torch thread
-throughout (benchmarks/conftest.py).
+throughout (benchmarks/conftest.py). ``APD_BENCH_DEVICE=cuda`` runs the same cases on a GPU
+(timings then synchronise the device; peak memory is the device's peak allocation).
 """
+
+import os
 
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from apd.optim import make_optimizer
 from apd.targets import PRETRAINED_DIR, load_target
 from apd.train import train_step
 from benchmarks.baseline import reference_attributions, reference_step
+
+DEVICE = torch.device(os.environ.get("APD_BENCH_DEVICE", "cpu"))
 
 RESID = dict(C=130, topk=1.28, simplicity_coeff=10.0, schatten_p=0.9, act_recon_coeff=1.0,
              act_recon_modules=["layers.0.act"], lr=1e-3, steps=10_000)  # fmt: skip
@@ -37,14 +42,35 @@ def _target(name: str):
 def _setup(case: str):
     kwargs, batch, act = CASES[case]
     model, tcfg = _target("resid_mlp_1" if case.startswith("resid") else case)
-    cfg = APDConfig(**kwargs)
-    cm = ComponentModel(model, tcfg.modules(), cfg.C, cfg.rank)
-    x = tcfg.batch(batch, torch.Generator().manual_seed(0))
+    cfg = APDConfig(**kwargs, device=str(DEVICE))
+    cm = ComponentModel(model, tcfg.modules(), cfg.C, cfg.rank).to(DEVICE)
+    x = tcfg.batch(batch, torch.Generator().manual_seed(0)).to(DEVICE)
     return cm, cfg, x, act
 
 
+def _synced(fn):
+    """fn, then wait for the device (a CUDA kernel launch returns before the kernel ends)."""
+    if DEVICE.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def _peak_rss_mib(fn) -> float:
-    """Peak resident memory while running fn, above the resident memory before it (Linux)."""
+    """Peak memory while running fn, above the memory in use before it: resident memory on the
+    CPU (Linux), allocated device memory on CUDA."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     except OSError:
@@ -69,14 +95,14 @@ def resid_full():
 @pytest.mark.benchmark(group="attribution")
 def test_gradient_attribution_loop(benchmark, resid_full):
     cm, _, x, _ = resid_full
-    result = benchmark(lambda: gradient_attributions_loop(cm, x).detach())
+    result = benchmark(_synced(lambda: gradient_attributions_loop(cm, x).detach()))
     torch.testing.assert_close(result, gradient_attributions(cm, x).detach(), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.benchmark(group="attribution")
 def test_gradient_attribution_batched(benchmark, resid_full):
     cm, _, x, _ = resid_full
-    benchmark(lambda: gradient_attributions(cm, x).detach())
+    benchmark(_synced(lambda: gradient_attributions(cm, x).detach()))
 
 
 @pytest.mark.parametrize("mode", ["per_sample", "hidden"])
@@ -84,7 +110,7 @@ def test_gradient_attribution_batched(benchmark, resid_full):
 def test_gradient_attribution_mode(benchmark, resid_full, mode):
     """The two batched modes on the same case ("auto" picks per_sample here)."""
     cm, _, x, _ = resid_full
-    result = benchmark(lambda: gradient_attributions(cm, x, mode).detach())
+    result = benchmark(_synced(lambda: gradient_attributions(cm, x, mode).detach()))
     torch.testing.assert_close(result, gradient_attributions(cm, x, "jacrev").detach(), rtol=1e-3, atol=1e-6)
 
 
@@ -92,7 +118,7 @@ def test_gradient_attribution_mode(benchmark, resid_full, mode):
 def test_gradient_attribution_reference(benchmark, resid_full):
     """The baseline's attribution (as in the reference code), for the ratio in the README."""
     cm, _, x, _ = resid_full
-    benchmark(lambda: reference_attributions(cm, x).detach())
+    benchmark(_synced(lambda: reference_attributions(cm, x).detach()))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -101,8 +127,25 @@ def test_step(benchmark, case):
     cm, cfg, x, act = _setup(case)
     opt = make_optimizer("adam", cm.component_parameters(), cfg.lr)
     step = iter(range(10**9))
-    benchmark(lambda: train_step(cm, opt, x, cfg, next(step), act))
+    benchmark(_synced(lambda: train_step(cm, opt, x, cfg, next(step), act)))
     benchmark.extra_info["peak_rss_mib"] = _peak_rss_mib(lambda: train_step(cm, opt, x, cfg, 0, act))
+
+
+@pytest.mark.benchmark(group="step")
+def test_step_compiled(benchmark):
+    """TMS 40-10 step with compile=True (torch.compile of the loss); compilation happens in the
+    warm-up call before timing, its duration is in extra_info."""
+    import time
+
+    cm, cfg, x, act = _setup("tms_40_10")
+    cfg = APDConfig(**{**cfg.to_dict(), "compile": True})
+    opt = make_optimizer("adam", cm.component_parameters(), cfg.lr)
+    start = time.perf_counter()
+    _synced(lambda: train_step(cm, opt, x, cfg, 0, act))()
+    compile_seconds = time.perf_counter() - start
+    step = iter(range(1, 10**9))
+    benchmark(_synced(lambda: train_step(cm, opt, x, cfg, next(step), act)))
+    benchmark.extra_info["compile_seconds"] = compile_seconds
 
 
 @pytest.mark.parametrize("case", ["tms_40_10", "resid_mlp_1_full_rank", "resid_mlp_1_rank_1"])
@@ -110,7 +153,7 @@ def test_step(benchmark, case):
 def test_step_baseline(benchmark, case):
     cm, cfg, x, act = _setup(case)
     opt = make_optimizer("adam", cm.component_parameters(), cfg.lr)
-    benchmark(lambda: reference_step(cm, opt, x, cfg, act))
+    benchmark(_synced(lambda: reference_step(cm, opt, x, cfg, act)))
     benchmark.extra_info["peak_rss_mib"] = _peak_rss_mib(lambda: reference_step(cm, opt, x, cfg, act))
 
 
@@ -128,9 +171,9 @@ def test_step_memory(benchmark, case):
 @pytest.mark.benchmark(group="sae")
 def test_sae_step(benchmark, d_in, d_sae, batch):
     """One BatchTopK SAE step at the size of the APD run on the same target."""
-    sae = BatchTopKSAE(BatchTopKSAEConfig(d_in=d_in, d_sae=d_sae, k=2.0))
+    sae = BatchTopKSAE(BatchTopKSAEConfig(d_in=d_in, d_sae=d_sae, k=2.0)).to(DEVICE)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    x = torch.randn(batch, d_in)
+    x = torch.randn(batch, d_in, device=DEVICE)
 
     def step():
         out = sae.training_forward_pass(TrainStepInput(sae_in=x))
@@ -140,7 +183,7 @@ def test_sae_step(benchmark, d_in, d_sae, batch):
         opt.step()
         sae.after_optimizer_step(out)
 
-    benchmark(step)
+    benchmark(_synced(step))
 
 
 
@@ -152,7 +195,7 @@ SEED_STEPS = 100
 def test_seeds_at_once(benchmark, n_seeds):
     """TMS 5-2 preset, SEED_STEPS steps for n_seeds seeds in one vectorised run (decompose_seeds)."""
     model, tcfg = _target("tms_5_2")
-    cfg = APDConfig(C=5, init_scale=0.1, topk=0.211, simplicity_coeff=0.7, lr=3e-2, steps=SEED_STEPS, log_every=SEED_STEPS)
+    cfg = APDConfig(C=5, init_scale=0.1, topk=0.211, simplicity_coeff=0.7, lr=3e-2, steps=SEED_STEPS, log_every=SEED_STEPS, device=str(DEVICE))
     run = lambda: decompose_seeds(model, lambda: tcfg.batch(2048, None), cfg, tcfg.modules(), range(n_seeds), progress=False)  # noqa: E731
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info["ms_per_seed_step"] = benchmark.stats.stats.mean / (SEED_STEPS * n_seeds) * 1e3 if benchmark.stats else float("nan")
@@ -162,7 +205,7 @@ def test_seeds_at_once(benchmark, n_seeds):
 def test_seeds_one_at_a_time(benchmark):
     """The same run through decompose (one seed; its auto attribution mode)."""
     model, tcfg = _target("tms_5_2")
-    cfg = APDConfig(C=5, init_scale=0.1, topk=0.211, simplicity_coeff=0.7, lr=3e-2, steps=SEED_STEPS, log_every=SEED_STEPS)
+    cfg = APDConfig(C=5, init_scale=0.1, topk=0.211, simplicity_coeff=0.7, lr=3e-2, steps=SEED_STEPS, log_every=SEED_STEPS, device=str(DEVICE))
     run = lambda: decompose(model, lambda: tcfg.batch(2048, None), cfg, tcfg.modules(), progress=False)  # noqa: E731
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info["ms_per_seed_step"] = benchmark.stats.stats.mean / SEED_STEPS * 1e3 if benchmark.stats else float("nan")

@@ -114,3 +114,30 @@ def test_topk_schedule_moves_k_linearly_then_holds():
         APDConfig(C=10, topk=2.0, topk_start=12.0)
     with pytest.raises(ConfigError, match="batch_topk=True"):
         APDConfig(C=10, topk=2.0, topk_start=4.0, batch_topk=False)
+
+
+def test_compiled_loss_matches_eager():
+    """compile=True runs compute_losses through torch.compile: the same training trajectory."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    decs = []
+    for compiled in (False, True):
+        gen = torch.Generator().manual_seed(1)
+        cfg = APDConfig(C=4, rank=1, topk=1.5, simplicity_coeff=0.5, schatten_p=0.9, lr=1e-2, steps=6, compile=compiled)
+        decs.append(decompose(model, lambda: torch.randn(64, 6, generator=gen), cfg, ["0", "2"], progress=False))
+    eager, compiled = decs
+    assert eager.history[-1]["total"] == pytest.approx(compiled.history[-1]["total"], rel=1e-4)
+    for n in eager.A:
+        torch.testing.assert_close(compiled.A[n], eager.A[n], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_is_refused_by_decompose_seeds():
+    from torch import nn
+
+    from apd import decompose_seeds
+
+    cfg = APDConfig(C=2, steps=2, compile=True)
+    with pytest.raises(ConfigError, match="compile"):
+        decompose_seeds(nn.Sequential(nn.Linear(3, 2)), lambda: torch.randn(4, 3), cfg, ["0"], [0, 1], progress=False)
