@@ -71,9 +71,7 @@ def gradient_attributions(
         for n in names:
             layer = cm.layers[n]
             v = layer.per_component_out(layer.component_acts(a_in[n]))  # (B, ..., C, d_out): P_c a_l
-            v = v.movedim(-2, 1).reshape(B, C, -1)
-            j = jac[n].detach().reshape(jac[n].shape[0], B, -1)
-            inner = inner + torch.einsum("obk,bck->boc", j, v)
+            inner = inner + torch.einsum("ob...k,b...ck->boc", jac[n].detach(), v)
         return inner.pow(2).sum(1)  # type: ignore[union-attr]
     if mode == "jacfwd":
 

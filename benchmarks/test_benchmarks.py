@@ -190,12 +190,18 @@ def test_sae_step(benchmark, d_in, d_sae, batch):
 SEED_STEPS = 100
 
 
+def _seeds_config() -> APDConfig:
+    """The tms_5_2 preset's method (conf/experiment/tms_5_2.yaml) for SEED_STEPS steps."""
+    return APDConfig(C=10, init_scale=0.1, topk=0.211, min_active=8, simplicity_coeff=1.5, lr=3e-2,
+                     steps=SEED_STEPS, log_every=SEED_STEPS, device=str(DEVICE))  # fmt: skip
+
+
 @pytest.mark.parametrize("n_seeds", [1, 12])
 @pytest.mark.benchmark(group="seeds")
 def test_seeds_at_once(benchmark, n_seeds):
-    """TMS 5-2 preset, SEED_STEPS steps for n_seeds seeds in one vectorised run (decompose_seeds)."""
+    """TMS 5-2 preset (C 10), SEED_STEPS steps for n_seeds seeds in one vectorised run (decompose_seeds)."""
     model, tcfg = _target("tms_5_2")
-    cfg = APDConfig(C=5, init_scale=0.1, topk=0.211, simplicity_coeff=0.7, lr=3e-2, steps=SEED_STEPS, log_every=SEED_STEPS, device=str(DEVICE))
+    cfg = _seeds_config()
     run = lambda: decompose_seeds(model, lambda: tcfg.batch(2048, None), cfg, tcfg.modules(), range(n_seeds), progress=False)  # noqa: E731
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info["ms_per_seed_step"] = benchmark.stats.stats.mean / (SEED_STEPS * n_seeds) * 1e3 if benchmark.stats else float("nan")
@@ -205,7 +211,7 @@ def test_seeds_at_once(benchmark, n_seeds):
 def test_seeds_one_at_a_time(benchmark):
     """The same run through decompose (one seed; its auto attribution mode)."""
     model, tcfg = _target("tms_5_2")
-    cfg = APDConfig(C=5, init_scale=0.1, topk=0.211, simplicity_coeff=0.7, lr=3e-2, steps=SEED_STEPS, log_every=SEED_STEPS, device=str(DEVICE))
+    cfg = _seeds_config()
     run = lambda: decompose(model, lambda: tcfg.batch(2048, None), cfg, tcfg.modules(), progress=False)  # noqa: E731
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info["ms_per_seed_step"] = benchmark.stats.stats.mean / SEED_STEPS * 1e3 if benchmark.stats else float("nan")

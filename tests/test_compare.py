@@ -298,6 +298,6 @@ def test_reduced_tms_5_2_comparison_end_to_end(tmp_path):
     apd = [r for r in rows if r["method"] == "apd"]
     assert {r["sparsity_knob"] for r in apd} == {"topk"} and float(apd[0]["l0"]) == pytest.approx(0.211, abs=1e-3)
     md = (out / "comparison.md").read_text()
-    assert "mean ± std" in md and "Legend" in md and "| apd | 5 | topk=0.211 | 2 |" in md
+    assert "mean ± std" in md and "Legend" in md and "| apd | 10 | topk=0.211 | 2 |" in md  # width = the preset's C
     for name in ["pareto_l0.png", "directions.png"]:
         assert (out / "figures" / name).stat().st_size > 10_000

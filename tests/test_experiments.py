@@ -68,7 +68,7 @@ def test_typos_and_wrong_types_fail_at_compose(override, match):
 
 def test_out_of_range_values_fail_with_the_field_name():
     with pytest.raises(Exception, match="k cannot exceed"):
-        OmegaConf.to_object(_compose("decompose", ["method.topk=9"]))
+        OmegaConf.to_object(_compose("decompose", ["method.topk=11"]))  # C is 10 in the default preset
 
 
 def test_target_ship_and_load_round_trip(tmp_path):
@@ -114,7 +114,7 @@ def test_main_job_recovers_tms_5_2_and_writes_its_artifacts(tmp_path):
     assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").read_text().count("\n") > 10
     assert {p.name for p in (out / "figures").iterdir()} >= {"tms_columns.png", "component_heatmaps.png"}
     dec = load_decomposition(out)
-    assert dec.step == dec.config.steps and dec.component_weights()["enc"].shape == (5, 2, 5)
+    assert dec.step == dec.config.steps and dec.component_weights()["enc"].shape == (10, 2, 5)
 
 
 def test_resid_mlp_run_writes_every_metric(tmp_path):
