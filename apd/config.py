@@ -120,8 +120,8 @@ class APDConfig:
     """at the start of the fine-tune, merge components whose weights are parallel (cosine over all
     matrices >= this) into one and zero the rest (``apd.merge``); None = never merge"""
     compile: bool = False
-    """run each step's loss computation through ``torch.compile`` (``decompose`` only). On CPU it
-    costs ~50 s of compilation up front for ~15% faster steps (benchmarks/README.md)"""
+    """run each step's loss computation through ``torch.compile`` (``decompose`` only). On the 2-core
+    CPU of benchmarks/README.md it did not pay: 0.9-1.1x the eager step, after 8-48 s of compiling"""
     seed: int = 0
     device: str = "cpu"
 

@@ -42,9 +42,9 @@ def _fmt(seconds: float) -> str:
 
 def tables(data: dict[str, Any]) -> str:
     benches = {b["name"]: b for b in data["benchmarks"]}
-    lines = ["| group | case | mean | min | rounds | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
+    lines = ["| group | case | mean | min | rounds | peak alloc (MiB) |", "|---|---|---|---|---|---|"]
     for b in sorted(data["benchmarks"], key=lambda b: (b["group"] or "", b["name"])):
-        rss = b.get("extra_info", {}).get("peak_rss_mib")
+        rss = b.get("extra_info", {}).get("peak_mib")
         lines.append(f"| {b['group']} | `{b['name']}` | {_fmt(b['stats']['mean'])} | {_fmt(b['stats']['min'])} | "
                      f"{b['stats']['rounds']} | {'' if rss is None else f'{rss:.0f}'} |")  # fmt: skip
     lines += ["", "| ratio (same run) | value |", "|---|---|"]

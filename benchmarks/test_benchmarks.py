@@ -3,17 +3,17 @@
 Groups: attribution (batched vs the per-output loop, and the batched modes against each other),
 step (one APD training step, the toolkit's and the straightforward baseline's), seeds (a short TMS
 5-2 run of one seed against 12 seeds trained at once; seconds per seed-step in extra_info), sae
-(one SAE step at a matched size), memory (peak RSS of a step in extra_info). One torch thread
+(one SAE step at a matched size), memory (peak allocation of a step in extra_info). One torch thread
 throughout (benchmarks/conftest.py). ``APD_BENCH_DEVICE=cuda`` runs the same cases on a GPU
 (timings then synchronise the device; peak memory is the device's peak allocation).
 """
 
 import os
 
-from pathlib import Path
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from apd import APDConfig, ComponentModel, decompose, decompose_seeds, gradient_attributions, gradient_attributions_loop
 from apd.baselines import BatchTopKSAE, BatchTopKSAEConfig, TrainStepInput
@@ -61,9 +61,11 @@ def _synced(fn):
     return run
 
 
-def _peak_rss_mib(fn) -> float:
-    """Peak memory while running fn, above the memory in use before it: resident memory on the
-    CPU (Linux), allocated device memory on CUDA."""
+def _peak_mib(fn) -> float:
+    """Peak memory that torch allocates while running fn, above what was allocated before it: the
+    device's peak allocation on CUDA; on the CPU the running sum of the allocations and frees that
+    the profiler records (``profile_memory=True``), in time order. Unlike the process's resident
+    memory this does not read 0 when the allocator reuses memory freed earlier."""
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -71,20 +73,14 @@ def _peak_rss_mib(fn) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return float("nan")
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) / 1024
-
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    current = peak = 0
+    for _, delta in deltas:
+        current += delta
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +124,7 @@ def test_step(benchmark, case):
     opt = make_optimizer("adam", cm.component_parameters(), cfg.lr)
     step = iter(range(10**9))
     benchmark(_synced(lambda: train_step(cm, opt, x, cfg, next(step), act)))
-    benchmark.extra_info["peak_rss_mib"] = _peak_rss_mib(lambda: train_step(cm, opt, x, cfg, 0, act))
+    benchmark.extra_info["peak_mib"] = _peak_mib(lambda: train_step(cm, opt, x, cfg, 0, act))
 
 
 @pytest.mark.benchmark(group="step")
@@ -154,7 +150,7 @@ def test_step_baseline(benchmark, case):
     cm, cfg, x, act = _setup(case)
     opt = make_optimizer("adam", cm.component_parameters(), cfg.lr)
     benchmark(_synced(lambda: reference_step(cm, opt, x, cfg, act)))
-    benchmark.extra_info["peak_rss_mib"] = _peak_rss_mib(lambda: reference_step(cm, opt, x, cfg, act))
+    benchmark.extra_info["peak_mib"] = _peak_mib(lambda: reference_step(cm, opt, x, cfg, act))
 
 
 @pytest.mark.parametrize("case", ["tms_40_10", "resid_mlp_1_rank_1"])
@@ -162,8 +158,8 @@ def test_step_baseline(benchmark, case):
 def test_step_memory(benchmark, case):
     cm, cfg, x, act = _setup(case)
     opt = make_optimizer("adam", cm.component_parameters(), cfg.lr)
-    benchmark.extra_info["peak_rss_mib"] = benchmark.pedantic(
-        lambda: _peak_rss_mib(lambda: train_step(cm, opt, x, cfg, 0, act)), rounds=3, iterations=1
+    benchmark.extra_info["peak_mib"] = benchmark.pedantic(
+        lambda: _peak_mib(lambda: train_step(cm, opt, x, cfg, 0, act)), rounds=3, iterations=1
     )
 
 
