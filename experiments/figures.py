@@ -38,14 +38,16 @@ def tms_figures(result: RunResult, out_dir: Path) -> list[Path]:
     paths: list[Path] = []
     C = P.shape[0]
     if W.shape[0] == 2:
-        fig, axes = plt.subplots(1, C + 1, figsize=(2.2 * (C + 1), 2.5), squeeze=False)
+        live = [c for c in range(C) if P[c].norm() > 1e-3 * W.norm()]  # dead (e.g. merged) ones are left out
+        fig, axes = plt.subplots(1, len(live) + 1, figsize=(2.2 * (len(live) + 1), 2.5), squeeze=False)
         lim = 1.1 * W.norm(dim=0).max().item()
-        for ax, (title, M) in zip(axes[0], [("target W", W)] + [(f"component {c}", P[c]) for c in range(C)]):
+        for ax, (title, M) in zip(axes[0], [("target W", W)] + [(f"component {c}", P[c]) for c in live]):
             for j in range(M.shape[1]):
                 ax.plot([0, M[0, j]], [0, M[1, j]], lw=2, color=plt.cm.tab10(j % 10), label=f"feature {j}")
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=title, xticks=[], yticks=[])
         axes[0][0].legend(fontsize=6, loc="lower left")
-        fig.suptitle("TMS: columns W[:, j] of the target and of each component (colour = feature)")
+        dead = f"; {C - len(live)} dead components not shown" if len(live) < C else ""
+        fig.suptitle(f"TMS: columns W[:, j] of the target and of each live component (colour = feature){dead}")
         _save(fig, out_dir / "tms_columns.png", paths)
     cols = min(C, 10)
     rows = (C + cols - 1) // cols
