@@ -10,7 +10,6 @@ throughout (benchmarks/conftest.py). ``APD_BENCH_DEVICE=cuda`` runs the same cas
 
 import os
 
-
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
