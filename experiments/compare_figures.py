@@ -142,15 +142,20 @@ def transcoder_sweep(results: list[Trained], transcoders: set[str], n_features: 
               ("latents_per_feature", "latents per feature (cos ≥ tau)"),
               ("n_duplicate_pairs", "duplicate latent pairs (cos > tau)"), ("mmcs", "MMCS")]  # fmt: skip
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    # one line per grid and sparsity value (a line through several sparsities would zigzag)
+    lines = list(dict.fromkeys((a["method"], a["sparsity"]) for a in groups))
     for ax, (col, label) in zip(axes, panels):
-        for name in sorted(transcoders):
-            g = sorted((a for a in groups if a["method"] == name), key=lambda a: a["width"])
+        for name, sparsity in lines:
+            g = sorted((a for a in groups if (a["method"], a["sparsity"]) == (name, sparsity)), key=lambda a: a["width"])
             if col == "aligned":
                 ys = [a["latents_per_feature"] * n_features for a in g]
                 es = [a["latents_per_feature_std"] * n_features for a in g]
             else:
                 ys, es = [a[col] for a in g], [a[f"{col}_std"] for a in g]
-            ax.errorbar([a["width"] for a in g], ys, yerr=es, color=colors[name], marker="o", capsize=3, label=name)
+            knob = g[0].get("sparsity_knob", "sparsity")
+            marker = _MARKERS[[s for n, s in lines if n == name].index(sparsity) % len(_MARKERS)]
+            ax.errorbar([a["width"] for a in g], ys, yerr=es, color=colors[name], marker=marker, capsize=3,
+                        label=f"{name} {knob}={sparsity:g}")  # fmt: skip
         if col == "aligned" and apd:
             mean = sum(r["id_n_components"] for r in apd) / len(apd)
             ax.axhline(mean, color="k", ls="--", lw=1, label=f"APD: components carrying I (mean {mean:.1f})")
