@@ -144,6 +144,8 @@ def transcoder_sweep(results: list[Trained], transcoders: set[str], n_features: 
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     # one line per grid and sparsity value (a line through several sparsities would zigzag)
     lines = list(dict.fromkeys((a["method"], a["sparsity"]) for a in groups))
+    # within one method, its n-th sparsity value gets the n-th marker
+    marker = {(n, s): _MARKERS[[s2 for n2, s2 in lines if n2 == n].index(s) % len(_MARKERS)] for n, s in lines}
     for ax, (col, label) in zip(axes, panels):
         for name, sparsity in lines:
             g = sorted((a for a in groups if (a["method"], a["sparsity"]) == (name, sparsity)), key=lambda a: a["width"])
@@ -153,9 +155,8 @@ def transcoder_sweep(results: list[Trained], transcoders: set[str], n_features: 
             else:
                 ys, es = [a[col] for a in g], [a[f"{col}_std"] for a in g]
             knob = g[0].get("sparsity_knob", "sparsity")
-            marker = _MARKERS[[s for n, s in lines if n == name].index(sparsity) % len(_MARKERS)]
-            ax.errorbar([a["width"] for a in g], ys, yerr=es, color=colors[name], marker=marker, capsize=3,
-                        label=f"{name} {knob}={sparsity:g}")  # fmt: skip
+            ax.errorbar([a["width"] for a in g], ys, yerr=es, color=colors[name], marker=marker[name, sparsity],
+                        capsize=3, label=f"{name} {knob}={sparsity:g}")  # fmt: skip
         if col == "aligned" and apd:
             mean = sum(r["id_n_components"] for r in apd) / len(apd)
             ax.axhline(mean, color="k", ls="--", lw=1, label=f"APD: components carrying I (mean {mean:.1f})")
