@@ -1,4 +1,4 @@
-"""apd: Attribution-based Parameter Decomposition of a trained network's weights."""
+"""apd: parameter-space decompositions (APD, SPD) of a trained network's weights."""
 
 from apd.attributions import (
     ablation_attributions,
@@ -8,18 +8,22 @@ from apd.attributions import (
     gradient_attributions_loop,
 )
 from apd.component_model import ComponentModel, ModuleSelectionError
-from apd.components import LinearComponents, TiedLinear, TransposedComponents
-from apd.config import APDConfig, Attribution, ConfigError, LRSchedule, OutputLoss
+from apd.components import EmbeddingComponents, LinearComponents, TiedLinear, TransposedComponents
+from apd.config import Attribution, ConfigError, GradientMode, LRSchedule, MethodConfig, OutputLoss
 from apd.data import DataError
 from apd.decomposition import CheckpointError, Decomposition, load_decomposition
-from apd.multi import decompose_seeds
+from apd.methods import METHODS, APDConfig, Method
 from apd.optim import OPTIMIZERS
 from apd.topk import topk_mask
-from apd.train import LossTerms, NonFiniteLossError, compute_losses, decompose, train_step
+from apd.train import NonFiniteLossError, decompose, decompose_seeds, loss_terms, train_step
 
 __all__ = [
     "APDConfig",
+    "MethodConfig",
+    "METHODS",
+    "Method",
     "Attribution",
+    "GradientMode",
     "LRSchedule",
     "OutputLoss",
     "OPTIMIZERS",
@@ -29,6 +33,7 @@ __all__ = [
     "load_decomposition",
     "ComponentModel",
     "LinearComponents",
+    "EmbeddingComponents",
     "TransposedComponents",
     "TiedLinear",
     "gradient_attributions",
@@ -37,8 +42,7 @@ __all__ = [
     "activation_attributions",
     "compute_attributions",
     "topk_mask",
-    "LossTerms",
-    "compute_losses",
+    "loss_terms",
     "train_step",
     "ConfigError",
     "DataError",

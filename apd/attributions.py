@@ -1,9 +1,25 @@
 """Attributions A_c(x): how much each component matters on each input (SPEC §1.2).
 
-All functions return [B, C] and are differentiable with respect to the components (the L_p
-sparsity loss trains through them); callers wrap them in ``torch.no_grad`` when only ranking.
+All functions return [B, C], or [B, *pos, C] when the decomposed layers see a sequence (their
+inputs have leading dimensions [B, *pos], e.g. [B, T] for token positions), and are
+differentiable with respect to the components (the L_p sparsity loss trains through them);
+callers wrap them in ``torch.no_grad`` when only ranking.
+
+Per position (the choice for sequences): the attribution of component c at position t of sample b
+is that of c's mask entry s_{b,t,c} alone, over every output of the sample, so a component used at
+one token is ranked there and top-k selects per token:
+
+- gradient: A_c(x)[b, t] = Σ_o (Σ_l ⟨∂f_o/∂h_l[b, t], P_{c,l} a_l[b, t]⟩)² = Σ_o (∂f_o/∂s_{b,t,c})², o over
+  every output of sample b (all positions);
+- ablation: Σ_o (f_o(x) − f_o(x; θ* − P_c at position t only))²;
+- activation: Σ_l ‖P_{c,l} a_l[b, t]‖².
+
+Every decomposed layer must see the same positions (APD shares one mask between them). Inputs may be
+of any dtype (integer token batches included): derivatives are taken with respect to the layers'
+outputs and the component directions, never the input.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -32,10 +48,29 @@ def _flat(out: Tensor) -> Float[Tensor, "B O"]:
     return out.reshape(out.shape[0], -1)
 
 
+def _float_dtype(cm: ComponentModel) -> torch.dtype:
+    """The components' dtype: directions and cotangents are built in it (never the input's, which
+    may hold integer token ids)."""
+    return next(cm.component_parameters()).dtype
+
+
+def _positions(cm: ComponentModel, a_in: dict[str, Tensor]) -> tuple[int, ...]:
+    """The position dimensions [*pos] that every decomposed layer's input shares after the batch."""
+    leads = {n: tuple(cm.layers[n].lead_shape(a_in[n])) for n in cm.layer_names}
+    shapes = set(leads.values())
+    if len(shapes) != 1:
+        raise ValueError(
+            f"the decomposed layers see different positions {leads} (leading input dimensions); a mask shared by "
+            "every layer (APD) needs one set of positions: decompose layers that see the same [B, *pos]"
+        )
+    return shapes.pop()[1:]
+
+
 def gradient_attributions(
     cm: ComponentModel, x: Tensor, mode: str = "auto"
-) -> Float[Tensor, "B C"]:
-    """A_c(x) = Σ_o (Σ_l ⟨∂f_o/∂h_l, P_{c,l} a_l⟩)², exactly, in one batched pass.
+) -> Float[Tensor, "B *pos C"]:
+    """A_c(x) = Σ_o (Σ_l ⟨∂f_o/∂h_l, P_{c,l} a_l⟩)², exactly, in one batched pass (per position
+    for sequences, see the module docstring).
 
     ``mode="auto"`` (default) takes ``"hidden"`` for small problems (B·O·C·Σ_l d_out_l below
     ~10⁷, where vmap's overhead dominates: TMS 5-2) and ``"per_sample"`` otherwise.
@@ -48,9 +83,9 @@ def gradient_attributions(
     an earlier ``mlp_out`` costs O·C·d_mlp per sample rather than O·C·d_embed.
     ``mode="hidden"`` takes the same Jacobian for the whole batch at once (O·B·C·d_out always; for
     models that ``vmap`` cannot run one sample at a time). The
-    other modes differentiate f(x; θ* + Σ_c t_c P_c) at t = 0: ``"jacfwd"`` takes C forward-mode
-    JVPs, ``"jacrev"`` one VJP per output dimension through the components. All agree to rounding.
-    Assumes samples do not interact (no batch norm in train mode).
+    other modes differentiate f(x; θ* + Σ_c t_c P_c) at t = 0: ``"jacfwd"`` takes one forward-mode
+    JVP per component and position, ``"jacrev"`` one VJP per output dimension through the
+    components. All agree to rounding. Assumes samples do not interact (no batch norm in train mode).
     """
     B, C = x.shape[0], cm.C
     if mode == "auto":
@@ -61,31 +96,36 @@ def gradient_attributions(
         names = cm.layer_names
         with torch.no_grad(), cm.capture(names, inputs=True) as a_in, cm.capture(names) as h_out:
             cm(x)
+        _positions(cm, a_in)
 
         def f_summed(shift: dict[str, Tensor]) -> Float[Tensor, " O"]:
             return _flat(cm(x, shift=shift)).sum(0)  # sample b's output depends on its own shift only
 
         zeros = {n: torch.zeros_like(h_out[n]) for n in names}
-        jac = jacrev(f_summed)(zeros)  # {name: (O, B, ..., d_out)}
+        jac = jacrev(f_summed)(zeros)  # {name: (O, B, *pos, d_out)}
         inner = 0
         for n in names:
             layer = cm.layers[n]
-            v = layer.per_component_out(layer.component_acts(a_in[n]))  # (B, ..., C, d_out): P_c a_l
-            inner = inner + torch.einsum("ob...k,b...ck->boc", jac[n].detach(), v)
+            v = layer.per_component_out(layer.component_acts(a_in[n]))  # (B, *pos, C, d_out): P_c a_l
+            inner = inner + torch.einsum("ob...k,b...ck->bo...c", jac[n].detach(), v)
         return inner.pow(2).sum(1)  # type: ignore[union-attr]
-    if mode == "jacfwd":
+    if mode in ("jacfwd", "jacrev"):
+        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True) as a_in:
+            cm(x)
+        pos = _positions(cm, a_in)
+        dtype = _float_dtype(cm)
+        if mode == "jacfwd":
 
-        def f_shared(t: Float[Tensor, " C"]) -> Float[Tensor, "B O"]:
-            return _flat(cm(x, delta=t.expand(B, C)))
+            def f_shared(t: Float[Tensor, "*pos C"]) -> Float[Tensor, "B O"]:
+                return _flat(cm(x, delta=t.expand(B, *pos, C)))
 
-        jac = jacfwd(f_shared)(x.new_zeros(C))  # (B, O, C)
-        return jac.pow(2).sum(1)
-    if mode == "jacrev":
+            jac = jacfwd(f_shared)(torch.zeros(*pos, C, dtype=dtype, device=x.device))  # (B, O, *pos, C)
+            return jac.pow(2).sum(1)
 
-        def f_summed_t(t: Float[Tensor, "B C"]) -> Float[Tensor, " O"]:
+        def f_summed_t(t: Float[Tensor, "B *pos C"]) -> Float[Tensor, " O"]:
             return _flat(cm(x, delta=t)).sum(0)
 
-        jac = jacrev(f_summed_t)(x.new_zeros(B, C))  # (O, B, C)
+        jac = jacrev(f_summed_t)(torch.zeros(B, *pos, C, dtype=dtype, device=x.device))  # (O, B, *pos, C)
         return jac.pow(2).sum(0)
     raise ValueError(f"mode={mode!r}: use 'auto', 'per_sample', 'hidden', 'jacfwd' or 'jacrev'")
 
@@ -126,11 +166,12 @@ def _per_sample_gradient_attributions(cm: ComponentModel, x: Tensor) -> Float[Te
 
         per_sample_inputs: tuple = (inner_acts, {n: h_out[n] for n in names})
     else:
-        zeros = {n: x.new_zeros(h_out[n].shape[1:]) for n in names}  # made outside vmap: unbatched
+        pos = _positions(cm, a_in)
+        zeros = {n: h_out[n].new_zeros(h_out[n].shape[1:]) for n in names}  # made outside vmap: unbatched
         # the cotangents too (jacrev would build them from the batched output, batching them)
         eye = torch.eye(n_out, dtype=out.dtype, device=out.device)
 
-        def one_sample(x_b: Tensor, acts_b: dict[str, Tensor]) -> Float[Tensor, " C"]:  # type: ignore[misc]
+        def one_sample(x_b: Tensor, acts_b: dict[str, Tensor]) -> Float[Tensor, "*pos C"]:  # type: ignore[misc]
             def f(shift: dict[str, Tensor]) -> Float[Tensor, " O"]:
                 return _flat(cm(x_b.unsqueeze(0), shift={n: s.unsqueeze(0) for n, s in shift.items()}))[0]
 
@@ -140,8 +181,8 @@ def _per_sample_gradient_attributions(cm: ComponentModel, x: Tensor) -> Float[Te
             for n in names:
                 j = jac[n].reshape(n_out, -1, jac[n].shape[-1])  # (O, P, d_out), P positions
                 a = acts_b[n].reshape(j.shape[1], -1)  # (P, C·m)
-                terms[n] = torch.einsum("opd,kd,pk->ok", j, out_maps[n], a)
-            return _square_norm(terms, cm.C)
+                terms[n] = torch.einsum("opd,kd,pk->opk", j, out_maps[n], a)  # per position p
+            return _square_norm(terms, cm.C).reshape(*pos, cm.C)
 
         per_sample_inputs = (inner_acts,)
 
@@ -161,8 +202,8 @@ def _tree_slice(tree: dict[str, Tensor], start: int, stop: int) -> dict[str, Ten
     return {k: v[start:stop] for k, v in tree.items()}
 
 
-def _square_norm(terms: dict[str, Float[Tensor, "O Cm"]], C: int) -> Float[Tensor, " C"]:
-    """Σ_o (Σ_l terms_l[o, c])², summing each component's m rank directions first."""
+def _square_norm(terms: dict[str, Float[Tensor, "O *P Cm"]], C: int) -> Float[Tensor, "*P C"]:
+    """Σ_o (Σ_l terms_l[o, ..., c])², summing each component's m rank directions first."""
     inner = None
     for t in terms.values():
         if t.shape[-1] != C:  # rank m > 1 (m may differ between layers)
@@ -206,6 +247,7 @@ class _LayerChain:
             self.reaches[n] = [k for k in self.order if k != n and a_cut[k].requires_grad]
         needed = {k for n in self.order for k in self.reaches[n]}
         like = next(iter(h1.values()))
+        self.like = like
 
         def eye(d: int) -> Tensor:
             return torch.eye(d, dtype=like.dtype, device=like.device)
@@ -253,7 +295,7 @@ class _LayerChain:
         for n in reversed(self.order):
             if n not in self.cotangents:  # h_l reaches nothing: G_l = 0
                 if n in self.rep_dirs:
-                    R[n] = x_b.new_zeros(self.n_out, self.rep_dirs[n].shape[0])
+                    R[n] = self.like.new_zeros(self.n_out, self.rep_dirs[n].shape[0])
                 continue
             reaches = self.reaches[n]
 
@@ -291,60 +333,78 @@ class _LayerChain:
             inner = torch.cat(list(left.values()), 1) @ torch.cat([R[k] for k in left], 1).T
         for D, u in direct:  # (C, O) scaled row-wise: one fused pass each
             inner = D * u[:, None] if inner is None else torch.addcmul(inner, D, u[:, None])
-        return x_b.new_zeros(C, self.n_out) if inner is None else inner
+        return self.like.new_zeros(C, self.n_out) if inner is None else inner
 
 
-def gradient_attributions_loop(cm: ComponentModel, x: Tensor) -> Float[Tensor, "B C"]:
+def gradient_attributions_loop(cm: ComponentModel, x: Tensor) -> Float[Tensor, "B *pos C"]:
     """The paper's reference computation: one backward pass per output dimension.
 
     Records the input a_l and output h_l of every decomposed use l, back-propagates each output
-    dimension o to the h_l, and accumulates (Σ_l ⟨∂f_o/∂h_l, P_{c,l} a_l⟩)². Slow; kept as the
-    ground truth for tests and as the benchmark baseline.
+    dimension o (summed over the batch: samples do not interact) to the h_l, and accumulates
+    (Σ_l ⟨∂f_o/∂h_l, P_{c,l} a_l⟩)² at every position. Slow; kept as the ground truth for tests and as
+    the benchmark baseline.
     """
     names = cm.layer_names
     with cm.capture(names, inputs=True) as a_in, cm.capture(names, require_grad=True) as h_out:
         out = _flat(cm(x))
+    _positions(cm, a_in)
     contribs = {}
     for n in names:
         layer = cm.layers[n]
-        contribs[n] = layer.per_component_out(layer.component_acts(a_in[n]))  # (B, ..., C, d_out)
+        contribs[n] = layer.per_component_out(layer.component_acts(a_in[n]))  # (B, *pos, C, d_out)
     hs = [h_out[n] for n in names]
-    attr = x.new_zeros(x.shape[0], cm.C)
+    attr: Tensor | int = 0
     for o in range(out.shape[1]):
         grads = torch.autograd.grad(out[:, o].sum(), hs, retain_graph=True, allow_unused=True)
-        total = 0
+        total: Tensor | int = 0
         for n, g in zip(names, grads):
             if g is None:  # the layer's output does not reach the output
                 continue
-            # sum over every dim between batch and C (e.g. sequence positions) and over d_out
-            prod = contribs[n] * g.unsqueeze(-2)
-            total = total + prod.sum(-1).reshape(x.shape[0], -1, cm.C).sum(1)
-        attr = attr + total.pow(2)
+            total = total + (contribs[n] * g.unsqueeze(-2)).sum(-1)  # (B, *pos, C)
+        attr = attr + total.pow(2) if isinstance(total, Tensor) else attr
+    if not isinstance(attr, Tensor):  # no decomposed layer reaches the output
+        return next(iter(contribs.values())).new_zeros(next(iter(contribs.values())).shape[:-1])
     return attr
 
 
-def ablation_attributions(cm: ComponentModel, x: Tensor) -> Float[Tensor, "B C"]:
-    """A_c(x) = Σ_o (f_o(x; θ*) - f_o(x; θ* - P_c))², all C ablations in one vmapped pass."""
+def ablation_attributions(cm: ComponentModel, x: Tensor) -> Float[Tensor, "B *pos C"]:
+    """A_c(x) = Σ_o (f_o(x; θ*) - f_o(x; θ* - P_c))², all ablations in vmapped passes: one per
+    component (and per position, for sequences: P_c ablated at that position only)."""
     B, C = x.shape[0], cm.C
     target = _flat(cm(x))
-    eye = -torch.eye(C, dtype=x.dtype, device=x.device)
+    dtype = _float_dtype(cm)
+    with torch.no_grad(), cm.capture(cm.layer_names, inputs=True) as a_in:
+        cm(x)
+    pos = _positions(cm, a_in)
+    if not pos:
+        eye = -torch.eye(C, dtype=dtype, device=x.device)
 
-    def ablated(t: Float[Tensor, " C"]) -> Float[Tensor, "B O"]:
-        return _flat(cm(x, delta=t.expand(B, C)))
+        def ablated(t: Float[Tensor, " C"]) -> Float[Tensor, "B O"]:
+            return _flat(cm(x, delta=t.expand(B, C)))
 
-    outs = vmap(ablated)(eye)  # (C, B, O)
-    return (target.unsqueeze(0) - outs).pow(2).sum(-1).T
+        outs = vmap(ablated)(eye)  # (C, B, O)
+        return (target.unsqueeze(0) - outs).pow(2).sum(-1).T
+    n_pos = math.prod(pos)
+    eye = -torch.eye(n_pos * C, dtype=dtype, device=x.device).reshape(n_pos * C, *pos, C)
+
+    def ablated_at(t: Float[Tensor, "*pos C"]) -> Float[Tensor, "B O"]:
+        return _flat(cm(x, delta=t.expand(B, *pos, C)))
+
+    sq = torch.cat([(target.unsqueeze(0) - vmap(ablated_at)(eye[i : i + _CHUNK])).pow(2).sum(-1)
+                    for i in range(0, eye.shape[0], _CHUNK)])  # (P·C, B)  # fmt: skip
+    return sq.T.reshape(B, *pos, C)
 
 
-def activation_attributions(cm: ComponentModel, x: Tensor) -> Float[Tensor, "B C"]:
-    """A_c(x) = Σ_l ‖P_{c,l} a_l‖² over every use l of a decomposed matrix."""
+def activation_attributions(cm: ComponentModel, x: Tensor) -> Float[Tensor, "B *pos C"]:
+    """A_c(x) = Σ_l ‖P_{c,l} a_l‖² over every use l of a decomposed matrix (at each position)."""
     with cm.capture(cm.layer_names, inputs=True) as a_in:
         cm(x)
-    attr = x.new_zeros(x.shape[0], cm.C)
+    _positions(cm, a_in)
+    attr: Tensor | int = 0
     for n in cm.layer_names:
         layer = cm.layers[n]
-        per_c = layer.per_component_out(layer.component_acts(a_in[n])).pow(2).sum(-1)  # (B, ..., C)
-        attr = attr + per_c.reshape(x.shape[0], -1, cm.C).sum(1)
+        attr = attr + layer.per_component_out(layer.component_acts(a_in[n])).pow(2).sum(-1)  # (B, *pos, C)
+    assert isinstance(attr, Tensor)
     return attr
 
 
@@ -355,6 +415,6 @@ _ATTRIBUTIONS: dict[Attribution, Callable[[ComponentModel, Tensor], Tensor]] = {
 }
 
 
-def compute_attributions(cm: ComponentModel, x: Tensor, kind: Attribution | str) -> Float[Tensor, "B C"]:
+def compute_attributions(cm: ComponentModel, x: Tensor, kind: Attribution | str) -> Float[Tensor, "B *pos C"]:
     """Dispatch on the attribution kind (an ``Attribution`` or its string value)."""
     return _ATTRIBUTIONS[Attribution(kind)](cm, x)

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from apd.attributions import compute_attributions
 from apd.baselines import SAE, SAEConfig, SAETrainConfig, get_sae_class, load_sae, save_sae, train_sae
-from apd.config import APDConfig
+from apd.methods.apd import APDConfig
 from apd.decomposition import Decomposition, load_decomposition
 from apd.experiment import DecomposeRun, run_decompose
 from apd.metrics.recovery import cosine_matrix
@@ -588,7 +588,7 @@ def evaluate_apd(
     mask = topk_mask(compute_attributions(cm, data.x, cfg.attribution), k, cfg.batch_topk)
     hidden_name = "hidden" if target.hidden is not None else "enc"
     with cm.capture([hidden_name]) as acts:
-        out_topk = cm(data.x, mask=mask)
+        out_topk = cm(data.x, masks=mask)
     h_hat = acts[hidden_name]
 
     W = target.W.detach()

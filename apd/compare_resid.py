@@ -312,13 +312,13 @@ def evaluate_apd_resid(
     k = cfg.topk if cfg.topk is not None else cm.C
     mask = topk_mask(compute_attributions(cm, data.x, cfg.attribution), k, cfg.batch_topk)
     with cm.capture([_OUT]) as acts:
-        out_topk = cm(data.x, mask=mask)
+        out_topk = cm(data.x, masks=mask)
     live = (mask.sum(0) > 0).cpu()
     l0 = mask.sum(1).mean().item()
 
     W_E = target.W_E.detach().float().cpu()
     weights = {n: w.detach().float().cpu() for n, w in dec.component_weights().items()}
-    nc = component_neuron_contributions(W_E, weights, 1)  # (C, n, d_mlp)
+    nc = component_neuron_contributions(W_E, weights, target.mlp_pairs())  # (C, n, d_mlp)
     nc_target = target_neuron_contributions(target).float().cpu()  # (n, d_mlp)
     W, P = nc_target.T, nc.transpose(1, 2)  # as TMS's W (d, n) and P_c (d, n)
     row = {"l0": l0, **apd_recovery_row(W, P, live, tau=tau, negligible=negligible)}

@@ -1,4 +1,4 @@
-"""ComponentModel: a frozen copy of the target with its chosen linear layers swapped for components."""
+"""ComponentModel: a frozen copy of the target with its chosen layers swapped for components."""
 
 import contextlib
 import copy
@@ -10,71 +10,124 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from apd.components import Components, LinearComponents, TiedLinear, TransposedComponents
+from apd.components import (
+    ComponentInit,
+    Components,
+    EmbeddingComponents,
+    LinearComponents,
+    TiedLinear,
+    TransposedComponents,
+)
 
-__all__ = ["ComponentModel", "resolve_modules", "ModuleSelectionError"]
+__all__ = ["ComponentModel", "resolve_modules", "ModuleSelectionError", "TRANSPOSED_LINEAR_CLASS_NAMES", "Masks"]
+
+Masks = Tensor | Mapping[str, Tensor]
+"""One mask tensor for every decomposed module (components shared by all, as APD's are), or a
+mapping from module name to that module's mask (SPD: one per module); modules missing from the
+mapping run with their target weight."""
+
+TRANSPOSED_LINEAR_CLASS_NAMES: set[str] = {"Conv1D"}
+"""Class names of transposed-layout linear layers (y = x @ W + b, ``weight`` [d_in, d_out]), such
+as Hugging Face's GPT-2 ``Conv1D``; add the name of your own class to decompose it."""
 
 
 class ModuleSelectionError(ValueError):
     """A module pattern matched nothing, or matched something that cannot be decomposed."""
 
 
-def _decomposable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, TiedLinear))
+def _kind(module: nn.Module) -> str | None:
+    """'linear', 'transposed_linear', 'embedding', 'tied' or None (not decomposable)."""
+    if isinstance(module, TiedLinear):
+        return "tied"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ in TRANSPOSED_LINEAR_CLASS_NAMES and isinstance(getattr(module, "weight", None), Tensor):
+        return "transposed_linear"
+    return None
+
+
+_READ_DIRECTLY = {
+    nn.MultiheadAttention: "nn.MultiheadAttention passes out_proj.weight to its attention function "
+    "itself and never calls out_proj's forward, so components put there would be silently ignored",
+}
+
+
+def _refuse_read_directly(named: dict[str, nn.Module], name: str) -> None:
+    parent_name = name.rpartition(".")[0]
+    parent = named.get(parent_name)
+    for cls, why in _READ_DIRECTLY.items():
+        if isinstance(parent, cls):
+            raise ModuleSelectionError(
+                f"{name!r} cannot be decomposed: {why}. Write the attention with nn.Linear projections "
+                "(q, k, v, o as separate nn.Linear layers, as in nanoGPT's CausalSelfAttention) and decompose those"
+            )
 
 
 def resolve_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names of the modules matched by fnmatch ``patterns``, in ``named_modules`` order.
 
     Raises ``ModuleSelectionError`` naming the pattern and listing the candidates when a pattern
-    matches nothing or matches a module that is not an ``nn.Linear``/``TiedLinear``.
+    matches nothing or only modules that cannot be decomposed (anything but ``nn.Linear``,
+    ``nn.Embedding``, a transposed-layout linear such as ``Conv1D``, or ``TiedLinear``), and when it
+    matches a module whose weight its parent reads directly (``nn.MultiheadAttention.out_proj``).
     """
     if isinstance(patterns, str):
         patterns = [patterns]
     if not patterns:
         raise ModuleSelectionError("no module patterns given; pass e.g. modules=['fc1', 'layers.*.mlp_in']")
     named = dict(model.named_modules())
-    candidates = [n for n, mod in named.items() if _decomposable(mod)]
+    candidates = [n for n, mod in named.items() if _kind(mod) is not None]
     chosen: list[str] = []
     for pattern in patterns:
         hits = [n for n in named if n and fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             raise ModuleSelectionError(
                 f"module pattern {pattern!r} matches no module of {type(model).__name__}; "
-                f"decomposable (nn.Linear) modules are: {candidates}"
+                f"decomposable (nn.Linear, nn.Embedding, Conv1D) modules are: {candidates}"
             )
-        bad = [n for n in hits if not _decomposable(named[n])]
+        bad = [n for n in hits if _kind(named[n]) is None]
         if bad and len(bad) == len(hits):
             kinds = ", ".join(f"{n} ({type(named[n]).__name__})" for n in bad)
             raise ModuleSelectionError(
                 f"module pattern {pattern!r} matches only modules that cannot be decomposed: {kinds}; "
-                f"only nn.Linear layers can be: {candidates}"
+                f"decomposable (nn.Linear, nn.Embedding, Conv1D) modules are: {candidates}"
             )
-        chosen += [n for n in hits if _decomposable(named[n]) and n not in chosen]
+        for n in hits:
+            if _kind(named[n]) is not None and n not in chosen:
+                _refuse_read_directly(named, n)
+                chosen.append(n)
     return [n for n in named if n in chosen]
 
 
 class ComponentModel(nn.Module):
-    """The target (deep-copied, frozen) with each decomposed ``nn.Linear`` replaced by components.
+    """The target (deep-copied, frozen) with each decomposed layer replaced by components.
 
-    ``forward(x)`` runs the target; ``forward(x, mask=s)`` runs Σ_c s_c P_c in place of every
-    decomposed weight; ``forward(x, delta=t)`` runs the target moved by Σ_c t_c P_c. The caller's
-    model is never modified.
+    ``forward(x)`` runs the target; ``forward(x, masks)`` runs Σ_c s_c P_c in place of every
+    decomposed weight (``masks``: one tensor for all modules, or ``{module: tensor}``; see
+    :data:`Masks` and ``apd.components`` for shapes); ``forward(x, delta=t)`` runs the target moved
+    by Σ_c t_c P_c. The caller's model is never modified.
 
-    Tied weights are one decomposed matrix used twice: a ``TiedLinear`` whose source is also
-    selected is tied automatically, and ``tied={"dec": "enc"}`` declares that the plain
-    ``nn.Linear`` ``dec`` holds ``enc``'s weight transposed.
+    ``C`` is the number of components of every decomposed matrix (APD: components span every
+    matrix, so one number) or a mapping from matrix name to its number (SPD's subcomponents live
+    in one matrix each). Tied weights are one decomposed matrix used twice: a ``TiedLinear`` whose
+    source is also selected is tied automatically, and ``tied={"dec": "enc"}`` declares that the
+    plain ``nn.Linear`` ``dec`` holds ``enc``'s weight transposed.
+
+    A method may attach causal-importance functions (``set_ci_fns``), as SPD does.
     """
 
     def __init__(
         self,
         target: nn.Module,
         modules: Sequence[str],
-        C: int,
+        C: int | Mapping[str, int],
         rank: int | None = None,
         tied: Mapping[str, str] | None = None,
         init_scale: float = 1.0,
         seed: int = 0,
+        init: ComponentInit = ComponentInit.norm_matched,
     ):
         super().__init__()
         self.model = copy.deepcopy(target)
@@ -86,21 +139,52 @@ class ComponentModel(nn.Module):
         ties = self._find_ties(named, names, dict(tied or {}))
         generator = torch.Generator().manual_seed(seed)
 
-        self.C = C
         self.matrix_names: list[str] = [n for n in names if n not in ties]  # one per decomposed matrix
         self.tied_names: dict[str, str] = ties  # second use -> the matrix it shares
+        C_of = self._components_per_matrix(C, self.matrix_names)
         self.layers: dict[str, Components] = {}
+        self.kinds: dict[str, str] = {}
         for name in self.matrix_names:
-            lin = named[name]
-            assert isinstance(lin, nn.Linear)
-            comp = LinearComponents(lin.weight, lin.bias, C, rank, init_scale, generator)
+            mod = named[name]
+            kind = _kind(mod)
+            if kind == "embedding":
+                assert isinstance(mod, nn.Embedding)
+                if mod.max_norm is not None:
+                    raise ModuleSelectionError(f"{name!r} is an nn.Embedding with max_norm={mod.max_norm}, which rescales "
+                                               "its table in place on lookup; decompose an embedding without max_norm")  # fmt: skip
+                comp: Components = EmbeddingComponents(mod.weight.T, None, C_of[name], rank, init_scale, generator, init)
+            elif kind == "transposed_linear":
+                comp = LinearComponents(mod.weight.T, getattr(mod, "bias", None), C_of[name], rank, init_scale, generator, init)
+            else:
+                assert isinstance(mod, nn.Linear), f"{name} is a {type(mod).__name__}"
+                comp = LinearComponents(mod.weight, mod.bias, C_of[name], rank, init_scale, generator, init)
             self.model.set_submodule(name, comp)
             self.layers[name] = comp
+            self.kinds[name] = kind or "linear"
         for name, src in ties.items():
-            comp = TransposedComponents(self.layers[src], named[name].bias)  # type: ignore[arg-type]
+            source = self.layers[src]
+            assert isinstance(source, LinearComponents)
+            comp = TransposedComponents(source, named[name].bias)  # type: ignore[arg-type]
             self.model.set_submodule(name, comp)
             self.layers[name] = comp
+            self.kinds[name] = "tied"
         self.layer_names = [n for n in names]  # every use, in module order
+        self.ci_fns: nn.ModuleList | None = None
+        self._ci_index: dict[str, int] = {}
+
+    @staticmethod
+    def _components_per_matrix(C: int | Mapping[str, int], names: list[str]) -> dict[str, int]:
+        if isinstance(C, Mapping):
+            missing = [n for n in names if n not in C]
+            if missing:
+                raise ModuleSelectionError(f"C gives no number of components for {missing}; give one for each of {names}")
+            out = {n: int(C[n]) for n in names}
+        else:
+            out = {n: int(C) for n in names}
+        bad = {n: c for n, c in out.items() if c < 1}
+        if bad:
+            raise ModuleSelectionError(f"C={bad}: every decomposed matrix needs at least one component")
+        return out
 
     @staticmethod
     def _find_ties(named: dict[str, nn.Module], names: list[str], declared: dict[str, str]) -> dict[str, str]:
@@ -134,7 +218,25 @@ class ComponentModel(nn.Module):
                 raise ModuleSelectionError(f"{name!r} is tied to {src!r}, which is itself tied; tie both to the original")
         return ties
 
-    # ------------------------------------------------------------------ parameters
+    # ------------------------------------------------------------------ components
+    @property
+    def C(self) -> int:
+        """The number of components, when every decomposed matrix has the same (always for APD)."""
+        counts = set(self.C_per_module().values())
+        if len(counts) != 1:
+            raise ValueError(f"the decomposed matrices have different numbers of components {self.C_per_module()}; "
+                             "use C_per_module()")  # fmt: skip
+        return counts.pop()
+
+    def C_per_module(self) -> dict[str, int]:
+        """Components per layer use (a tied second use has its matrix's)."""
+        return {n: self.layers[n].C for n in self.layer_names}
+
+    @staticmethod
+    def param_name(layer: str, param: str) -> str:
+        """The ``named_parameters`` name of a component factor (``param`` 'A' or 'B') of ``layer``."""
+        return f"model.{layer}.{param}"
+
     def component_parameters(self) -> Iterator[nn.Parameter]:
         for name in self.matrix_names:
             layer = self.layers[name]
@@ -142,8 +244,16 @@ class ComponentModel(nn.Module):
             yield layer.A
             yield layer.B
 
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Every trained tensor by its ``named_parameters`` name: the components (A, B per matrix, in
+        matrix order), then the causal-importance functions' parameters, if any."""
+        out = {self.param_name(n, p): getattr(self.layers[n], p) for n in self.matrix_names for p in ("A", "B")}
+        if self.ci_fns is not None:
+            out |= {f"ci_fns.{k}": v for k, v in self.ci_fns.named_parameters()}
+        return out
+
     def target_weights(self) -> dict[str, Float[Tensor, "d_out d_in"]]:
-        return {n: self.layers[n].weight for n in self.matrix_names}  # type: ignore[misc]
+        return {n: self.layers[n].target_weight() for n in self.matrix_names}
 
     def component_weights(self) -> dict[str, Float[Tensor, "C d_out d_in"]]:
         """P_c per decomposed matrix (tied second uses are not repeated)."""
@@ -155,29 +265,106 @@ class ComponentModel(nn.Module):
 
     def n_weights(self) -> int:
         """N: the number of decomposed weights (each tied matrix counted once)."""
-        return sum(self.layers[n].weight.numel() for n in self.matrix_names)  # type: ignore[misc]
+        return sum(self.layers[n].target_weight().numel() for n in self.matrix_names)
+
+    # ------------------------------------------------------------------ causal importances
+    def set_ci_fns(self, fns: Mapping[str, nn.Module]) -> None:
+        """Attach one causal-importance function per layer use (``fns[name](inner_acts, layer_input)``
+        returns pre-activations [*lead, C]); they become trainable parameters of this model."""
+        missing = [n for n in self.layer_names if n not in fns]
+        if missing:
+            raise ValueError(f"no causal-importance function for {missing}")
+        self._ci_index = {n: i for i, n in enumerate(self.layer_names)}
+        self.ci_fns = nn.ModuleList([fns[n] for n in self.layer_names])
+
+    def ci_fn(self, name: str) -> nn.Module:
+        if self.ci_fns is None:
+            raise ValueError("this decomposition has no causal-importance functions (an APD decomposition ranks its "
+                             "components by attributions: apd.compute_attributions); causal importances come from SPD")  # fmt: skip
+        return self.ci_fns[self._ci_index[name]]
+
+    def ci_pre_activations(self, x: Tensor) -> dict[str, Float[Tensor, "... C"]]:
+        """The causal-importance functions' outputs before squashing, per layer use, from one target
+        pass (their inputs are the target's layer inputs)."""
+        if self.ci_fns is None:
+            self.ci_fn("")  # raises the explanation
+        with cm_capture(self, self.layer_names, inputs=True) as a_in:
+            self(x)
+        return {n: self.ci_fn(n)(self.layers[n].component_acts(a_in[n]), a_in[n]) for n in self.layer_names}
+
+    def causal_importances(self, x: Tensor, upper_leaky: bool = False) -> dict[str, Float[Tensor, "... C"]]:
+        """g_{l,c}(x) ∈ [0, 1] per layer use and position: the lower-leaky hard sigmoid of the
+        causal-importance functions (``upper_leaky=True``: the upper-leaky one of the minimality
+        loss, which may exceed 1). ``cm(x, masks=cm.causal_importances(x))`` runs the model with them."""
+        from apd.methods.spd import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+
+        squash = upper_leaky_hard_sigmoid if upper_leaky else lower_leaky_hard_sigmoid
+        return {n: squash(v) for n, v in self.ci_pre_activations(x).items()}
 
     # ------------------------------------------------------------------ forward passes
     def forward(
         self,
         x: Tensor,
-        mask: Float[Tensor, "B C"] | None = None,
-        delta: Float[Tensor, "B C"] | None = None,
-        shift: dict[str, Tensor] | None = None,
-        replace: dict[str, Tensor] | None = None,
+        masks: Masks | None = None,
+        *,
+        delta: Masks | None = None,
+        weight_delta_masks: Mapping[str, Tensor] | None = None,
+        shift: Mapping[str, Tensor] | None = None,
+        replace: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """``shift`` maps layer names to tensors added to those layers' outputs; ``replace`` maps
-        layer names to tensors used as those layers' outputs in place of computing them."""
+        layer names to tensors used as those layers' outputs in place of computing them;
+        ``weight_delta_masks`` maps layer names to the [*lead] mask of their Δ-component (with ``masks``)."""
         overrides: dict[str, Tensor] = {f"{name}.shift": v for name, v in (shift or {}).items()}
         overrides |= {f"{name}.replace": v for name, v in (replace or {}).items()}
-        for name in self.layer_names:
-            if mask is not None:
-                overrides[f"{name}.mask"] = mask
-            if delta is not None:
-                overrides[f"{name}.delta"] = delta
+        overrides |= self._per_layer("mask", masks)
+        overrides |= self._per_layer("delta", delta)
+        if weight_delta_masks:
+            self._check_names("weight_delta_masks", weight_delta_masks)
+            overrides |= {f"{name}.weight_delta_mask": v for name, v in weight_delta_masks.items()}
         if not overrides:
             return self.model(x)
         return functional_call(self.model, overrides, (x,))
+
+    def _check_names(self, what: str, mapping: Mapping[str, Tensor]) -> None:
+        unknown = [n for n in mapping if n not in self.layers]
+        if unknown:
+            raise ValueError(f"{what} names {unknown}, which are not decomposed; decomposed modules are {self.layer_names}")
+
+    def _per_layer(self, buffer: str, value: Masks | None) -> dict[str, Tensor]:
+        if value is None:
+            return {}
+        if isinstance(value, Tensor):
+            return {f"{name}.{buffer}": value for name in self.layer_names}
+        self._check_names(f"{buffer}s", value)
+        return {f"{name}.{buffer}": v for name, v in value.items()}
+
+    def lead_shapes(self, x: Tensor) -> dict[str, torch.Size]:
+        """The leading dimensions of each layer use's input on ``x`` (the shape its masks need, but C)."""
+        with torch.no_grad(), cm_capture(self, self.layer_names, inputs=True) as a_in:
+            self(x)
+        return {n: self.layers[n].lead_shape(a_in[n]) for n in self.layer_names}
+
+    def check_layers_are_called(self, x: Tensor) -> None:
+        """Run the target once on ``x`` and raise ``ModuleSelectionError`` for every decomposed layer
+        whose forward is never called (its parent reads the weight directly, or the layer is unused):
+        components there would be silently ignored."""
+        called: set[str] = set()
+        handles = [layer.register_forward_pre_hook(lambda mod, args, n=n: called.add(n)) for n, layer in self.layers.items()]
+        try:
+            with torch.no_grad():
+                self(x)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in self.layer_names if n not in called]
+        if missing:
+            raise ModuleSelectionError(
+                f"the decomposed module(s) {missing} are never called in a forward pass of {type(self.model).__name__}: "
+                "its code reads their weights directly or does not use them, so their components would be ignored. "
+                "Decompose only layers whose forward runs (write attention with nn.Linear projections rather than "
+                "nn.MultiheadAttention)"
+            )
 
     @contextlib.contextmanager
     def capture(
@@ -191,22 +378,31 @@ class ComponentModel(nn.Module):
         Hooks live only for the block; the training step uses it only where a loss or attribution
         needs hidden activations, so the plain masked forward stays hook-free.
         """
-        named = dict(self.model.named_modules())
-        cache: dict[str, Tensor] = {}
-        handles = []
-        for name in names:
-            if name not in named:
-                raise ModuleSelectionError(f"cannot capture {name!r}: no such module; modules are {list(named)}")
-
-            def hook(mod: nn.Module, args: tuple, out: Tensor, name: str = name) -> Tensor:
-                if require_grad and not out.requires_grad:
-                    out = out.detach().requires_grad_(True)
-                cache[name] = args[0] if inputs else out
-                return out
-
-            handles.append(named[name].register_forward_hook(hook))
-        try:
+        with cm_capture(self, names, inputs, require_grad) as cache:
             yield cache
-        finally:
-            for h in handles:
-                h.remove()
+
+
+@contextlib.contextmanager
+def cm_capture(
+    cm: ComponentModel, names: Sequence[str], inputs: bool = False, require_grad: bool = False
+) -> Iterator[dict[str, Tensor]]:
+    """``ComponentModel.capture`` (see there)."""
+    named = dict(cm.model.named_modules())
+    cache: dict[str, Tensor] = {}
+    handles = []
+    for name in names:
+        if name not in named:
+            raise ModuleSelectionError(f"cannot capture {name!r}: no such module; modules are {list(named)}")
+
+        def hook(mod: nn.Module, args: tuple, out: Tensor, name: str = name) -> Tensor:
+            if require_grad and not out.requires_grad:
+                out = out.detach().requires_grad_(True)
+            cache[name] = args[0] if inputs else out
+            return out
+
+        handles.append(named[name].register_forward_hook(hook))
+    try:
+        yield cache
+    finally:
+        for h in handles:
+            h.remove()

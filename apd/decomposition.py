@@ -1,4 +1,9 @@
-"""The result of a run: components, config and target weights; saved as tensors + JSON only."""
+"""The result of a run: any method's trained state, its config and the target weights.
+
+Saved as tensors + JSON only (``torch.load(weights_only=True)``: a file with pickled objects is
+refused), atomically. ``load_decomposition`` reads a ``decomposition.pt``, a training checkpoint, or
+a run dir holding either; files of the earlier single-method format (APD A/B only) load too.
+"""
 
 import json
 import os
@@ -14,14 +19,16 @@ from torch import Tensor, nn
 
 from apd.component_model import ComponentModel
 from apd.components import TiedLinear
-from apd.config import APDConfig
+from apd.config import MethodConfig
 
-__all__ = ["Decomposition", "load_decomposition", "atomic_save", "safe_load", "CheckpointError"]
+__all__ = ["Decomposition", "load_decomposition", "atomic_save", "safe_load", "CheckpointError", "FILE_NAME",
+           "CHECKPOINT_NAME"]  # fmt: skip
 
 FILE_NAME = "decomposition.pt"
-CHECKPOINT_NAME = "checkpoint.pt"  # a training checkpoint: a decomposition plus optimiser/RNG/data state
-_FORMAT = "apd-decomposition/1"
-CKPT_FORMAT = "apd-checkpoint/1"
+CHECKPOINT_NAME = "checkpoint.pt"  # a training checkpoint: every seed's state plus optimiser/RNG/data state
+_FORMAT = "apd-decomposition/2"
+CKPT_FORMAT = "apd-checkpoint/2"
+_OLD_FORMATS = ("apd-decomposition/1", "apd-checkpoint/1")  # APD only: A, B and an APDConfig
 
 
 class CheckpointError(RuntimeError):
@@ -64,81 +71,153 @@ def safe_load(path: Path) -> dict[str, Any]:
     return obj
 
 
+def config_from(method: str, d: dict[str, Any]) -> MethodConfig:
+    """A method's config from its JSON dict."""
+    from apd.methods import config_class
+
+    return config_class(method).from_dict(d)
+
+
 @dataclass
 class Decomposition:
-    """Parameter components P_{c,l} = B_{c,l} A_{c,l} of the decomposed matrices of a target.
+    """The trained state of one run of a decomposition method.
 
-    ``A[name]`` is [C, m, d_in], ``B[name]`` is [C, d_out, m] in ``nn.Linear`` layout; ``tied``
-    maps each second use of a tied matrix to the matrix it shares (stored once).
+    ``params`` holds every trained tensor by its ``ComponentModel`` name: the factors of each
+    decomposed matrix, P_{c,l} = B_{c,l} A_{c,l} with ``A[name]`` [C, m, d_in] and ``B[name]``
+    [C, d_out, m] in ``nn.Linear`` layout (SPD: m = 1, B = U, A = Vᵀ), and a method's other state
+    (SPD's causal-importance functions). ``modules`` lists every decomposed use in module order,
+    ``tied`` maps each second use of a tied matrix to the matrix it shares (stored once).
     """
 
-    config: APDConfig
-    A: dict[str, Tensor]
-    B: dict[str, Tensor]
+    method: str
+    config: MethodConfig
+    modules: list[str]
+    tied: dict[str, str]
+    params: dict[str, Tensor]
     target_weights: dict[str, Tensor]
-    tied: dict[str, str] = field(default_factory=dict)
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)
     component_model: ComponentModel | None = field(default=None, repr=False, compare=False)
     """the live model the run trained (not saved; ``attach`` rebuilds one after loading)"""
 
+    # ---------------------------------------------------------------- views
     @property
-    def C(self) -> int:
-        return self.config.C
+    def matrix_names(self) -> list[str]:
+        """The decomposed matrices (tied second uses excluded), in module order."""
+        return [n for n in self.modules if n not in self.tied]
 
     @property
     def module_names(self) -> list[str]:
-        return list(self.A)
+        return self.matrix_names
+
+    @property
+    def A(self) -> dict[str, Float[Tensor, "C m d_in"]]:
+        return {n: self.params[ComponentModel.param_name(n, "A")] for n in self.matrix_names}
+
+    @property
+    def B(self) -> dict[str, Float[Tensor, "C d_out m"]]:
+        return {n: self.params[ComponentModel.param_name(n, "B")] for n in self.matrix_names}
+
+    def C_per_module(self) -> dict[str, int]:
+        counts = {n: a.shape[0] for n, a in self.A.items()}
+        return counts | {n: counts[src] for n, src in self.tied.items()}
+
+    @property
+    def C(self) -> int:
+        """The number of components (every matrix has the same for APD; see ``C_per_module``)."""
+        counts = set(self.C_per_module().values())
+        if len(counts) != 1:
+            raise ValueError(f"the matrices have different numbers of components {self.C_per_module()}; use C_per_module()")
+        return counts.pop()
 
     def component_weights(self, include_tied: bool = True) -> dict[str, Float[Tensor, "C d_out d_in"]]:
-        """{module name: P_c for every c} in nn.Linear layout; sums over C to ≈ the module's weight.
-
-        Tied second uses appear under their own name as the transposes (unless ``include_tied=False``).
-        """
-        out = {n: torch.einsum("com,cmi->coi", self.B[n], self.A[n]) for n in self.A}
+        """{module name: P_c for every c} in nn.Linear layout (an embedding's is [C, d, vocab]);
+        sums over C to ≈ the module's weight. Tied second uses appear under their own name as the
+        transposes (unless ``include_tied=False``)."""
+        A, B = self.A, self.B
+        out = {n: torch.einsum("com,cmi->coi", B[n], A[n]) for n in A}
         if include_tied:
             out |= {n: out[src].transpose(1, 2) for n, src in self.tied.items()}
         return out
 
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n} {tuple(self.target_weights[n].shape)}" for n in self.matrix_names)
+        Cs = self.C_per_module()
+        C = str(next(iter(Cs.values()))) if len(set(Cs.values())) == 1 else str({n: Cs[n] for n in self.matrix_names})
+        ties = f", tied {self.tied}" if self.tied else ""
+        last = self.history[-1] if self.history else {}
+        loss = f", final loss {last['total']:.4g}" if "total" in last else ""
+        extra = len([n for n in self.params if not n.startswith("model.")])
+        state = f", {extra} further trained tensors" if extra else ""
+        return (f"Decomposition({self.method.upper()}, C={C} over {len(self.matrix_names)} matrices [{shapes}]{ties}, "
+                f"step {self.step}/{self.config.steps}{loss}{state})")  # fmt: skip
+
+    # ---------------------------------------------------------------- construction
     @classmethod
     def from_component_model(
-        cls, cm: ComponentModel, config: APDConfig, step: int, history: list[dict[str, float]] | None = None
-    ) -> "Decomposition":
-        A = {n: cm.layers[n].A.detach().cpu().clone() for n in cm.matrix_names}  # type: ignore[union-attr]
-        B = {n: cm.layers[n].B.detach().cpu().clone() for n in cm.matrix_names}  # type: ignore[union-attr]
-        return cls(config, A, B, {n: w.detach().cpu().clone() for n, w in cm.target_weights().items()},
-                   dict(cm.tied_names), step, list(history or []), cm)  # fmt: skip
+        cls, cm: ComponentModel, method: str, config: MethodConfig, step: int, history: list[dict[str, float]] | None = None,
+        params: dict[str, Tensor] | None = None,
+    ) -> "Decomposition":  # fmt: skip
+        """A snapshot of ``cm``'s trained tensors (or of ``params``, e.g. one vmapped instance's)."""
+        params = cm.trainable_parameters() if params is None else params
+        return cls(
+            method=method, config=config, modules=list(cm.layer_names), tied=dict(cm.tied_names),
+            params={n: p.detach().cpu().clone() for n, p in params.items()},
+            target_weights={n: w.detach().cpu().clone() for n, w in cm.target_weights().items()},
+            step=step, history=list(history or []), kinds=dict(cm.kinds), component_model=cm,
+        )  # fmt: skip
+
+    @classmethod
+    def from_factors(
+        cls, config: MethodConfig, A: dict[str, Tensor], B: dict[str, Tensor], target_weights: dict[str, Tensor],
+        tied: dict[str, str] | None = None, step: int = 0,
+    ) -> "Decomposition":  # fmt: skip
+        """A decomposition from explicit factors (e.g. hand-made components for a test or a baseline)."""
+        tied = dict(tied or {})
+        params = {ComponentModel.param_name(n, "A"): A[n] for n in A} | {ComponentModel.param_name(n, "B"): B[n] for n in A}
+        return cls(method=config.method, config=config, modules=list(A) + list(tied), tied=tied, params=params,
+                   target_weights=dict(target_weights), step=step)  # fmt: skip
 
     def attach(self, model: nn.Module) -> ComponentModel:
-        """A ComponentModel of ``model`` carrying these components (to run masked forwards)."""
+        """A ComponentModel of ``model`` carrying this state (to run masked forwards, or SPD's
+        causal importances); ``model`` must be the target it was made from."""
+        from apd.methods import method_for
+
         declared = {n: src for n, src in self.tied.items() if not isinstance(model.get_submodule(n), TiedLinear)}
-        cm = ComponentModel(model, list(self.A) + list(self.tied), self.C, self.config.rank, tied=declared)
-        missing = set(self.A) ^ set(cm.matrix_names)
+        cm = method_for(self.config).build(model, self.modules, tied=declared)
+        missing = set(self.matrix_names) ^ set(cm.matrix_names)
         if missing or cm.tied_names != self.tied:
             raise ValueError(
-                f"this decomposition covers {sorted(self.A)} (tied {self.tied}) but the model gives "
+                f"this decomposition covers {self.matrix_names} (tied {self.tied}) but the model gives "
                 f"{cm.matrix_names} (tied {cm.tied_names}); attach it to the model it was made from"
             )
-        for n in self.A:
-            layer = cm.layers[n]
-            if layer.weight.shape != self.target_weights[n].shape:  # type: ignore[union-attr]
-                raise ValueError(f"{n}: model weight {tuple(layer.weight.shape)} vs decomposed {tuple(self.target_weights[n].shape)}")  # type: ignore[union-attr]
-            if not torch.allclose(layer.weight.cpu(), self.target_weights[n], atol=1e-6):  # type: ignore[union-attr]
+        for n in self.matrix_names:
+            w = cm.layers[n].target_weight()
+            if w.shape != self.target_weights[n].shape:
+                raise ValueError(f"{n}: model weight {tuple(w.shape)} vs decomposed {tuple(self.target_weights[n].shape)}")
+            if not torch.allclose(w.detach().cpu(), self.target_weights[n], atol=1e-6):
                 raise ValueError(f"{n}: the model's weight differs from the decomposed target's; attach to the same trained model")
-            with torch.no_grad():
-                layer.A.copy_(self.A[n])  # type: ignore[union-attr]
-                layer.B.copy_(self.B[n])  # type: ignore[union-attr]
+        own = cm.trainable_parameters()
+        if set(own) != set(self.params):
+            raise ValueError(f"this decomposition holds {sorted(self.params)} but its method builds {sorted(own)}")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(self.params[n])
         return cm
 
+    # ---------------------------------------------------------------- files
     def state(self) -> dict[str, Any]:
         return {
             "format": _FORMAT,
+            "method": self.method,
             "config": json.dumps(self.config.to_dict()),
+            "modules": json.dumps(self.modules),
+            "kinds": json.dumps(self.kinds),
             "tied": json.dumps(self.tied),
             "history": json.dumps(self.history),
             "step": self.step,
-            "A": self.A,
-            "B": self.B,
+            "params": self.params,
             "target_weights": self.target_weights,
         }
 
@@ -151,10 +230,35 @@ class Decomposition:
         return p
 
 
-def load_decomposition(path: str | os.PathLike) -> Decomposition:
+def _from_old_format(obj: dict[str, Any]) -> Decomposition:
+    from apd.methods.apd import APDConfig
+
+    A, B, tied = obj["A"], obj["B"], json.loads(obj["tied"])
+    dec = Decomposition.from_factors(APDConfig.from_dict(json.loads(obj["config"])), A, B, obj["target_weights"], tied,
+                                     int(obj["step"]))  # fmt: skip
+    dec.history = json.loads(obj["history"])
+    return dec
+
+
+def _from_checkpoint(obj: dict[str, Any], path: Path, seed: int | None) -> Decomposition:
+    seeds = list(obj["seeds"])
+    if seed is None:
+        seed = seeds[0]
+    if seed not in seeds:
+        raise CheckpointError(f"{path} holds seeds {seeds}, not {seed}")
+    i = seeds.index(seed)
+    params = {n: (p[i] if obj["stacked"] else p) for n, p in obj["params"].items()}
+    config = config_from(obj["method"], json.loads(obj["config"]) | {"seed": seed})
+    return Decomposition(method=obj["method"], config=config, modules=json.loads(obj["modules"]), tied=json.loads(obj["tied"]),
+                         params=params, target_weights=obj["target_weights"], step=int(obj["step"]),
+                         history=json.loads(obj["histories"])[i], kinds=json.loads(obj["kinds"]))  # fmt: skip
+
+
+def load_decomposition(path: str | os.PathLike, seed: int | None = None) -> Decomposition:
     """Load a saved decomposition from its file, or from a folder (e.g. a run dir) holding one.
 
-    A training checkpoint loads too (its components at the step it was written).
+    A training checkpoint loads too (its state at the step it was written; ``seed`` picks one of a
+    multi-seed checkpoint's seeds, default the first).
     """
     p = Path(path)
     if p.is_dir():
@@ -164,14 +268,21 @@ def load_decomposition(path: str | os.PathLike) -> Decomposition:
             raise CheckpointError(f"no {FILE_NAME} or {CHECKPOINT_NAME} in {p} or below it; pass the run dir or the .pt file")
         p = hits[0]
     obj = safe_load(p)
-    if obj.get("format") not in (_FORMAT, CKPT_FORMAT):
-        raise CheckpointError(f"{p} is not an apd decomposition (format {obj.get('format')!r}, want {_FORMAT!r})")
+    fmt = obj.get("format")
+    if fmt in _OLD_FORMATS:
+        return _from_old_format(obj)
+    if fmt == CKPT_FORMAT:
+        return _from_checkpoint(obj, p, seed)
+    if fmt != _FORMAT:
+        raise CheckpointError(f"{p} is not an apd decomposition (format {fmt!r}, want {_FORMAT!r})")
     return Decomposition(
-        config=APDConfig.from_dict(json.loads(obj["config"])),
-        A=obj["A"],
-        B=obj["B"],
-        target_weights=obj["target_weights"],
+        method=obj["method"],
+        config=config_from(obj["method"], json.loads(obj["config"])),
+        modules=json.loads(obj["modules"]),
         tied=json.loads(obj["tied"]),
+        params=obj["params"],
+        target_weights=obj["target_weights"],
         step=int(obj["step"]),
         history=json.loads(obj["history"]),
+        kinds=json.loads(obj["kinds"]),
     )

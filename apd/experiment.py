@@ -1,38 +1,48 @@
-"""One experiment run on a toy target: target → APD → metrics → artifacts in a run dir.
+"""One experiment run: target → decomposition (any method) → metrics → artifacts in a run dir.
 
 Plain dataclasses (``experiments/`` registers them in Hydra's ConfigStore); nothing here imports
 Hydra, matplotlib or a logging service. Loggers are callbacks passed in.
+
+A run dir holds ``run.json`` (the resolved run: target, method and its config, seed, batch size),
+``metrics.jsonl`` (loss terms every ``log_every`` steps), ``checkpoint.pt`` (resumable),
+``decomposition.pt`` and ``metrics.json``. Started again on the same dir a run resumes from its
+checkpoint, a finished one is not redone, and a run with *different* settings is refused
+(:class:`RunDirError`) rather than mixed with the old one. ``load_run`` gives a notebook the
+target, the decomposition, the run and its metrics.
 """
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from apd.attributions import compute_attributions
-from apd.config import APDConfig
-from apd.decomposition import CHECKPOINT_NAME, FILE_NAME, Decomposition, load_decomposition, safe_load
-from apd.losses import faithfulness_loss
-from apd.metrics.resid_mlp import resid_mlp_metrics
-from apd.metrics.tms import tms_recovery
-from apd.multi import SEEDS_CHECKPOINT_NAME, decompose_seeds
-from apd.targets import ResidMLPTargetConfig, TargetConfig, TMSTargetConfig, get_target
-from apd.topk import topk_mask
-from apd.train import decompose
+from apd.config import ConfigError, MethodConfig
+from apd.decomposition import CHECKPOINT_NAME, FILE_NAME, Decomposition, config_from, load_decomposition, safe_load
+from apd.evaluation import evaluate
+from apd.methods import APDConfig, method_for
+from apd.targets import TargetConfig, TMSTargetConfig, get_target, target_from_dict
+from apd.train import decompose, decompose_seeds
 
-__all__ = ["DecomposeRun", "RunResult", "run_decompose", "run_decompose_seeds", "seed_run_dir", "evaluate", "cpu_share"]
+__all__ = ["DecomposeRun", "RunResult", "RunArtifacts", "RunDirError", "run_decompose", "run_decompose_seeds",
+           "seed_run_dir", "load_run", "check_run_dir", "cpu_share", "RUN_FILE"]  # fmt: skip
+
+RUN_FILE = "run.json"
+
+
+class RunDirError(ConfigError):
+    """A run dir holds a run with other settings than the one asked for."""
 
 
 def cpu_share(parallel_jobs: int = 1) -> int:
     """CPUs this job may use: SLURM's allocation if set, else the CPUs this process may run on,
     divided among ``parallel_jobs`` jobs running side by side (at least 1)."""
-    import os
-
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
     return max(1, len(os.sched_getaffinity(0)) // max(1, parallel_jobs))
@@ -40,15 +50,16 @@ def cpu_share(parallel_jobs: int = 1) -> int:
 
 @dataclass(kw_only=True)
 class DecomposeRun:
-    """A decomposition experiment. ``seed``, ``steps`` and ``device`` are the top-level knobs and
-    are written into ``method`` (the APDConfig) on construction."""
+    """A decomposition experiment. ``seed``, ``steps`` and ``device`` are the top-level knobs; on
+    construction they are written into ``method`` (its config), and ``steps`` shows the resolved
+    number, so a saved run has one value for each."""
 
     target: TargetConfig = field(default_factory=TMSTargetConfig)
-    method: APDConfig = field(default_factory=APDConfig)
+    method: MethodConfig = field(default_factory=APDConfig)
     seed: int = 0
     """seed of the components' initialisation and of the data stream"""
     steps: int | None = None
-    """APD steps (None: method.steps)"""
+    """training steps (None: method.steps)"""
     device: str = "cpu"
     batch_size: int = 2048
     threads: int = 1
@@ -62,13 +73,38 @@ class DecomposeRun:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.threads < 0 or self.n_eval < 1 or self.n_seeds < 1:
-            raise ValueError(f"batch_size={self.batch_size}, threads={self.threads}, n_eval={self.n_eval}, "
-                             f"n_seeds={self.n_seeds}: batch_size, n_eval and n_seeds must be >= 1, threads >= 0 "
-                             "(0 = automatic)")
+            raise ConfigError(f"batch_size={self.batch_size}, threads={self.threads}, n_eval={self.n_eval}, "
+                              f"n_seeds={self.n_seeds}: batch_size, n_eval and n_seeds must be >= 1, threads >= 0 "
+                              "(0 = automatic)")  # fmt: skip
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} but no CUDA device is available here; use device=cpu")
+            raise ConfigError(f"device={self.device!r} but no CUDA device is available here; use device=cpu")
         steps = self.method.steps if self.steps is None else self.steps
-        self.method = dataclasses.replace(self.method, seed=self.seed, steps=steps, device=self.device)
+        changes: dict[str, Any] = {"seed": self.seed, "steps": steps, "device": self.device}
+        if hasattr(self.method, "output_loss"):
+            changes["output_loss"] = self._output_loss()
+        self.method = dataclasses.replace(self.method, **changes)
+        self.steps = steps
+
+    def _output_loss(self) -> Any:
+        """The target's output distance, unless the method config asks for another explicitly."""
+        default = type(self.method)().output_loss  # type: ignore[attr-defined]
+        chosen = self.method.output_loss  # type: ignore[attr-defined]
+        return self.target.output_loss() if chosen == default else chosen
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the run's results (not threads, device or where it writes): compared
+        with a run dir's ``run.json`` before resuming or reusing it."""
+        return {"target": self.target.to_dict(), "method": self.method.method, "config": self.method.to_dict() | {"device": None},
+                "seed": self.seed, "batch_size": self.batch_size, "n_eval": self.n_eval, "n_seeds": self.n_seeds}  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.identity() | {"config": self.method.to_dict(), "device": self.device, "threads": self.threads}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DecomposeRun":
+        return cls(target=target_from_dict(d["target"]), method=config_from(d["method"], d["config"]), seed=d["seed"],
+                   device=d.get("device", "cpu"), batch_size=d["batch_size"], threads=d.get("threads", 1),
+                   n_eval=d["n_eval"], n_seeds=d.get("n_seeds", 1))  # fmt: skip
 
 
 @dataclass
@@ -78,14 +114,90 @@ class RunResult:
     target: nn.Module
 
 
+@dataclass
+class RunArtifacts:
+    """A finished (or checkpointed) run, loaded for a notebook by :func:`load_run`."""
+
+    target: nn.Module
+    decomposition: Decomposition
+    run: DecomposeRun
+    metrics: dict[str, float]
+    """metrics.json (empty while the run is unfinished)"""
+    run_dir: Path
+
+    def component_model(self):  # noqa: ANN201
+        """The decomposition attached to the target: ``cm(x, masks=...)``, ``cm.causal_importances(x)``."""
+        return self.decomposition.component_model or self.decomposition.attach(self.target)
+
+
+def _diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
+    return out
+
+
+def check_run_dir(out_dir: str | Path, run: DecomposeRun) -> None:
+    """Raise :class:`RunDirError` if ``out_dir`` holds a run (or the checkpoint of one) with other
+    settings than ``run``; a dir with the same run, or no run, passes."""
+    out = Path(out_dir)
+    saved_file = out / RUN_FILE
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text())
+        now = run.identity()
+        saved_identity = {k: saved.get(k) for k in now} | {"config": {**saved.get("config", {}), "device": None}}
+        if saved_identity != now:
+            raise RunDirError(
+                f"{out} holds a run with other settings ({'; '.join(_diff(saved_identity, now)[:8])}); "
+                "use another run dir (e.g. hydra.run.dir=...), or delete that one to start over"
+            )
+        return
+    if (out / FILE_NAME).is_file() or (out / CHECKPOINT_NAME).is_file():  # written before run.json existed
+        dec = load_decomposition(out)
+        if dec.config.to_dict() | {"device": None} != run.method.to_dict() | {"device": None}:
+            diff = _diff(dec.config.to_dict(), run.method.to_dict())
+            raise RunDirError(f"{out} holds a decomposition with other settings ({'; '.join(diff[:8])}); "
+                              "use another run dir, or delete that one to start over")  # fmt: skip
+
+
+def _start(run: DecomposeRun, out_dir: str | Path) -> tuple[Path, nn.Module, dict, float]:
+    """Check and claim the run dir, set the thread count, get the target: (out, target, its info, start time)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_run_dir(out, run)
+    (out / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    torch.set_num_threads(run.threads or cpu_share())
+    t0 = time.perf_counter()
+    target, info = get_target(run.target)
+    return out, target.to(run.device), info, t0
+
+
+def _finished(d: Path) -> bool:
+    return (d / "metrics.json").is_file() and (d / FILE_NAME).is_file()
+
+
+def _metrics(dec: Decomposition, target: nn.Module, run: DecomposeRun, extra: dict[str, Any]) -> dict[str, Any]:
+    metrics = evaluate(dec, target, run.target, n_eval=run.n_eval, seed=run.seed, device=run.device)
+    metrics |= extra
+    warnings = method_for(dec.config).run_warnings(metrics)
+    if warnings:
+        metrics["warnings"] = warnings
+        for w in warnings:
+            print(f"warning (seed {run.seed}): {w}")
+    return metrics
+
+
 def run_decompose(
     run: DecomposeRun, out_dir: str | Path, callback: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> RunResult:  # fmt: skip
-    """Get the target (shipped or trained), decompose it, score it; write to ``out_dir``:
-    ``decomposition.pt``, ``checkpoint.pt`` (resumable), ``metrics.jsonl``, ``metrics.json``."""
+    """Get the target (shipped or trained), decompose it, score it; write the run dir (module docstring)."""
     out, target, info, t0 = _start(run, out_dir)
-    if (out / "metrics.json").is_file() and (out / FILE_NAME).is_file():  # finished: not redone
+    if _finished(out):  # finished: not redone
         return RunResult(json.loads((out / "metrics.json").read_text()), load_decomposition(out), target)
 
     _truncate_log(out)
@@ -101,24 +213,13 @@ def run_decompose(
             # data from the global RNG: decompose seeds it and checkpoints its state, so a killed
             # run resumes onto exactly the same batches
             target, lambda: run.target.batch(run.batch_size, None), run.method, run.target.modules(),
-            callback=on_log, checkpoint_dir=out, progress=progress,
+            tied=run.target.tied() or None, callback=on_log, checkpoint_dir=out, progress=progress,
         )  # fmt: skip
     dec.save(out)
-    metrics = evaluate(dec, target, run)
-    metrics |= {"wall_seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
-                "target_train_loss": float(info["train_loss"])}  # fmt: skip
+    metrics = _metrics(dec, target, run, {"wall_seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
+                                          "target_train_loss": float(info["train_loss"])})  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return RunResult(metrics, dec, target)
-
-
-def _start(run: DecomposeRun, out_dir: str | Path) -> tuple[Path, nn.Module, dict, float]:
-    """Make the run dir, set the thread count, get the target: (out, target, its info, start time)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(run.threads or cpu_share())
-    t0 = time.perf_counter()
-    target, info = get_target(run.target)
-    return out, target.to(run.device), info, t0
 
 
 def seed_run_dir(out_dir: str | Path, seed: int) -> Path:
@@ -132,21 +233,24 @@ def run_decompose_seeds(
 ) -> list[RunResult]:  # fmt: skip
     """Seeds ``run.seed`` .. ``run.seed + run.n_seeds - 1`` trained at once (``decompose_seeds``).
 
-    ``out_dir`` holds the shared checkpoint (resumable); each seed's decomposition, ``metrics.jsonl``
-    and ``metrics.json`` go to ``seed_run_dir(out_dir, seed)``, as a single run would write them.
-    ``wall_seconds`` of each seed is the whole run's time divided by the number of seeds.
+    ``out_dir`` holds the shared checkpoint (resumable); each seed's run.json, decomposition,
+    ``metrics.jsonl`` and ``metrics.json`` go to ``seed_run_dir(out_dir, seed)``, as a single run
+    would write them. ``wall_seconds`` of each seed is the whole run's time divided by the number of seeds.
     """
     out, target, info, t0 = _start(run, out_dir)
     seeds = list(range(run.seed, run.seed + run.n_seeds))
     dirs = {s: seed_run_dir(out, s) for s in seeds}
     seed_runs = {s: dataclasses.replace(run, seed=s, n_seeds=1) for s in seeds}
-    if all((d / "metrics.json").is_file() and (d / FILE_NAME).is_file() for d in dirs.values()):
-        return [RunResult(json.loads((d / "metrics.json").read_text()), load_decomposition(d), target) for d in dirs.values()]
-
-    step = _checkpoint_step(out / SEEDS_CHECKPOINT_NAME)
-    logs = {}
     for s, d in dirs.items():
         d.mkdir(parents=True, exist_ok=True)
+        check_run_dir(d, seed_runs[s])
+        (d / RUN_FILE).write_text(json.dumps(seed_runs[s].to_dict(), indent=2) + "\n")
+    if all(_finished(d) for d in dirs.values()):
+        return [RunResult(json.loads((d / "metrics.json").read_text()), load_decomposition(d), target) for d in dirs.values()]
+
+    step = _checkpoint_step(out / CHECKPOINT_NAME)
+    logs = {}
+    for s, d in dirs.items():
         _truncate_log(d, step)
         logs[s] = (d / "metrics.jsonl").open("a")
     try:
@@ -159,7 +263,7 @@ def run_decompose_seeds(
 
         decs = decompose_seeds(
             target, lambda: run.target.batch(run.batch_size, None), run.method, run.target.modules(), seeds,
-            callback=on_log, checkpoint_dir=out, progress=progress,
+            tied=run.target.tied() or None, callback=on_log, checkpoint_dir=out, progress=progress,
         )  # fmt: skip
     finally:
         for f in logs.values():
@@ -169,7 +273,7 @@ def run_decompose_seeds(
     for s, dec in zip(seeds, decs):
         t1 = time.perf_counter()
         dec.save(dirs[s])
-        metrics = evaluate(dec, target, seed_runs[s])
+        metrics = _metrics(dec, target, seed_runs[s], {})
         metrics |= {"wall_seconds": train_seconds / len(seeds) + time.perf_counter() - t1, "torch_threads": torch.get_num_threads(),
                     "target_train_loss": float(info["train_loss"]), "n_seeds_at_once": len(seeds)}  # fmt: skip
         (dirs[s] / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -193,39 +297,24 @@ def _truncate_log(out: Path, step: int | None = None) -> None:
     log.write_text("".join(line + "\n" for line in kept))
 
 
-def evaluate(dec: Decomposition, target: nn.Module, run: DecomposeRun) -> dict[str, float]:
-    """The metrics.json numbers for the run's target kind (SPEC §3)."""
-    cm = dec.component_model if dec.component_model is not None else dec.attach(target)
-    cfg = run.method
-    k = cfg.topk if cfg.topk is not None else cm.C
-
-    def attributions(x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return compute_attributions(cm, x, cfg.attribution)
-
-    def topk_forward(x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return cm(x, mask=topk_mask(attributions(x), k, cfg.batch_topk))
-
-    gen = torch.Generator().manual_seed(run.seed + 10_000)
-    x = run.target.batch(run.n_eval, gen, run.device)
-    with torch.no_grad():
-        mask = topk_mask(attributions(x), k, cfg.batch_topk)
-        generic = {
-            "faithfulness_loss": faithfulness_loss(cm.target_weights(), cm.summed_weights()).item(),
-            "topk_recon_mse": (cm(x, mask=mask) - cm(x)).pow(2).mean().item(),
-            "l0": mask.sum(1).mean().item(),
-        }
-    if isinstance(run.target, TMSTargetConfig):
-        return tms_recovery(target.W, dec.component_weights()["enc"]) | generic  # type: ignore[union-attr,arg-type]
-    if isinstance(run.target, ResidMLPTargetConfig):
-        with torch.no_grad():
-            m = resid_mlp_metrics(
-                target, run.target.monosemantic().to(run.device), dec.component_weights(),  # type: ignore[arg-type]
-                lambda x, s: cm(x, mask=s), attributions, topk_forward, n_eval=run.n_eval, seed=run.seed,
-            )  # fmt: skip
-        m["mse_apd_topk_vs_labels"] = m.pop("mse_topk_vs_labels")
-        m.pop("mse_topk_vs_target")  # = topk_recon_mse below (same batch size, other samples)
-        return m | generic
-    raise TypeError(f"no metrics for target kind {type(run.target).__name__}")
-
+def load_run(run_dir: str | Path, seed: int | None = None) -> RunArtifacts:
+    """A run dir written by ``run_decompose`` (or ``python -m experiments.decompose``), for a
+    notebook: the target (rebuilt from the run's target config: the shipped file or a retrain),
+    the decomposition (the final one, or the last checkpoint's while the run is unfinished), the
+    run's settings and its metrics. For a multi-seed run dir, ``seed`` picks one (default: the first)."""
+    d = Path(run_dir)
+    if not (d / RUN_FILE).is_file():
+        seeds = sorted(d.glob("seed_*/" + RUN_FILE))
+        if not seeds:
+            raise ConfigError(f"{d} holds no {RUN_FILE}: pass a run dir written by apd.experiment.run_decompose "
+                              "or python -m experiments.decompose")  # fmt: skip
+        d = seed_run_dir(d, seed) if seed is not None else seeds[0].parent
+    run = DecomposeRun.from_dict(json.loads((d / RUN_FILE).read_text()))
+    target, _ = get_target(run.target)
+    if (d / FILE_NAME).is_file():
+        dec = load_decomposition(d / FILE_NAME)
+    else:  # unfinished: the last checkpoint (a multi-seed run keeps it one level up)
+        ckpt = d / CHECKPOINT_NAME if (d / CHECKPOINT_NAME).is_file() else d.parent / CHECKPOINT_NAME
+        dec = load_decomposition(ckpt, seed=run.seed)
+    metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+    return RunArtifacts(target=target.to(run.device), decomposition=dec, run=run, metrics=metrics, run_dir=d)

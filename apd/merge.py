@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["parallel_groups", "merge_parallel_"]
+__all__ = ["parallel_groups", "merge_parallel_", "merge_parallel_components"]
 
 
 def _flat(weights: dict[str, Float[Tensor, "C d_out d_in"]]) -> Float[Tensor, "C D"]:
@@ -85,3 +85,11 @@ def merge_parallel_(
             if isinstance(value, Tensor) and value.shape == param.shape:
                 value[dropped] = 0
     return groups
+
+
+def merge_parallel_components(cm, opt: torch.optim.Optimizer | None, threshold: float) -> list[list[int]]:  # noqa: ANN001
+    """:func:`merge_parallel_` on a ``ComponentModel``'s factors (and their optimiser state)."""
+    A = {n: cm.layers[n].A.data for n in cm.matrix_names}
+    B = {n: cm.layers[n].B.data for n in cm.matrix_names}
+    states = [] if opt is None else [(p.data, opt.state[p]) for p in cm.component_parameters() if p in opt.state]
+    return merge_parallel_(A, B, threshold, states)

@@ -11,8 +11,9 @@ from apd.config import ConfigError, LRSchedule
 __all__ = ["OPTIMIZERS", "check_optimizer_name", "make_optimizer", "lr_at_step"]
 
 # torch-optimizer classes whose state survives torch.save + torch.load(weights_only=True) +
-# load_state_dict on torch 2.x (checked in tests/test_optim.py). Left out: Lookahead (cannot
-# save its state on modern torch) and Adahessian (needs create_graph=True backward passes).
+# load_state_dict on torch 2.x (checked by tests/test_config.py::test_every_offered_optimizer_
+# steps_and_checkpoints). Left out: Lookahead (cannot save its state on modern torch) and
+# Adahessian (needs create_graph=True backward passes).
 _TORCH_OPTIMIZER_NAMES = (
     "A2GradExp", "A2GradInc", "A2GradUni", "AccSGD", "AdaBelief", "AdaBound", "AdaMod",
     "Adafactor", "AdamP", "AggMo", "Apollo", "DiffGrad", "LARS", "Lamb", "MADGRAD", "NovoGrad",
@@ -50,12 +51,16 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -
 
 
 def lr_at_step(step: int, steps: int, lr: float, schedule: LRSchedule, warmup_frac: float) -> float:
-    """Linear warm-up from 0 over ``warmup_frac·steps`` steps, then constant, cosine or linear decay to 0."""
+    """Linear warm-up from 0 over ``warmup_frac·steps`` steps, then constant, cosine, the reference
+    code's quarter cosine (``LRSchedule`` explains the two) or linear decay to 0."""
     warmup = int(warmup_frac * steps)
     if step < warmup:
         return lr * (step + 1) / warmup
     if schedule is LRSchedule.constant:
         return lr
+    if schedule is LRSchedule.quarter_cosine:
+        decay_steps = steps - warmup
+        return lr if decay_steps <= 1 else lr * math.cos(0.5 * math.pi * (step - warmup) / (decay_steps - 1))
     progress = (step - warmup) / max(1, steps - warmup)
     if schedule is LRSchedule.cosine:
         return lr * 0.5 * (1.0 + math.cos(math.pi * progress))

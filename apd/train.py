@@ -1,221 +1,89 @@
-"""The APD optimisation: build → step (typed loss terms) → log / checkpoint → Decomposition.
+"""The one training loop: any method, one seed or many seeds at once, one checkpoint format.
 
-``decompose`` is the public entry point. ``compute_losses`` is one step's forward computation and
-``train_step`` adds the optimiser update; both are importable for custom loops.
+``decompose`` trains one seed; ``decompose_seeds`` trains several seeds at once in one process:
+the trained tensors of N seeds are stacked along a leading instance dimension and the whole loss
+(target pass, attributions or causal importances, masks, every term) runs under
+``torch.func.vmap``, so a small target pays its per-operation overhead once, not N times. The
+instances never interact: each starts exactly as ``decompose`` with its seed starts, draws its own
+batches (N draws per step from the global RNGs seeded with the first seed, so equal in distribution
+to a single run, not bitwise), and has its own gradient clipping; the optimiser must be element-wise
+(Adam or AdamW).
+
+Each step: learning rate from the step → the method's step-start hook (APD's merge) → loss terms →
+NaN check (before any update) → backward → the method's gradient hook (unit-norm A) → clipping →
+optimiser step → the method's parameter hook. Everything that changes over a run derives from the
+step number, so a run resumed from a checkpoint (components, optimiser, RNGs, data position)
+repeats an uninterrupted one exactly.
 """
 
-import fnmatch
-import functools
 import json
-import math
 import random
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from apd.attributions import compute_attributions, gradient_attributions
-from apd.component_model import ComponentModel, ModuleSelectionError
-from apd.config import APDConfig, Attribution
+from apd.component_model import ComponentModel
+from apd.config import Attribution, ConfigError, GradientMode, MethodConfig
 from apd.data import BatchSource, DataError
-from apd.decomposition import CKPT_FORMAT, CHECKPOINT_NAME, CheckpointError, Decomposition, atomic_save, safe_load
-from apd.losses import act_recon_loss, faithfulness_loss, lp_sparsity_loss, minimality_loss, simplicity_loss
-from apd.merge import merge_parallel_
-from apd.optim import lr_at_step, make_optimizer
-from apd.topk import topk_mask, with_best_samples
+from apd.decomposition import CHECKPOINT_NAME, CKPT_FORMAT, CheckpointError, Decomposition, atomic_save, safe_load
+from apd.methods import Factors, InstanceView, Method, method_for
 
-__all__ = ["decompose", "LossTerms", "compute_losses", "train_step", "in_finetune", "lr_for_step", "topk_at_step",
-           "NonFiniteLossError", "CHECKPOINT_NAME", "merge_parallel_components"]  # fmt: skip
+__all__ = ["decompose", "decompose_seeds", "train_step", "loss_terms", "as_floats", "NonFiniteLossError", "CHECKPOINT_NAME",
+           "VECTORISABLE_OPTIMIZERS", "LogCallback", "SeedsCallback"]  # fmt: skip
 
 LogCallback = Callable[[int, dict[str, float]], None]
+"""``callback(step, terms)``, every ``log_every`` steps"""
+SeedsCallback = Callable[[int, int, dict[str, float]], None]
+"""``callback(seed, step, terms)``: one call per seed at each logging step"""
+
+VECTORISABLE_OPTIMIZERS = ("adam", "adamw")
+"""element-wise optimisers: stacking instances along a new dimension leaves them independent"""
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the components were not updated with it."""
 
 
-@dataclass
-class LossTerms:
-    """One step's loss terms (unweighted) and their weighted total; None where a term is off."""
-
-    total: Tensor
-    faithfulness: Tensor
-    minimality: Tensor | None
-    simplicity: Tensor | None
-    act_recon: Tensor | None
-    lp_sparsity: Tensor | None
-    l0: Tensor | float  # mean number of active components per input
-
-    def as_floats(self) -> dict[str, float]:
-        return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in vars(self).items() if v is not None}
+def as_floats(terms: dict[str, Tensor | float]) -> dict[str, float]:
+    return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in terms.items()}
 
 
-def _act_module_names(cm: ComponentModel, patterns: Sequence[str]) -> list[str]:
-    names = [n for n, _ in cm.model.named_modules() if n]
-    chosen = []
-    for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise ModuleSelectionError(f"act_recon_modules pattern {pattern!r} matches no module; modules are {names}")
-        chosen += [h for h in hits if h not in chosen]
-    return chosen
+def loss_terms(cm: ComponentModel, x: Tensor, config: MethodConfig, step: int = 0) -> dict[str, Tensor]:
+    """One step's loss terms for ``config``'s method on ``cm`` (``{"total": ..., <loss>: ..., <metric>: ...}``)."""
+    method = method_for(config)
+    return method.loss_terms(cm, x, step, method.capture_names(cm))
 
 
-def _attributions(cm: ComponentModel, x: Tensor, config: APDConfig) -> Tensor:
-    if config.attribution is Attribution.gradient and config.gradient_mode is not None:
-        return gradient_attributions(cm, x, config.gradient_mode.value)
-    return compute_attributions(cm, x, config.attribution)
+def train_step(cm: ComponentModel, opt: torch.optim.Optimizer, x: Tensor, config: MethodConfig | Method, step: int,
+               capture: Sequence[str] | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """One optimiser step of a single-seed run (for custom loops); raises NonFiniteLossError before
+    any update on a NaN/inf loss."""
+    method = config if isinstance(config, Method) else method_for(config)
+    params = cm.trainable_parameters()
+    return _Run.single_step(method, cm, params, _factors(cm, params), opt, x, step,
+                            method.capture_names(cm) if capture is None else list(capture))  # fmt: skip
 
 
-def compute_losses(
-    cm: ComponentModel,
-    x: Tensor,
-    config: APDConfig,
-    act_names: Sequence[str] = (),
-    *,
-    k: float | None = None,
-    simplicity: bool = True,
-) -> LossTerms:
-    """Target pass → attributions → selection → masked pass → every loss term (SPEC §1.4).
-
-    ``k`` overrides ``config.topk`` (a k schedule, see ``topk_at_step``); ``simplicity=False``
-    leaves the Schatten term out (the fine-tune phase, see ``in_finetune``).
-    """
-    k = config.topk if k is None else k
-    use_act = config.act_recon_coeff is not None
-    with torch.no_grad(), cm.capture(act_names if use_act else []) as target_acts:
-        target_out = cm(x)
-
-    attr = None
-    if config.lp_sparsity_coeff is not None:
-        attr = _attributions(cm, x, config)  # differentiable: L_p trains through it
-    elif k is not None:
-        with torch.no_grad():
-            attr = _attributions(cm, x, config)
-    if k is not None:
-        assert attr is not None
-        mask = with_best_samples(topk_mask(attr, k, config.batch_topk), attr, config.min_active)
-    else:
-        mask = torch.ones(x.shape[0], cm.C, dtype=target_out.dtype, device=x.device)
-
-    with cm.capture(act_names if use_act else []) as masked_acts:
-        masked_out = cm(x, mask=mask)
-
-    faith = faithfulness_loss(cm.target_weights(), cm.summed_weights())
-    total = config.faithfulness_coeff * faith
-    minimality = simp = act = lp = None
-    if config.minimality_coeff > 0:
-        minimality = minimality_loss(target_out, masked_out, config.output_loss)
-        total = total + config.minimality_coeff * minimality
-    if simplicity and config.simplicity_coeff > 0:
-        A = {n: cm.layers[n].A for n in cm.matrix_names}
-        B = {n: cm.layers[n].B for n in cm.matrix_names}
-        simp = simplicity_loss(A, B, mask, config.schatten_p, cm.n_weights(), config.schatten_eps)  # type: ignore[arg-type]
-        total = total + config.simplicity_coeff * simp
-    if use_act:
-        act = act_recon_loss(dict(target_acts), dict(masked_acts))
-        total = total + config.act_recon_coeff * act  # type: ignore[operator]
-    if config.lp_sparsity_coeff is not None:
-        lp = lp_sparsity_loss(attr, config.lp_sparsity_p)  # type: ignore[arg-type]
-        total = total + config.lp_sparsity_coeff * lp
-    return LossTerms(total, faith, minimality, simp, act, lp, l0=mask.sum(1).mean())
+def _factors(cm: ComponentModel, params: dict[str, Tensor]) -> Factors:
+    return Factors(A={n: params[cm.param_name(n, "A")] for n in cm.matrix_names},
+                   B={n: params[cm.param_name(n, "B")] for n in cm.matrix_names})  # fmt: skip
 
 
-@functools.cache
-def _compiled_losses() -> Callable[..., LossTerms]:
-    """``compute_losses`` through ``torch.compile`` (one compiled function per process; Dynamo
-    recompiles per target, config and phase)."""
-    return torch.compile(compute_losses)
-
-
-def _unit_norm_A_grads(cm: ComponentModel) -> None:
-    """Remove from each A row's gradient its component along that (unit-norm) row."""
-    for n in cm.matrix_names:
-        A = cm.layers[n].A
-        if A.grad is not None:
-            a = A.detach()
-            A.grad -= (A.grad * a).sum(-1, keepdim=True) * a
-
-
-def _normalise_A(cm: ComponentModel) -> None:
-    with torch.no_grad():
-        for n in cm.matrix_names:
-            A = cm.layers[n].A
-            A.div_(A.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
-
-def in_finetune(step: int, config: APDConfig) -> bool:
-    """Whether ``step`` lies in the final unpenalised fine-tune (``config.finetune_frac``)."""
-    return step >= config.finetune_start
-
-
-def topk_at_step(step: int, config: APDConfig) -> float | None:
-    """k of the top-k selection at ``step``: linear from ``topk_start`` to ``topk`` over the first
-    ``topk_anneal_frac`` of the steps, then ``topk`` (``topk`` throughout without a schedule)."""
-    if config.topk_start is None or config.topk is None:
-        return config.topk
-    progress = min(1.0, step / max(1, round(config.topk_anneal_frac * config.steps)))
-    return config.topk_start + progress * (config.topk - config.topk_start)
-
-
-def lr_for_step(step: int, config: APDConfig) -> float:
-    """The main warm-up + decay schedule, or ``finetune_lr`` (when set) during the fine-tune."""
-    if in_finetune(step, config) and config.finetune_lr is not None:
-        return config.finetune_lr
-    return lr_at_step(step, config.steps, config.lr, config.lr_schedule, config.warmup_frac)
-
-
-def train_step(
-    cm: ComponentModel, opt: torch.optim.Optimizer, x: Tensor, config: APDConfig, step: int, act_names: Sequence[str] = ()
-) -> LossTerms:
-    """One optimiser step; raises NonFiniteLossError (before any update) on a NaN/inf loss.
-
-    Everything that changes over the run (learning rate, k, fine-tune phase) derives from ``step``,
-    so a resumed run repeats an uninterrupted one exactly.
-    """
-    for group in opt.param_groups:
-        group["lr"] = lr_for_step(step, config)
-    k, finetune = topk_at_step(step, config), in_finetune(step, config)
-    if config.merge_threshold is not None and step == config.finetune_start:
-        merge_parallel_components(cm, opt, config.merge_threshold)
-    losses = _compiled_losses() if config.compile else compute_losses
-    terms = losses(cm, x, config, act_names, k=k, simplicity=not finetune)
-    if not torch.isfinite(terms.total):
-        raise NonFiniteLossError(_nan_message(step, terms, x))
-    opt.zero_grad(set_to_none=True)
-    terms.total.backward()
-    if config.unit_norm_A:
-        _unit_norm_A_grads(cm)
-    if config.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(list(cm.component_parameters()), config.grad_clip_norm)
-    opt.step()
-    if config.unit_norm_A:
-        _normalise_A(cm)
-    return terms
-
-
-def merge_parallel_components(cm: ComponentModel, opt: torch.optim.Optimizer | None, threshold: float) -> list[list[int]]:
-    """``apd.merge.merge_parallel_`` on a component model's parameters (and their optimiser state)."""
-    A = {n: cm.layers[n].A.data for n in cm.matrix_names}
-    B = {n: cm.layers[n].B.data for n in cm.matrix_names}
-    states = [] if opt is None else [(p.data, opt.state[p]) for p in cm.component_parameters() if p in opt.state]
-    return merge_parallel_(A, B, threshold, states)
-
-
-def _nan_message(step: int, terms: LossTerms, x: Tensor) -> str:
-    vals = ", ".join(f"{k}={v:.4g}" for k, v in terms.as_floats().items())
+def _nan_message(step: int, terms: dict[str, float], x: Tensor, which: str = "") -> str:
+    vals = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
     hint = (
         "the input batch itself contains NaN/inf: clean the data"
-        if not torch.isfinite(x).all()
+        if x.is_floating_point() and not torch.isfinite(x).all()
         else "lower lr, set grad_clip_norm, or lower the coefficients"
     )
-    return f"non-finite loss at step {step} ({vals}); the components were not updated with it; {hint}"
+    return f"non-finite loss at step {step}{which} ({vals}); the components were not updated with it; {hint}"
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -241,66 +109,271 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(path: Path, cm: ComponentModel, opt: torch.optim.Optimizer, config: APDConfig,
-                     step: int, source: BatchSource, history: list[dict[str, float]]) -> None:  # fmt: skip
-    dec = Decomposition.from_component_model(cm, config, step, history)
-    atomic_save(
-        {
-            **dec.state(),
-            "format": CKPT_FORMAT,
-            "optimizer": opt.state_dict(),
-            "rng": _rng_state(),
-            "data_consumed": source.consumed,
-        },
-        path,
-    )
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
-def _load_checkpoint(path: Path, cm: ComponentModel, opt: torch.optim.Optimizer, config: APDConfig,
-                     source: BatchSource) -> tuple[int, list[dict[str, float]]]:  # fmt: skip
-    ckpt = safe_load(path)
-    if ckpt.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} is not an apd training checkpoint")
-    saved = json.loads(ckpt["config"])
-    if saved != config.to_dict():
-        diff = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k) != v}
-        raise CheckpointError(
-            f"{path} was written with a different config (saved, now): {diff}; use a new checkpoint "
-            "directory, or resume=False to start over there"
-        )
-    if set(ckpt["A"]) != set(cm.matrix_names):
-        raise CheckpointError(f"{path} decomposes {sorted(ckpt['A'])}, this run {cm.matrix_names}")
-    with torch.no_grad():
-        for n in cm.matrix_names:
-            cm.layers[n].A.copy_(ckpt["A"][n])
-            cm.layers[n].B.copy_(ckpt["B"][n])
-    opt.load_state_dict(ckpt["optimizer"])
-    source.skip(int(ckpt["data_consumed"]))  # iterables only; before the RNG state is restored
-    _set_rng_state(ckpt["rng"])
-    return int(ckpt["step"]), json.loads(ckpt["history"])
-
-
-# ---------------------------------------------------------------------------- entry point
 def _check_first_batch(cm: ComponentModel, x: Tensor) -> None:
     try:
         with torch.no_grad():
             out = cm(x)
     except Exception as e:
         raise DataError(
-            f"the target model cannot run on a batch of shape {tuple(x.shape)} ({type(e).__name__}: {e}); "
+            f"the target model cannot run on a batch of shape {tuple(x.shape)} and dtype {x.dtype} ({type(e).__name__}: {e}); "
             "check that the data yields inputs the model accepts, batch first"
         ) from e
     if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
         raise DataError(
             f"the target's output for a batch of {x.shape[0]} is "
-            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; APD needs one tensor with the batch first"
+            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; decomposition needs one tensor with the batch first"
         )
+    cm.check_layers_are_called(x)
+
+
+class _Loss(nn.Module):
+    """A method's loss terms as a module, so that ``functional_call`` can swap in one instance's tensors."""
+
+    def __init__(self, cm: ComponentModel, method: Method, capture: list[str]):
+        super().__init__()
+        self.cm, self.method, self.capture = cm, method, capture
+
+    def forward(self, x: Tensor, step: int) -> dict[str, Tensor]:
+        return self.method.loss_terms(self.cm, x, step, self.capture)
+
+
+class _Run:
+    """One training run of ``method`` for ``seeds`` (stacked and vmapped unless ``stacked`` is False)."""
+
+    def __init__(self, method: Method, model: nn.Module, modules: Sequence[str], seeds: list[int], stacked: bool,
+                 tied: dict[str, str] | None, device: torch.device, recorded: MethodConfig):  # fmt: skip
+        self.method, self.seeds, self.stacked = method, seeds, stacked
+        self.recorded = recorded  # the config as the user gave it (saved, compared on resume)
+        cms = [method.build(model, modules, tied=tied, seed=s) for s in seeds]
+        for cm in cms:
+            cm.to(device)
+            method.prepare(cm)
+        self.cm = cms[0]
+        self.cms = cms
+        self.capture = method.capture_names(self.cm)
+        if stacked:
+            own = [cm.trainable_parameters() for cm in cms]
+            self.params = {n: torch.stack([o[n].detach() for o in own]).requires_grad_(True) for n in own[0]}
+            self.loss_module = _Loss(self.cm, method, self.capture)
+        else:
+            self.params = self.cm.trainable_parameters()
+        self.factors = _factors(self.cm, self.params)
+
+    # ------------------------------------------------------------------ the step
+    @staticmethod
+    def single_step(method: Method, cm: ComponentModel, params: dict[str, Tensor], factors: Factors,
+                    opt: torch.optim.Optimizer, x: Tensor, step: int, capture: list[str]) -> dict[str, Tensor]:  # fmt: skip
+        for group in opt.param_groups:
+            group["lr"] = method.lr_at(step)
+        method.on_step_start(step, [InstanceView(
+            A={n: a.data for n, a in factors.A.items()}, B={n: b.data for n, b in factors.B.items()},
+            optimizer_states=[(p.data, opt.state[p]) for p in params.values() if p in opt.state])])  # fmt: skip
+        losses = method.compiled_loss_terms() if method.config.compile else method.loss_terms
+        terms = losses(cm, x, step, capture)
+        if not torch.isfinite(terms["total"]):
+            raise NonFiniteLossError(_nan_message(step, as_floats(terms), x))
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        method.after_backward(factors)
+        if method.config.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), method.config.grad_clip_norm)
+        opt.step()
+        method.after_step(factors)
+        return terms
+
+    def stacked_step(self, opt: torch.optim.Optimizer, x: Tensor, step: int) -> dict[str, Tensor]:
+        method, params = self.method, self.params
+        for group in opt.param_groups:
+            group["lr"] = method.lr_at(step)
+        with torch.no_grad():
+            method.on_step_start(step, [self._instance(i, opt) for i in range(len(self.seeds))])
+
+        def one_instance(p: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+            return functional_call(self.loss_module, {f"cm.{n}": v for n, v in p.items()}, (x, step))
+
+        terms = vmap(one_instance, randomness="different")(params, x)
+        bad = ~torch.isfinite(terms["total"].detach())
+        if bad.any():
+            which = [s for s, b in zip(self.seeds, bad.tolist()) if b]
+            i = self.seeds.index(which[0])
+            raise NonFiniteLossError(_nan_message(step, {n: float(v[i].detach()) for n, v in terms.items()}, x[i],
+                                                  f" for seed(s) {which} (values of seed {which[0]}); no instance was updated"))  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        terms["total"].sum().backward()  # instances are independent: each gets its own gradient
+        method.after_backward(self.factors)
+        clip = method.config.grad_clip_norm
+        if clip is not None:  # per instance
+            grads = [p.grad for p in params.values() if p.grad is not None]
+            norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (N,)
+            scale = (clip / (norms + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+        opt.step()
+        method.after_step(self.factors)
+        return terms
+
+    def _instance(self, i: int, opt: torch.optim.Optimizer) -> InstanceView:
+        f = self.factors
+        states = [(p.data[i], {k: v[i] for k, v in opt.state[p].items() if isinstance(v, Tensor) and v.shape == p.shape})
+                  for p in self.params.values() if p in opt.state]  # fmt: skip
+        return InstanceView(A={n: a.data[i] for n, a in f.A.items()}, B={n: b.data[i] for n, b in f.B.items()},
+                            optimizer_states=states)  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: Path, opt: torch.optim.Optimizer, step: int, source: BatchSource,
+             histories: list[list[dict[str, float]]]) -> None:  # fmt: skip
+        cm = self.cm
+        atomic_save(
+            {
+                "format": CKPT_FORMAT,
+                "method": self.method.name,
+                "config": json.dumps(self.recorded.to_dict()),
+                "modules": json.dumps(cm.layer_names),
+                "kinds": json.dumps(cm.kinds),
+                "tied": json.dumps(cm.tied_names),
+                "target_weights": {n: w.detach().cpu() for n, w in cm.target_weights().items()},
+                "seeds": self.seeds,
+                "stacked": self.stacked,
+                "step": step,
+                "params": {n: p.detach().cpu() for n, p in self.params.items()},
+                "optimizer": opt.state_dict(),
+                "rng": _rng_state(),
+                "data_consumed": source.consumed,
+                "histories": json.dumps(histories),
+            },
+            path,
+        )
+
+    def load(self, path: Path, opt: torch.optim.Optimizer, source: BatchSource) -> tuple[int, list[list[dict[str, float]]]]:
+        ckpt = safe_load(path)
+        if ckpt.get("format") != CKPT_FORMAT:
+            raise CheckpointError(
+                f"{path} is not a training checkpoint of this apd version (format {ckpt.get('format')!r}); "
+                "its decomposition still loads with apd.load_decomposition, but training cannot resume from it: "
+                "use a new checkpoint directory, or resume=False to start over there"
+            )
+        saved = json.loads(ckpt["config"])
+        config = self.recorded.to_dict()
+        if ckpt["method"] != self.method.name or saved != config or list(ckpt["seeds"]) != self.seeds or ckpt["stacked"] != self.stacked:
+            diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+            raise CheckpointError(
+                f"{path} was written by another run (method {ckpt['method']!r}, seeds {list(ckpt['seeds'])}; "
+                f"this run: {self.method.name!r}, seeds {self.seeds}; different config (saved, now): {diff}); "
+                "use a new checkpoint directory, or resume=False to start over there"
+            )
+        if set(ckpt["params"]) != set(self.params):
+            raise CheckpointError(f"{path} holds {sorted(ckpt['params'])}, this run needs {sorted(self.params)}")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(ckpt["params"][n])
+        opt.load_state_dict(ckpt["optimizer"])
+        source.skip(int(ckpt["data_consumed"]))  # iterables only; before the RNG state is restored
+        _set_rng_state(ckpt["rng"])
+        return int(ckpt["step"]), json.loads(ckpt["histories"])
+
+    # ------------------------------------------------------------------ results
+    def decompositions(self, histories: list[list[dict[str, float]]]) -> list[Decomposition]:
+        from dataclasses import replace
+
+        out = []
+        with torch.no_grad():
+            for i, (seed, cm) in enumerate(zip(self.seeds, self.cms)):
+                if self.stacked:
+                    own = cm.trainable_parameters()
+                    for n, p in own.items():
+                        p.copy_(self.params[n][i])
+                config = replace(self.recorded, seed=seed)
+                out.append(Decomposition.from_component_model(cm, self.method.name, config, config.steps, histories[i]))
+        return out
+
+
+def _vectorisable(method: Method) -> Method:
+    config = method.config
+    if config.compile:
+        raise ConfigError("compile=True applies to single-seed runs; decompose_seeds vmaps the seeds instead: set compile=False")
+    if config.optimizer not in VECTORISABLE_OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer={config.optimizer!r} cannot train seeds side by side (it may couple the stacked instances "
+            f"through norms or trust ratios); use one of {VECTORISABLE_OPTIMIZERS}, or train the seeds one at a "
+            "time with decompose"
+        )
+    if getattr(config, "attribution", None) is Attribution.gradient:
+        mode = getattr(config, "gradient_mode", None)
+        if mode is GradientMode.per_sample:
+            raise ConfigError("gradient_mode='per_sample' cannot run inside the seeds' vmap; use 'hidden', 'jacfwd' or "
+                              "'jacrev' (None picks 'hidden')")  # fmt: skip
+        if mode in (None, GradientMode.auto):
+            from dataclasses import replace
+
+            return type(method)(replace(config, gradient_mode=GradientMode.hidden))  # type: ignore[call-arg]
+    return method
+
+
+def _train(
+    model: nn.Module, data: Iterable | Callable[[], Tensor], method: Method, modules: Sequence[str], seeds: list[int],
+    stacked: bool, tied: dict[str, str] | None, on_log: Callable[[int, int, dict[str, float]], None] | None,
+    checkpoint_dir: str | Path | None, resume: bool, progress: bool, recorded: MethodConfig | None = None,
+) -> list[Decomposition]:  # fmt: skip
+    config = method.config
+    device = torch.device(config.device)
+    _seed_everything(seeds[0])
+    run = _Run(method, model, modules, seeds, stacked, tied, device, recorded or config)
+    from apd.optim import make_optimizer
+
+    opt = make_optimizer(config.optimizer, run.params.values(), config.lr)
+    source = BatchSource(data)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    start, histories = 0, [[] for _ in seeds]
+    if ckpt_path is not None and resume and ckpt_path.exists():
+        start, histories = run.load(ckpt_path, opt, source)
+
+    interactive = sys.stderr.isatty()
+    desc = method.name.upper() + (f" x{len(seeds)} seeds" if stacked else "")
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc=desc, dynamic_ncols=True,
+               mininterval=0.1 if interactive else 30.0)  # fmt: skip
+    try:
+        for step in range(start, config.steps):
+            if stacked:
+                x = torch.stack([source.next() for _ in seeds]).to(device)
+            else:
+                x = source.next().to(device)
+            if step == start:
+                _check_first_batch(run.cm, x[0] if stacked else x)
+            if stacked:
+                terms = run.stacked_step(opt, x, step)
+            else:
+                terms = _Run.single_step(method, run.cm, run.params, run.factors, opt, x, step, run.capture)
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps - 1:
+                lr = opt.param_groups[0]["lr"]
+                for i, seed in enumerate(seeds):
+                    values = {n: v[i] for n, v in terms.items()} if stacked else terms
+                    logged = {"step": step, "lr": lr, **as_floats(values)}
+                    histories[i].append(logged)
+                    if on_log is not None:
+                        on_log(seed, step, logged)
+                shown = {n: float(v.detach().float().mean()) for n, v in terms.items()}
+                bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=interactive)
+            done = step + 1
+            if ckpt_path is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                run.save(ckpt_path, opt, done, source, histories)
+    finally:
+        bar.close()
+    if ckpt_path is not None and start < config.steps:
+        run.save(ckpt_path, opt, config.steps, source, histories)
+    return run.decompositions(histories)
 
 
 def decompose(
     model: nn.Module,
     data: Iterable | Callable[[], Tensor],
-    config: APDConfig,
+    config: MethodConfig,
     modules: Sequence[str],
     *,
     tied: dict[str, str] | None = None,
@@ -309,57 +382,49 @@ def decompose(
     resume: bool = True,
     progress: bool = True,
 ) -> Decomposition:
-    """Decompose the weights of ``model``'s linear layers matched by ``modules`` (fnmatch patterns).
+    """Decompose the weights of ``model``'s layers matched by ``modules`` (fnmatch patterns over
+    ``named_modules``: ``nn.Linear``, ``nn.Embedding`` or a transposed-layout linear) with the method
+    of ``config`` (``APDConfig``, ``SPDConfig``).
 
     ``data`` is an iterable of input batches (or ``(input, label)`` tuples; re-iterated when
-    exhausted) or a zero-argument callable returning a batch. ``tied={"dec": "enc"}`` declares that
-    ``dec`` holds ``enc``'s weight transposed (``TiedLinear`` layers are tied automatically).
-    ``callback(step, terms)`` is called every ``config.log_every`` steps. With ``checkpoint_dir``,
-    a checkpoint (components, optimiser, RNG and data position) is written atomically every
-    ``config.checkpoint_every`` steps and at the end, and with ``resume=True`` a run finds its last
-    checkpoint there and continues exactly where it stopped. The global torch/numpy/python RNGs
-    are seeded with ``config.seed`` (data callables drawing from them are then reproducible).
+    exhausted) or a zero-argument callable returning a batch; inputs may be of any dtype (integer
+    token ids included). ``tied={"dec": "enc"}`` declares that ``dec`` holds ``enc``'s weight
+    transposed (``TiedLinear`` layers are tied automatically). ``callback(step, terms)`` is called
+    every ``config.log_every`` steps. With ``checkpoint_dir``, a checkpoint (components, optimiser,
+    RNG and data position) is written atomically every ``config.checkpoint_every`` steps and at the
+    end, and with ``resume=True`` a run finds its last checkpoint there and continues exactly where
+    it stopped (a finished run is not redone). The global torch/numpy/python RNGs are seeded with
+    ``config.seed`` (data callables drawing from them are then reproducible).
     """
-    if not isinstance(config, APDConfig):
-        raise TypeError(f"config must be an APDConfig, got {type(config).__name__}")
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    cm = ComponentModel(model, modules, config.C, config.rank, tied=tied, init_scale=config.init_scale, seed=config.seed)
-    cm.to(device)
-    act_names = _act_module_names(cm, config.act_recon_modules) if config.act_recon_coeff is not None else []
-    if config.unit_norm_A:
-        _normalise_A(cm)
-    opt = make_optimizer(config.optimizer, cm.component_parameters(), config.lr)
-    source = BatchSource(data)
+    method = method_for(config)
+    on_log = None if callback is None else (lambda seed, step, terms: callback(step, terms))
+    (dec,) = _train(model, data, method, modules, [config.seed], False, tied, on_log, checkpoint_dir, resume, progress)
+    return dec
 
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    start, history = 0, []
-    if ckpt_path is not None and resume and ckpt_path.exists():
-        start, history = _load_checkpoint(ckpt_path, cm, opt, config, source)
 
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="APD", dynamic_ncols=True,
-               mininterval=0.1 if interactive else 30.0)  # fmt: skip
-    try:
-        for step in range(start, config.steps):
-            x = source.next().to(device)
-            if step == start:
-                _check_first_batch(cm, x)
-            terms = train_step(cm, opt, x, config, step, act_names)
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.steps - 1:
-                logged = {"step": step, "lr": opt.param_groups[0]["lr"], **terms.as_floats()}
-                history.append(logged)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in logged.items() if k not in ("step", "lr")}, refresh=interactive)
-                if callback is not None:
-                    callback(step, logged)
-            done = step + 1
-            if ckpt_path is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-                _save_checkpoint(ckpt_path, cm, opt, config, done, source, history)
-    finally:
-        bar.close()
-    if ckpt_path is not None and start < config.steps:
-        _save_checkpoint(ckpt_path, cm, opt, config, config.steps, source, history)
-    return Decomposition.from_component_model(cm, config, config.steps, history)
+def decompose_seeds(
+    model: nn.Module,
+    data: Iterable | Callable[[], Tensor],
+    config: MethodConfig,
+    modules: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    tied: dict[str, str] | None = None,
+    callback: SeedsCallback | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> list[Decomposition]:
+    """``decompose`` for every seed in ``seeds`` at once (see the module docstring); returns one
+    Decomposition per seed, in order. ``config.seed`` is replaced by each seed; ``data`` is drawn
+    once per seed per step. APD's gradient attribution is computed in ``"hidden"`` mode unless
+    ``config.gradient_mode`` says otherwise (``"per_sample"`` cannot be vmapped)."""
+    method = method_for(config)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("seeds is empty: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={seeds} repeats a seed; give distinct seeds")
+    run_method = _vectorisable(method)
+    return _train(model, data, run_method, modules, seeds, True, tied, callback, checkpoint_dir, resume, progress,
+                  recorded=config)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from apd.component_model import ComponentModel
-from apd.config import APDConfig
+from apd import APDConfig
 from apd.topk import topk_mask
 
 

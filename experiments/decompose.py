@@ -1,14 +1,17 @@
-"""Decompose a toy target with APD: `python -m experiments.decompose [experiment=NAME] [seed=S] [steps=N]`.
+"""Decompose a target: `python -m experiments.decompose [experiment=NAME] [method=apd|spd] [seed=S] [steps=N]`.
 
 Started again with the same run dir (`hydra.run.dir=...`, or the same `hydra.sweep.dir` for a
-sweep) a run resumes from its last checkpoint, and a finished run is not redone. In a multirun a
-failing job writes `failure.json` (error and traceback) into its run dir and the sweep goes on.
+sweep) a run resumes from its last checkpoint, and a finished run is not redone; a run dir holding
+a run with other settings is refused. `config.yaml` is the resolved run (what ran). In a multirun
+a failing job writes `failure.json` (error and traceback) into its run dir and the sweep goes on.
+A bad config value is one line on stderr (exit status 2), not a traceback.
 """
 
 import dataclasses
 import json
 import logging
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -17,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from apd.experiment import cpu_share, run_decompose, run_decompose_seeds, seed_run_dir
+from apd.config import ConfigError
+from apd.experiment import check_run_dir, cpu_share, run_decompose, run_decompose_seeds, seed_run_dir
 from experiments import schema  # noqa: F401  (registers the config schemas)
 from experiments.figures import save_figures
 from experiments.loggers import make_logger
@@ -29,10 +33,11 @@ def decompose_app(cfg: DictConfig, out: Path) -> dict[str, float]:
     app: schema.DecomposeApp = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     if app.threads == 0:  # automatic: divide this machine's CPUs among the launcher's parallel jobs
         app.threads = cpu_share(_parallel_jobs())
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    check_run_dir(out, app)  # before config.yaml is rewritten: a different run there is refused
+    (out / "config.yaml").write_text(resolved_yaml(app))
     if app.n_seeds > 1:
         return _decompose_seeds_app(cfg, app, out)
-    logger, close = make_logger(app.logger, out, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    logger, close = make_logger(app.logger, out, OmegaConf.to_container(OmegaConf.structured(app)))  # type: ignore[arg-type]
     try:
         result = run_decompose(app, out, callback=logger)
     finally:
@@ -48,10 +53,12 @@ def _decompose_seeds_app(cfg: DictConfig, app: schema.DecomposeApp, out: Path) -
     seeds = list(range(app.seed, app.seed + app.n_seeds))
     loggers = {}
     for s in seeds:
-        seed_cfg = OmegaConf.merge(cfg, {"seed": s, "n_seeds": 1})
-        seed_run_dir(out, s).mkdir(parents=True, exist_ok=True)
-        (seed_run_dir(out, s) / "config.yaml").write_text(OmegaConf.to_yaml(seed_cfg, resolve=True))
-        loggers[s] = make_logger(app.logger, seed_run_dir(out, s), OmegaConf.to_container(seed_cfg, resolve=True))  # type: ignore[arg-type]
+        seed_app = dataclasses.replace(app, seed=s, n_seeds=1)
+        d = seed_run_dir(out, s)
+        d.mkdir(parents=True, exist_ok=True)
+        check_run_dir(d, seed_app)
+        (d / "config.yaml").write_text(resolved_yaml(seed_app))
+        loggers[s] = make_logger(app.logger, d, OmegaConf.to_container(OmegaConf.structured(seed_app)))  # type: ignore[arg-type]
     try:
 
         def on_log(seed: int, step: int, terms: dict[str, float]) -> None:
@@ -77,7 +84,13 @@ def _decompose_seeds_app(cfg: DictConfig, app: schema.DecomposeApp, out: Path) -
     return summary
 
 
-_HEADLINE = ["all_recovered", "mmcs", "ml2r", "n_features_with_dedicated_component", "topk_recon_mse", "wall_seconds"]
+_HEADLINE = ["all_recovered", "mmcs", "ml2r", "n_features_with_dedicated_component", "topk_recon_mse", "ci_recon_mse", "l0",
+             "wall_seconds"]  # fmt: skip
+
+
+def resolved_yaml(app: schema.DecomposeApp) -> str:
+    """The run as it runs (after the top-level seed/steps/device are written into the method)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(app))
 
 
 def _parallel_jobs() -> int:
@@ -96,6 +109,13 @@ def main(cfg: DictConfig) -> float:
     (out / "failure.json").unlink(missing_ok=True)
     try:
         metrics = decompose_app(cfg, out)
+    except ConfigError as e:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        (out / "failure.json").write_text(json.dumps({"error": type(e).__name__, "message": str(e)}, indent=2) + "\n")
+        log.error("run failed (%s: %s); the sweep goes on", type(e).__name__, e)
+        return float("nan")
     except Exception as e:
         failure = {"error": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
         (out / "failure.json").write_text(json.dumps(failure, indent=2) + "\n")
@@ -104,7 +124,7 @@ def main(cfg: DictConfig) -> float:
             return float("nan")
         raise
     for k, v in metrics.items():
-        print(f"{k:>36}: {v:.4g}")
+        print(f"{k:>36}: {v:.4g}" if isinstance(v, (int, float)) else f"{k:>36}: {v}")
     print(f"results written to {out}")
     return metrics.get("all_recovered", metrics.get("n_features_with_dedicated_component", 0.0))
 

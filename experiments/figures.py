@@ -11,16 +11,15 @@ import torch  # noqa: E402
 from apd.attributions import compute_attributions  # noqa: E402
 from apd.experiment import DecomposeRun, RunResult  # noqa: E402
 from apd.metrics import resid_mlp as rm  # noqa: E402
-from apd.targets import ResidMLPTargetConfig, TMSTargetConfig  # noqa: E402
 
 
 def save_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Path]:
+    """The figures of the run's target kind (none for a kind without figures)."""
+    figures = _FIGURES.get(run.target.kind)
+    if figures is None:
+        return []
     out_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(run.target, TMSTargetConfig):
-        return tms_figures(result, out_dir)
-    if isinstance(run.target, ResidMLPTargetConfig):
-        return resid_mlp_figures(result, run, out_dir)
-    return []
+    return figures(result, run, out_dir)
 
 
 def _save(fig: plt.Figure, path: Path, paths: list[Path]) -> None:
@@ -30,7 +29,7 @@ def _save(fig: plt.Figure, path: Path, paths: list[Path]) -> None:
     paths.append(path)
 
 
-def tms_figures(result: RunResult, out_dir: Path) -> list[Path]:
+def tms_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Path]:
     """The paper's pentagon figure (when n_hidden = 2: the target's columns and each live component's
     columns) and heatmaps of every component's W."""
     W = result.target.W.detach().cpu()
@@ -70,9 +69,8 @@ def resid_mlp_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> li
     target, dec = result.target, result.decomposition
     cm = dec.component_model if dec.component_model is not None else dec.attach(target)
     W_E = target.W_E
-    n_layers = run.target.n_layers  # type: ignore[union-attr]
     nc_t = rm.target_neuron_contributions(target).cpu()
-    nc_c = rm.component_neuron_contributions(W_E, dec.component_weights(), n_layers).cpu()
+    nc_c = rm.component_neuron_contributions(W_E, dec.component_weights(), target.mlp_pairs()).cpu()
     best = nc_c.abs().amax(-1).argmax(0)  # (n_features,)
     paths: list[Path] = []
 
@@ -92,7 +90,7 @@ def resid_mlp_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> li
             return compute_attributions(cm, x, run.method.attribution)
 
     with torch.no_grad():
-        masked = lambda x, s: cm(x, mask=s)  # noqa: E731
+        masked = lambda x, s: cm(x, masks=s)  # noqa: E731
         feat_comp = rm.feature_to_component(nc_c, 0.04)
         scrub, anti = rm.scrub_antiscrub_mse(target, masked, feat_comp, cm.C, nc_t.shape[0], 100,
                                              torch.Generator().manual_seed(run.seed))  # fmt: skip
@@ -116,3 +114,6 @@ def resid_mlp_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> li
     ax.set(yscale="log", xlabel="feature", ylabel="MSE", title="Top-1 component on one-hot inputs: output MSE to the target")
     _save(fig, out_dir / "top1_onehot_mse.png", paths)
     return paths
+
+
+_FIGURES = {"tms": tms_figures, "resid_mlp": resid_mlp_figures}

@@ -7,9 +7,9 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from apd.config import APDConfig
+from apd import APDConfig, MethodConfig
 from apd.experiment import DecomposeRun
-from apd.targets import ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
+from apd.targets import ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 
 
 class LoggerKind(str, Enum):
@@ -28,7 +28,8 @@ class LoggerConfig:
 
 @dataclass(kw_only=True)
 class DecomposeApp(DecomposeRun):
-    target: TargetConfig = MISSING  # chosen from the target group (a TMS or a residual-MLP option)
+    target: TargetConfig = MISSING  # chosen from the target group (a TMS, residual-MLP, LM or module option)
+    method: MethodConfig = MISSING  # chosen from the method group (apd, spd)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     figures: bool = True
 
@@ -45,6 +46,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="target", name="tms_schema", node=TMSTargetConfig)
     cs.store(group="target", name="resid_mlp_schema", node=ResidMLPTargetConfig)
+    cs.store(group="target", name="module_schema", node=ModuleTargetConfig)
     cs.store(group="method", name="apd_schema", node=APDConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(name="decompose_schema", node=DecomposeApp)

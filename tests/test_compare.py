@@ -29,7 +29,7 @@ from apd.compare import (
     summarise,
     tms_activations,
 )
-from apd.config import APDConfig
+from apd import APDConfig
 from apd.decomposition import Decomposition
 from apd.experiment import DecomposeRun
 from apd.targets import TMSTargetConfig, get_target
@@ -127,7 +127,7 @@ def _ground_truth_decomposition(W: torch.Tensor, hidden: torch.Tensor | None = N
         Ah, Bh = torch.zeros(C, m, m), torch.zeros(C, m, m)
         Ah[-1], Bh[-1] = torch.eye(m), hidden
         As["hidden"], Bs["hidden"], targets["hidden"] = Ah, Bh, hidden.clone()
-    return Decomposition(APDConfig(C=C, topk=float(C), batch_topk=True), As, Bs, targets, tied={"dec": "enc"})
+    return Decomposition.from_factors(APDConfig(C=C, topk=float(C), batch_topk=True), As, Bs, targets, tied={"dec": "enc"})
 
 
 def test_apd_components_equal_to_the_mechanisms_score_perfectly_with_all_on_masks():

@@ -26,7 +26,7 @@ from apd.compare_resid import (
     run_resid_comparison,
     unit_shrinkage,
 )
-from apd.config import APDConfig
+from apd import APDConfig
 from apd.decomposition import Decomposition
 from apd.experiment import DecomposeRun
 from apd.targets import ResidMLPTargetConfig
@@ -150,7 +150,7 @@ def _neuron_decomposition(target: ResidMLP, merge: bool = False) -> Decompositio
         for r, k in enumerate(neurons):
             A_in[c, r], B_in[c, k, r] = W_in[k], 1.0  # P_c^in = Σ e_k W_in[k]
             A_out[c, r, k], B_out[c, :, r] = 1.0, W_out[:, k]  # P_c^out = Σ W_out[:, k] e_kᵀ
-    return Decomposition(APDConfig(C=C, rank=m, topk=float(C), batch_topk=True), {IN: A_in, OUT: A_out},
+    return Decomposition.from_factors(APDConfig(C=C, rank=m, topk=float(C), batch_topk=True), {IN: A_in, OUT: A_out},
                          {IN: B_in, OUT: B_out}, {IN: W_in.clone(), OUT: W_out.clone()})  # fmt: skip
 
 

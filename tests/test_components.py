@@ -75,7 +75,7 @@ def test_component_model_leaves_user_model_alone_and_all_ones_mask_equals_sum():
             layer.A.zero_()
             layer.B.zero_()
             layer.A[0], layer.B[0] = Vh, U * S
-    torch.testing.assert_close(cm(x, mask=torch.ones(5, 4)), model(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cm(x, masks=torch.ones(5, 4)), model(x), atol=1e-5, rtol=1e-5)
 
 
 class Tied(nn.Module):
@@ -99,7 +99,7 @@ def test_tied_linear_is_decomposed_once_and_used_twice():
     expected = torch.stack(
         [torch.relu((s[b, :, None, None] * P).sum(0).T @ ((s[b, :, None, None] * P).sum(0) @ x[b]) + model.dec.bias) for b in range(4)]
     )
-    torch.testing.assert_close(cm(x, mask=s), expected)
+    torch.testing.assert_close(cm(x, masks=s), expected)
 
 
 def test_declared_tie_between_plain_linears():

@@ -1,4 +1,5 @@
 import io
+import math
 
 import pytest
 import torch
@@ -23,7 +24,10 @@ def test_strings_become_enums():
         ({"schatten_p": 0.0}, r"\(0, 2\]"),
         ({"schatten_p": 2.5}, r"\(0, 2\]"),
         ({"attribution": "saliency"}, "'gradient', 'ablation', 'activation'"),
-        ({"lr_schedule": "step"}, "'constant', 'cosine', 'linear'"),
+        ({"lr_schedule": "step"}, "'constant', 'cosine', 'quarter_cosine', 'linear'"),
+        ({"topk": "abc"}, r"APDConfig.topk='abc': expected a number or None"),
+        ({"C": 2.5}, r"APDConfig.C=2.5: expected a whole number"),
+        ({"batch_topk": "yes"}, "expected true/false"),
         ({"optimizer": "sgdd"}, "choose one of"),
         ({"optimizer": "Lookahead"}, "cannot be saved"),
         ({"topk": None}, "lp_sparsity_coeff"),
@@ -57,6 +61,10 @@ def test_lr_schedule_shapes():
     assert lr_at_step(55, schedule=LRSchedule.cosine, **args) == pytest.approx(0.5)
     assert lr_at_step(55, schedule=LRSchedule.linear, **args) == pytest.approx(0.5)
     assert lr_at_step(99, schedule=LRSchedule.linear, **args) == pytest.approx(1 / 90)
+    # the reference APD code's cosine: cos(π/2 · s/(S-1)) over the S = 90 steps after the warm-up
+    assert lr_at_step(10, schedule=LRSchedule.quarter_cosine, **args) == pytest.approx(1.0)
+    assert lr_at_step(10 + 89 * 2 // 3, schedule=LRSchedule.quarter_cosine, **args) == pytest.approx(math.cos(math.pi / 2 * 59 / 89))
+    assert lr_at_step(99, schedule=LRSchedule.quarter_cosine, **args) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

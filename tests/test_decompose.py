@@ -132,7 +132,7 @@ def test_save_load_round_trip_and_attach(tms, tmp_path):
     assert torch.equal(loaded.A["enc"], dec.A["enc"]) and loaded.history == dec.history
     cm = loaded.attach(tms)
     x, s = tms_batch(5, 64, 0.5), (torch.rand(64, 5) > 0.5).float()
-    torch.testing.assert_close(cm(x, mask=s), dec.component_model(x, mask=s))
+    torch.testing.assert_close(cm(x, masks=s), dec.component_model(x, masks=s))
     other = TMS(TMSConfig())
     with pytest.raises(ValueError, match="differs"):
         loaded.attach(other)
@@ -200,4 +200,4 @@ def test_declared_tie_survives_save_load_attach(tmp_path):
     assert dec.tied == {"1": "0"} and list(dec.A) == ["0"]
     cm = load_decomposition(dec.save(tmp_path)).attach(model)
     x, s = torch.rand(8, 5), torch.ones(8, 5)
-    torch.testing.assert_close(cm(x, mask=s), dec.component_model(x, mask=s))
+    torch.testing.assert_close(cm(x, masks=s), dec.component_model(x, masks=s))

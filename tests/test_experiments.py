@@ -38,9 +38,13 @@ def test_every_experiment_preset_composes_into_a_valid_run(experiment):
     assert app.method.topk is None or app.method.topk <= app.method.C
 
 
+MODULE_EXAMPLE = ["target.factory=experiments.examples.mlp:trained_mlp", "target.data=experiments.examples.mlp:batch",
+                  "target.decompose=[0,2]"]  # fmt: skip
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_target_composes(target):
-    app = OmegaConf.to_object(_compose("train_target", [f"target={target}"]))
+    app = OmegaConf.to_object(_compose("train_target", [f"target={target}"] + (MODULE_EXAMPLE if target == "module" else [])))
     assert app.target.name == target
     assert app.target.modules()
 

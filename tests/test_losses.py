@@ -53,5 +53,7 @@ def test_act_recon_and_lp_hand_worked():
     with pytest.raises(ValueError):
         act_recon_loss(t, {"h1": m["h1"]})
     attr = torch.tensor([[4.0, 0.0, 1.0], [9.0, 1.0, 0.0]])
-    assert lp_sparsity_loss(attr, p=0.5, eps=0.0).item() == pytest.approx(((2 + 0 + 1) + (3 + 1 + 0)) / 2)
-    assert lp_sparsity_loss(attr, p=1.0, eps=0.0).item() == pytest.approx((5 + 10) / 2)
+    # |A_c|^p with A_c = sqrt(attribution) (the attributions are sums of squares): p = 1 penalises |A|, not A²
+    assert lp_sparsity_loss(attr, p=1.0, eps=0.0).item() == pytest.approx(((2 + 0 + 1) + (3 + 1 + 0)) / 2)
+    assert lp_sparsity_loss(attr, p=0.5, eps=0.0).item() == pytest.approx(((2**0.5 + 0 + 1) + (3**0.5 + 1 + 0)) / 2)
+    assert lp_sparsity_loss(attr, p=2.0, eps=0.0).item() == pytest.approx((5 + 10) / 2)  # p = 2: the attribution itself

@@ -6,8 +6,8 @@ from torch import nn
 
 from apd import APDConfig, ConfigError, decompose, decompose_seeds
 from apd.component_model import ComponentModel
-from apd.merge import merge_parallel_, parallel_groups
-from apd.train import merge_parallel_components, train_step
+from apd.merge import merge_parallel_, merge_parallel_components, parallel_groups
+from apd.train import train_step
 
 
 def _rank1(b: list[float], a: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from apd import APDConfig, ConfigError, NonFiniteLossError, decompose, decompose_seeds
-from apd.multi import SEEDS_CHECKPOINT_NAME
+from apd.decomposition import CHECKPOINT_NAME
 from apd.targets import TMSTargetConfig, get_target
 from experiments.summarize import summarize
 
@@ -78,7 +78,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(target, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         decompose_seeds(target, data, config, TMS.modules(), seeds=[0, 1, 2], progress=False, callback=crash,
                         checkpoint_dir=tmp_path)  # fmt: skip
-    assert (tmp_path / SEEDS_CHECKPOINT_NAME).is_file()
+    assert (tmp_path / CHECKPOINT_NAME).is_file()
     resumed = decompose_seeds(target, data, config, TMS.modules(), seeds=[0, 1, 2], progress=False, checkpoint_dir=tmp_path)
     for a, b in zip(full, resumed):
         for n in a.A:

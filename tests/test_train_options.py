@@ -7,7 +7,8 @@ from apd import APDConfig, ConfigError, decompose, load_decomposition
 from apd.component_model import ComponentModel
 from apd.metrics import tms_recovery
 from apd.config import GradientMode
-from apd.train import compute_losses, in_finetune, lr_for_step, topk_at_step
+from apd.methods.apd import in_finetune, lr_for_step, topk_at_step
+from apd.train import loss_terms
 from apd.toy_models import TMS, TMSConfig, tms_batch, train_tms
 
 TMS_CFG = dict(C=5, topk=0.211, batch_topk=True, simplicity_coeff=0.7, schatten_p=1.0, lr=3e-2, warmup_frac=0.05)
@@ -36,15 +37,16 @@ def test_finetune_phase_and_lr_by_step():
     assert APDConfig(steps=100).finetune_start == 100  # default: no fine-tune
 
 
-def test_compute_losses_without_simplicity_drops_only_that_term(tms):
-    cfg = APDConfig(**TMS_CFG)
+def test_loss_terms_in_the_finetune_drop_only_simplicity(tms):
+    cfg = APDConfig(**TMS_CFG, steps=100, finetune_frac=0.1)
     cm = ComponentModel(tms, ["enc", "dec"], C=5)
     x = tms_batch(5, 512, 0.05, torch.Generator().manual_seed(0))
-    full = compute_losses(cm, x, cfg)
-    plain = compute_losses(cm, x, cfg, simplicity=False)
-    assert full.simplicity is not None and plain.simplicity is None
-    assert plain.total.item() == pytest.approx((full.faithfulness + full.minimality).item(), rel=1e-6)
-    assert full.total.item() == pytest.approx((plain.total + 0.7 * full.simplicity).item(), rel=1e-6)
+    full = loss_terms(cm, x, cfg, step=89)
+    plain = loss_terms(cm, x, cfg, step=90)  # the fine-tune's first step
+    assert "simplicity" in full and "simplicity" not in plain
+    assert list(full) == ["total", "faithfulness", "minimality", "simplicity", "l0"]
+    assert plain["total"].item() == pytest.approx((full["faithfulness"] + full["minimality"]).item(), rel=1e-6)
+    assert full["total"].item() == pytest.approx((plain["total"] + 0.7 * full["simplicity"]).item(), rel=1e-6)
 
 
 def test_finetune_logs_no_simplicity_and_uses_its_lr(tms):
@@ -91,10 +93,10 @@ def test_finetune_removes_the_shrinkage(tms):
 def test_gradient_mode_gives_the_same_losses(tms, mode):
     cm = ComponentModel(tms, ["enc", "dec"], C=5, init_scale=0.3)
     x = tms_batch(5, 512, 0.05, torch.Generator().manual_seed(0))
-    default = compute_losses(cm, x, APDConfig(**TMS_CFG))
-    chosen = compute_losses(cm, x, APDConfig(**TMS_CFG, gradient_mode=mode))
-    assert chosen.l0 == default.l0
-    torch.testing.assert_close(chosen.total, default.total)
+    default = loss_terms(cm, x, APDConfig(**TMS_CFG))
+    chosen = loss_terms(cm, x, APDConfig(**TMS_CFG, gradient_mode=mode))
+    assert chosen["l0"] == default["l0"]
+    torch.testing.assert_close(chosen["total"], default["total"])
 
 
 def test_gradient_mode_config():
@@ -117,7 +119,7 @@ def test_topk_schedule_moves_k_linearly_then_holds():
 
 
 def test_compiled_loss_matches_eager():
-    """compile=True runs compute_losses through torch.compile: the same training trajectory."""
+    """compile=True runs the loss terms through torch.compile: the same training trajectory."""
     from torch import nn
 
     torch.manual_seed(0)

@@ -2,6 +2,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from apd.losses.registry import register_loss
+
 
 def faithfulness_loss(
     target_weights: dict[str, Float[Tensor, "d_out d_in"]],
@@ -15,3 +17,8 @@ def faithfulness_loss(
     total = sum(((w - summed_component_weights[n]) ** 2).sum() for n, w in target_weights.items())
     n_weights = sum(w.numel() for w in target_weights.values())
     return torch.as_tensor(total) / n_weights
+
+
+@register_loss("faithfulness", methods=("apd", "spd"), order=0)
+def _faithfulness(ctx) -> Tensor:  # noqa: ANN001  (a method's step context with .cm)
+    return faithfulness_loss(ctx.cm.target_weights(), ctx.cm.summed_weights())

@@ -1,22 +1,19 @@
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
 from apd.config import OutputLoss
+from apd.losses.distance import output_distance
+from apd.losses.registry import register_loss
 
 
 def minimality_loss(
     target_out: Float[Tensor, "B ..."], masked_out: Float[Tensor, "B ..."], kind: OutputLoss = OutputLoss.mse
 ) -> Float[Tensor, ""]:
-    """D(f(x; θ*), f(x; Σ_c s_c P_c)): MSE over outputs, or KL(target ‖ decomposed) for logits.
+    """L_min = D(f(x; θ*), f(x; Σ_c s_c P_c)) (SPEC §1.4): MSE over outputs, or KL(target ‖
+    decomposed) for logits (``apd.losses.distance.output_distance``)."""
+    return output_distance(target_out, masked_out, kind)
 
-    MSE is the mean over every output element; KL sums over the last (class) dimension and
-    averages over the rest (batch, positions).
-    """
-    if target_out.shape != masked_out.shape:
-        raise ValueError(f"output shapes differ: target {tuple(target_out.shape)} vs decomposed {tuple(masked_out.shape)}")
-    if OutputLoss(kind) is OutputLoss.mse:
-        return (target_out - masked_out).pow(2).mean()
-    log_p = F.log_softmax(target_out, dim=-1)
-    log_q = F.log_softmax(masked_out, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+@register_loss("minimality", methods=("apd",), order=10)
+def _minimality(ctx) -> Tensor:  # noqa: ANN001  (apd.methods.apd.APDStep)
+    return minimality_loss(ctx.target_out, ctx.masked_out, ctx.config.output_loss)

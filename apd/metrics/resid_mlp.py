@@ -1,7 +1,8 @@
 """Residual MLP recovery metrics (SPEC §3.2), as pure functions on plain tensors.
 
-Component weights come as ``{module_name: Tensor[C, d_out, d_in]}`` in ``nn.Linear`` layout
-(``"layers.0.mlp_in"``: [C, d_mlp, d_embed], ``"layers.0.mlp_out"``: [C, d_embed, d_mlp]).
+Component weights come as ``{module_name: Tensor[C, d_out, d_in]}`` in ``nn.Linear`` layout (a
+W_in [C, d_mlp, d_embed], a W_out [C, d_embed, d_mlp]); which modules are a layer's W_in and
+W_out the model says (``ResidMLP.mlp_pairs``).
 Metrics that run a decomposition take callables instead of the component model itself:
 
 - ``masked_forward(x, s)``: the decomposed model's output with component mask s [B, C];
@@ -9,7 +10,7 @@ Metrics that run a decomposition take callables instead of the component model i
 - ``topk_forward(x)``: the decomposed model's output under its own top-k selection.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypedDict
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "scrub_antiscrub_mse",
     "label_mses",
     "resid_mlp_metrics",
+    "resid_mlp_run_metrics",
 ]
 
 MaskedForward = Callable[[Float[Tensor, "B n_features"], Float[Tensor, "B C"]], Tensor]
@@ -67,22 +69,16 @@ def target_neuron_contributions(model: ResidMLP) -> Float[Tensor, "n_features d_
 def component_neuron_contributions(
     W_E: Float[Tensor, "d_embed n_features"],
     component_weights: dict[str, Float[Tensor, "C d_out d_in"]],
-    n_layers: int,
+    pairs: Sequence[tuple[str, str]],
 ) -> Float[Tensor, "C n_features d_mlp"]:
-    """NC_c(i) of every component, neurons of all layers concatenated.
+    """NC_c(i) of every component, neurons of all layers concatenated; ``pairs`` names each layer's
+    (W_in, W_out) modules (``ResidMLP.mlp_pairs()``).
 
     Each layer is scored on its own (the direct path W_E → layer → W_U); paths through several
     layers are ignored, as in the paper's plots.
     """
     return torch.cat(
-        [
-            neuron_contributions(
-                W_E,
-                component_weights[f"layers.{i}.mlp_in"],
-                component_weights[f"layers.{i}.mlp_out"],
-            )
-            for i in range(n_layers)
-        ],
+        [neuron_contributions(W_E, component_weights[w_in], component_weights[w_out]) for w_in, w_out in pairs],
         dim=-1,
     ).detach()
 
@@ -259,7 +255,7 @@ def resid_mlp_metrics(
     """
     cfg = target.config
     device = target.W_E.device
-    nc_c = component_neuron_contributions(target.W_E, component_weights, cfg.n_layers)
+    nc_c = component_neuron_contributions(target.W_E, component_weights, target.mlp_pairs())
     classes = classify_components(nc_c, threshold)
     g = torch.Generator(device=device).manual_seed(seed)
     scrubbed, anti = scrub_antiscrub_mse(
@@ -286,3 +282,23 @@ def resid_mlp_metrics(
         "antiscrubbed_mse": anti.nanmean().item(),
         **label_mses(target, monosemantic, topk_forward, x, resid_mlp_labels(x)),
     }
+
+
+def resid_mlp_run_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx) -> dict[str, float]:  # noqa: ANN001  (EvalContext)
+    """A run's residual-MLP numbers (:func:`resid_mlp_metrics`) with the run's own masks: the
+    method's evaluation masks for the output MSEs and, for the top-1 and scrubbing numbers, the
+    component of largest attribution (APD)."""
+    from apd.attributions import compute_attributions
+
+    method, cm = ctx.method, ctx.cm
+
+    def ranking(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return compute_attributions(cm, x, ctx.dec.config.attribution)
+
+    with torch.no_grad():
+        m = resid_mlp_metrics(target, monosemantic, ctx.dec.component_weights(), ctx.masked_forward, ranking,
+                              ctx.eval_forward, n_eval=ctx.n_eval, seed=ctx.seed)  # fmt: skip
+    m[f"mse_{method.name}_{method.eval_mask_name}_vs_labels"] = m.pop("mse_topk_vs_labels")
+    m.pop("mse_topk_vs_target")  # = the generic <mask>_recon_mse (same batch size, other samples)
+    return m

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from apd.metrics.recovery import hungarian_match
 
-__all__ = ["tms_recovery"]
+__all__ = ["tms_recovery", "tms_metrics"]
 
 
 def tms_recovery(
@@ -54,3 +54,8 @@ def tms_recovery(
         "selectivity": selectivity.mean().item() if live.any() else 0.0,
     }
     return out
+
+
+def tms_metrics(target, dec, ctx) -> dict[str, float]:  # noqa: ANN001  (TMS, Decomposition, apd.evaluation.EvalContext)
+    """A run's TMS numbers: :func:`tms_recovery` of the components of W (the ``enc`` matrix)."""
+    return tms_recovery(target.W, dec.component_weights()["enc"])

@@ -21,6 +21,7 @@ __all__ = [
     "ResidMLPBlock",
     "ResidMLP",
     "decomposed_module_names",
+    "mlp_pairs",
     "resid_mlp_batch",
     "resid_mlp_labels",
     "TrainResult",
@@ -71,9 +72,15 @@ class ResidMLPConfig:
         return self.d_mlp // self.n_layers
 
 
+def mlp_pairs(n_layers: int) -> list[tuple[str, str]]:
+    """The names of each layer's (W_in, W_out) modules, in layer order: the model's own naming,
+    declared here once for every metric and comparison that needs it."""
+    return [(f"layers.{i}.mlp_in", f"layers.{i}.mlp_out") for i in range(n_layers)]
+
+
 def decomposed_module_names(n_layers: int) -> list[str]:
-    """The matrices APD decomposes, in layer order: layers.{i}.mlp_in, layers.{i}.mlp_out."""
-    return [f"layers.{i}.{part}" for i in range(n_layers) for part in ("mlp_in", "mlp_out")]
+    """The matrices a decomposition takes, in layer order: each layer's W_in, then its W_out."""
+    return [name for pair in mlp_pairs(n_layers) for name in pair]
 
 
 class ResidMLPBlock(nn.Module):
@@ -122,6 +129,10 @@ class ResidMLP(nn.Module):
     @property
     def W_U(self) -> Float[Tensor, "n_features d_embed"]:
         return self.W_E.T
+
+    def mlp_pairs(self) -> list[tuple[str, str]]:
+        """Each layer's (W_in, W_out) module names, in layer order (see ``mlp_pairs``)."""
+        return mlp_pairs(self.config.n_layers)
 
     def forward(self, x: Float[Tensor, "B n_features"]) -> Float[Tensor, "B n_features"]:
         r = x @ self.W_E.T

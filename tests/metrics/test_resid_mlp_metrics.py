@@ -125,7 +125,7 @@ def test_target_nc_of_baseline_is_identity(baseline: ResidMLP, baseline2: ResidM
 
 def test_component_nc_sum_over_neurons(baseline2: ResidMLP) -> None:
     comps = per_neuron_components(baseline2)
-    nc = component_neuron_contributions(baseline2.W_E, comps, n_layers=2)
+    nc = component_neuron_contributions(baseline2.W_E, comps, baseline2.mlp_pairs())
     assert nc.shape == (50, 100, 50)
     # per-neuron components: component k carries exactly neuron k's column of the target NC
     torch.testing.assert_close(nc.sum(0), target_neuron_contributions(baseline2), atol=1e-5, rtol=0)
@@ -159,7 +159,7 @@ def test_classify_components_by_hand() -> None:
 
 def test_per_neuron_components_are_mono_with_slope_one(baseline: ResidMLP) -> None:
     comps = per_neuron_components(baseline)
-    nc = component_neuron_contributions(baseline.W_E, comps, n_layers=1)
+    nc = component_neuron_contributions(baseline.W_E, comps, baseline.mlp_pairs())
     out = classify_components(nc)
     assert (out["n_dead"], out["n_mono"], out["n_duo"], out["n_poly"]) == (0, 50, 0, 0)
     assert out["has_dedicated_component"].tolist() == [True] * 50 + [False] * 50
@@ -173,7 +173,7 @@ def test_merged_and_zero_components(baseline: ResidMLP) -> None:
     merged = {
         n: torch.cat([P[:1] + P[1:2], P[2:], torch.zeros_like(P[:1])]) for n, P in comps.items()
     }
-    nc = component_neuron_contributions(baseline.W_E, merged, n_layers=1)
+    nc = component_neuron_contributions(baseline.W_E, merged, baseline.mlp_pairs())
     out = classify_components(nc)
     assert (out["n_dead"], out["n_mono"], out["n_duo"], out["n_poly"]) == (1, 48, 1, 0)
     assert out["n_features_with_dedicated_component"] == 48
@@ -181,14 +181,14 @@ def test_merged_and_zero_components(baseline: ResidMLP) -> None:
     # merging does not shrink anything
     assert nc_slope(target_neuron_contributions(baseline), nc) == pytest.approx(1.0, abs=1e-5)
     poly = {n: torch.cat([P[:3].sum(0, keepdim=True), P[3:]]) for n, P in comps.items()}
-    out = classify_components(component_neuron_contributions(baseline.W_E, poly, n_layers=1))
+    out = classify_components(component_neuron_contributions(baseline.W_E, poly, baseline.mlp_pairs()))
     assert (out["n_dead"], out["n_mono"], out["n_duo"], out["n_poly"]) == (0, 47, 0, 1)
 
 
 def test_nc_slope_measures_shrinkage(baseline: ResidMLP) -> None:
     comps = per_neuron_components(baseline)
     comps["layers.0.mlp_out"] = 0.5 * comps["layers.0.mlp_out"]
-    nc = component_neuron_contributions(baseline.W_E, comps, n_layers=1)
+    nc = component_neuron_contributions(baseline.W_E, comps, baseline.mlp_pairs())
     assert nc_slope(target_neuron_contributions(baseline), nc) == pytest.approx(0.5, abs=1e-5)
     # a hand-made case: best component per feature is chosen by |NC|, pooled least squares
     nc_t = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
@@ -228,7 +228,7 @@ def test_top1_onehot_mse(baseline: ResidMLP) -> None:
 def test_scrub_antiscrub_mse(baseline2: ResidMLP) -> None:
     comps = per_neuron_components(baseline2)
     masked_forward = masked_forward_of(baseline2, comps)
-    nc = component_neuron_contributions(baseline2.W_E, comps, n_layers=2)
+    nc = component_neuron_contributions(baseline2.W_E, comps, baseline2.mlp_pairs())
     g = torch.Generator().manual_seed(0)
     scrubbed, anti = scrub_antiscrub_mse(
         baseline2, masked_forward, feature_to_component(nc), 50, 100, n_samples=100, generator=g

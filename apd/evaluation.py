@@ -1,0 +1,84 @@
+"""Scoring a finished decomposition: the generic numbers every run reports, and the target's own.
+
+``evaluate`` computes, on fresh inputs, the faithfulness loss, the output distance of the model
+under the method's evaluation masks (APD: top-k; SPD: causal importances) to the target, the mean
+number of active components per input (L0), and then asks the target config for its ground-truth
+metrics (``TargetConfig.evaluate``) through an :class:`EvalContext`.
+"""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from apd.component_model import ComponentModel, Masks
+from apd.decomposition import Decomposition
+from apd.losses import faithfulness_loss
+from apd.losses.distance import output_distance
+from apd.methods import Method, method_for
+
+if TYPE_CHECKING:
+    from apd.targets import TargetConfig
+
+__all__ = ["EvalContext", "evaluate", "mask_l0"]
+
+
+@dataclass
+class EvalContext:
+    """What a target's metrics may use: the target, the decomposition and its live component
+    model, the method, and where and how much to evaluate."""
+
+    target: nn.Module
+    target_config: "TargetConfig"
+    dec: Decomposition
+    cm: ComponentModel
+    method: Method
+    n_eval: int
+    seed: int
+    device: torch.device
+
+    def eval_masks(self, x: Tensor) -> Masks:
+        with torch.no_grad():
+            return self.method.eval_masks(self.cm, x)
+
+    def eval_forward(self, x: Tensor) -> Tensor:
+        """The decomposed model's output under the method's own evaluation masks."""
+        with torch.no_grad():
+            return self.cm(x, masks=self.eval_masks(x))
+
+    def masked_forward(self, x: Tensor, masks: Masks) -> Tensor:
+        with torch.no_grad():
+            return self.cm(x, masks=masks)
+
+
+def mask_l0(masks: Masks) -> dict[str, float]:
+    """L0: mean number of active components per row (sample or position); per module too when the
+    masks are per module (``l0/<module>``), and their sum as ``l0``."""
+    if isinstance(masks, Tensor):
+        return {"l0": (masks > 0).float().sum(-1).mean().item()}
+    per = {f"l0/{n}": (m > 0).float().sum(-1).mean().item() for n, m in masks.items()}
+    return {"l0": sum(per.values()), **per}
+
+
+def evaluate(
+    dec: Decomposition, target: nn.Module, target_config: "TargetConfig", *, n_eval: int, seed: int,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:  # fmt: skip
+    """The metrics.json numbers of a decomposition of ``target`` (SPEC §3): generic, then the target's."""
+    cm = dec.component_model if dec.component_model is not None else dec.attach(target)
+    method = method_for(dec.config)
+    ctx = EvalContext(target, target_config, dec, cm, method, n_eval, seed, torch.device(device))
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    x = target_config.eval_batch(n_eval, gen, device)
+    with torch.no_grad():
+        masks = ctx.eval_masks(x)
+        out, masked = cm(x), cm(x, masks=masks)
+        generic = {
+            "faithfulness_loss": faithfulness_loss(cm.target_weights(), cm.summed_weights()).item(),
+            f"{method.eval_mask_name}_recon_mse": (masked - out).pow(2).mean().item(),
+            **mask_l0(masks),
+        }
+        if target_config.output_loss().value == "kl":
+            generic[f"{method.eval_mask_name}_recon_kl"] = output_distance(out, masked, target_config.output_loss()).item()
+    return target_config.evaluate(ctx) | generic
