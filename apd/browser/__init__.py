@@ -1,0 +1,57 @@
+"""A static feature/component browser: per-unit pages for SAE features, parameter components and
+neurons, an index of all of them, and prompt views.
+
+Three steps, each usable alone:
+
+1. The caller (who has the model) computes activations on held-out text and calls
+   :func:`extract_browser_data` (``apd.browser.extract``) to get a :class:`BrowserData`.
+2. ``data.save(run_dir / "browser_data.json")`` writes it as JSON (``apd.browser.data``).
+3. :func:`build_site` (``apd.browser.render``) writes the HTML. ``python -m experiments.browse
+   RUN_DIR`` reads a run dir's data file and does this step.
+"""
+
+from apd.browser.data import (
+    DATA_FILENAMES,
+    Alignment,
+    BrowserData,
+    BrowserDataError,
+    Context,
+    Histogram,
+    PromptActs,
+    QuantileGroup,
+    UnitFamily,
+    UnitRecord,
+)
+from apd.browser.extract import (
+    AlignmentTable,
+    ExtractConfig,
+    FamilyActs,
+    correlation_alignment,
+    cosine_alignment,
+    extract_browser_data,
+    extract_family,
+    top_matches,
+)
+from apd.browser.render import build_site
+
+__all__ = [
+    "DATA_FILENAMES",
+    "Alignment",
+    "AlignmentTable",
+    "BrowserData",
+    "BrowserDataError",
+    "Context",
+    "ExtractConfig",
+    "FamilyActs",
+    "Histogram",
+    "PromptActs",
+    "QuantileGroup",
+    "UnitFamily",
+    "UnitRecord",
+    "build_site",
+    "correlation_alignment",
+    "cosine_alignment",
+    "extract_browser_data",
+    "extract_family",
+    "top_matches",
+]
