@@ -12,13 +12,16 @@ from apd.components import EmbeddingComponents, LinearComponents, TiedLinear, Tr
 from apd.config import Attribution, ConfigError, GradientMode, LRSchedule, MethodConfig, OutputLoss
 from apd.data import DataError
 from apd.decomposition import CheckpointError, Decomposition, load_decomposition
-from apd.methods import METHODS, APDConfig, Method
+from apd.ci_functions import CIFn
+from apd.methods import METHODS, APDConfig, Method, SPDConfig
 from apd.optim import OPTIMIZERS
 from apd.topk import topk_mask
 from apd.train import NonFiniteLossError, decompose, decompose_seeds, loss_terms, train_step
 
 __all__ = [
     "APDConfig",
+    "SPDConfig",
+    "CIFn",
     "MethodConfig",
     "METHODS",
     "Method",

@@ -285,21 +285,21 @@ class ComponentModel(nn.Module):
 
     def ci_pre_activations(self, x: Tensor) -> dict[str, Float[Tensor, "... C"]]:
         """The causal-importance functions' outputs before squashing, per layer use, from one target
-        pass (their inputs are the target's layer inputs)."""
+        pass (their inputs are the target's layer inputs and the subcomponents' inner activations)."""
         if self.ci_fns is None:
             self.ci_fn("")  # raises the explanation
         with cm_capture(self, self.layer_names, inputs=True) as a_in:
             self(x)
         return {n: self.ci_fn(n)(self.layers[n].component_acts(a_in[n]), a_in[n]) for n in self.layer_names}
 
-    def causal_importances(self, x: Tensor, upper_leaky: bool = False) -> dict[str, Float[Tensor, "... C"]]:
-        """g_{l,c}(x) ∈ [0, 1] per layer use and position: the lower-leaky hard sigmoid of the
-        causal-importance functions (``upper_leaky=True``: the upper-leaky one of the minimality
+    def causal_importances(self, x: Tensor, upper_leaky: bool = False, alpha: float = 0.01) -> dict[str, Float[Tensor, "... C"]]:
+        """g_{l,c}(x) ∈ [0, 1] per layer use and position [*lead, C]: the lower-leaky hard sigmoid of
+        the causal-importance functions (``upper_leaky=True``: the upper-leaky one of the minimality
         loss, which may exceed 1). ``cm(x, masks=cm.causal_importances(x))`` runs the model with them."""
         from apd.methods.spd import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 
         squash = upper_leaky_hard_sigmoid if upper_leaky else lower_leaky_hard_sigmoid
-        return {n: squash(v) for n, v in self.ci_pre_activations(x).items()}
+        return {n: squash(v, alpha) for n, v in self.ci_pre_activations(x).items()}
 
     # ------------------------------------------------------------------ forward passes
     def forward(

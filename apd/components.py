@@ -55,8 +55,8 @@ class ComponentInit(str, Enum):
     """How A and B are drawn.
 
     ``norm_matched`` (APD): A ~ N(0, 1/d_in), B scaled so that Σ_c B_c A_c has ``init_scale``² times
-    the mean square of W. ``kaiming`` (SPD): A and B each ~ N(0, 2/fan_in) (Kaiming normal with
-    the fan-in of the map they apply: d_in for A, m for B), scaled by ``init_scale``."""
+    the mean square of W. ``kaiming`` (SPD, as goodfire-ai/spd draws V and U): A ~ N(0, 1/d_in),
+    B ~ N(0, 1/C) (Kaiming normal, linear gain, with fan d_in for A and C for B), times ``init_scale``."""
 
     norm_matched = "norm_matched"
     kaiming = "kaiming"
@@ -201,8 +201,8 @@ def _init_factors(
         std_a = 1.0 / math.sqrt(d_in)
         std_b = init_scale * w_rms / (std_a * math.sqrt(C * m))
     else:
-        std_a = init_scale * math.sqrt(2.0 / d_in)
-        std_b = init_scale * math.sqrt(2.0 / m)
+        std_a = init_scale / math.sqrt(d_in)
+        std_b = init_scale / math.sqrt(C)
     a = torch.randn(C, m, d_in, generator=generator, dtype=dtype, device="cpu") * std_a
     b = torch.randn(C, d_out, m, generator=generator, dtype=dtype, device="cpu") * std_b
     return a, b

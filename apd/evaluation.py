@@ -21,7 +21,7 @@ from apd.methods import Method, method_for
 if TYPE_CHECKING:
     from apd.targets import TargetConfig
 
-__all__ = ["EvalContext", "evaluate", "mask_l0"]
+__all__ = ["EvalContext", "evaluate"]
 
 
 @dataclass
@@ -52,15 +52,6 @@ class EvalContext:
             return self.cm(x, masks=masks)
 
 
-def mask_l0(masks: Masks) -> dict[str, float]:
-    """L0: mean number of active components per row (sample or position); per module too when the
-    masks are per module (``l0/<module>``), and their sum as ``l0``."""
-    if isinstance(masks, Tensor):
-        return {"l0": (masks > 0).float().sum(-1).mean().item()}
-    per = {f"l0/{n}": (m > 0).float().sum(-1).mean().item() for n, m in masks.items()}
-    return {"l0": sum(per.values()), **per}
-
-
 def evaluate(
     dec: Decomposition, target: nn.Module, target_config: "TargetConfig", *, n_eval: int, seed: int,
     device: str | torch.device = "cpu",
@@ -77,8 +68,9 @@ def evaluate(
         generic = {
             "faithfulness_loss": faithfulness_loss(cm.target_weights(), cm.summed_weights()).item(),
             f"{method.eval_mask_name}_recon_mse": (masked - out).pow(2).mean().item(),
-            **mask_l0(masks),
+            **method.mask_l0(masks),
         }
         if target_config.output_loss().value == "kl":
             generic[f"{method.eval_mask_name}_recon_kl"] = output_distance(out, masked, target_config.output_loss()).item()
+        generic |= method.eval_metrics(cm, x, masks, out)
     return target_config.evaluate(ctx) | generic

@@ -332,6 +332,8 @@ def _train(
     start, histories = 0, [[] for _ in seeds]
     if ckpt_path is not None and resume and ckpt_path.exists():
         start, histories = run.load(ckpt_path, opt, source)
+    else:
+        method.warmup(run.factors, run.cm.target_weights())
 
     interactive = sys.stderr.isatty()
     desc = method.name.upper() + (f" x{len(seeds)} seeds" if stacked else "")

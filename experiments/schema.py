@@ -7,7 +7,7 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from apd import APDConfig, MethodConfig
+from apd import APDConfig, MethodConfig, SPDConfig
 from apd.experiment import DecomposeRun
 from apd.targets import ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 
@@ -48,6 +48,7 @@ def register() -> None:
     cs.store(group="target", name="resid_mlp_schema", node=ResidMLPTargetConfig)
     cs.store(group="target", name="module_schema", node=ModuleTargetConfig)
     cs.store(group="method", name="apd_schema", node=APDConfig)
+    cs.store(group="method", name="spd_schema", node=SPDConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(name="decompose_schema", node=DecomposeApp)
     cs.store(name="train_target_schema", node=TrainTargetApp)

@@ -7,9 +7,10 @@ a config, and ``config_class(name)`` the config class of a name. A duplicate nam
 from apd.config import ConfigError, MethodConfig
 from apd.methods.apd import APD, APDConfig
 from apd.methods.base import Factors, InstanceView, Method, StepContext
+from apd.methods.spd import SPD, SPDConfig
 
 __all__ = ["METHODS", "register_method", "method_for", "config_class", "Method", "StepContext", "Factors",
-           "InstanceView", "APD", "APDConfig"]  # fmt: skip
+           "InstanceView", "APD", "APDConfig", "SPD", "SPDConfig"]  # fmt: skip
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -22,6 +23,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 register_method(APD)
+register_method(SPD)
 
 
 def method_for(config: MethodConfig) -> Method:

@@ -82,6 +82,10 @@ class Method(ABC):
     def prepare(self, cm: ComponentModel) -> None:
         """Adjust a freshly built component model before training (default: nothing)."""
 
+    def warmup(self, factors: Factors, target_weights: Mapping[str, Tensor]) -> None:
+        """Train the factors before step 0 of a fresh run (default: nothing; SPD's faithfulness
+        warm-up). Runs again if a run is killed before its first checkpoint: it must be deterministic."""
+
     def capture_names(self, cm: ComponentModel) -> list[str]:
         """Modules whose outputs the active losses read (their ``captures`` patterns, resolved)."""
         import fnmatch
@@ -145,6 +149,18 @@ class Method(ABC):
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
         """The masks the method evaluates with on ``x`` (APD: top-k; SPD: causal importances)."""
 
-    def run_warnings(self, metrics: Mapping[str, float]) -> list[str]:
+    def mask_l0(self, masks: Masks) -> dict[str, float]:
+        """L0 of evaluation masks: mean number of active components per row (sample or position);
+        per module too when the masks are per module (``l0/<module>``), and their sum as ``l0``."""
+        if isinstance(masks, Tensor):
+            return {"l0": (masks > 0).float().sum(-1).mean().item()}
+        per = {f"l0/{n}": (m > 0).float().sum(-1).mean().item() for n, m in masks.items()}
+        return {"l0": sum(per.values()), **per}
+
+    def eval_metrics(self, cm: ComponentModel, x: Tensor, masks: Masks, target_out: Tensor) -> dict[str, Any]:
+        """Method-specific numbers of a finished run on evaluation inputs (default: none)."""
+        return {}
+
+    def run_warnings(self, metrics: Mapping[str, Any]) -> list[str]:
         """Warnings about a finished run, from its metrics (default: none)."""
         return []

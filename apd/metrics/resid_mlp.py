@@ -35,6 +35,9 @@ __all__ = [
     "label_mses",
     "resid_mlp_metrics",
     "resid_mlp_run_metrics",
+    "spd_neuron_contributions",
+    "scrub_antiscrub_mse_per_module",
+    "resid_mlp_spd_metrics",
 ]
 
 MaskedForward = Callable[[Float[Tensor, "B n_features"], Float[Tensor, "B C"]], Tensor]
@@ -284,13 +287,101 @@ def resid_mlp_metrics(
     }
 
 
+def spd_neuron_contributions(
+    W_E: Float[Tensor, "d_embed n_features"],
+    component_weights: dict[str, Float[Tensor, "C d_out d_in"]],
+    pairs: Sequence[tuple[str, str]],
+) -> tuple[Float[Tensor, "U n_features d_mlp"], list[tuple[str, int]]]:
+    """NC of every W_in subcomponent of SPD (SPEC §3.2, §5.5): its read P_c^in W_E[:, i] through its
+    layer's decomposed W_out (the sum of that matrix's subcomponents), on that layer's neurons; the
+    neurons of all layers concatenated (zero outside the subcomponent's layer). Also the (module,
+    index) of each row."""
+    blocks, units, widths = [], [], [component_weights[w_in].shape[1] for w_in, _ in pairs]
+    for layer, (w_in, w_out) in enumerate(pairs):
+        nc = neuron_contributions(W_E, component_weights[w_in], component_weights[w_out].sum(0))  # (C, n, d_mlp_l)
+        before, after = sum(widths[:layer]), sum(widths[layer + 1 :])
+        blocks.append(F.pad(nc, (before, after)))
+        units += [(w_in, c) for c in range(nc.shape[0])]
+    return torch.cat(blocks).detach(), units
+
+
+def scrub_antiscrub_mse_per_module(
+    target_model: nn.Module,
+    masked_forward: Callable[[Tensor, dict[str, Tensor]], Tensor],
+    feature_unit: Sequence[tuple[str, int] | None],
+    C_per_module: dict[str, int],
+    n_features: int,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+) -> tuple[Float[Tensor, " n_features"], Float[Tensor, " n_features"]]:
+    """:func:`scrub_antiscrub_mse` for per-module masks (SPD): every subcomponent of every module is
+    kept with probability 0.5, except the feature's own unit ``feature_unit[i]`` (module, index),
+    forced on (scrubbed) or off (anti-scrubbed); NaN for features without one."""
+    device = _device(target_model)
+    feats = torch.arange(n_features, device=device).repeat_interleave(n_samples)
+    values = torch.rand(feats.shape, generator=generator, device=device) * 2 - 1
+    x = F.one_hot(feats, n_features).float() * values[:, None]
+    keep = {n: torch.rand((feats.shape[0], C), generator=generator, device=device) < 0.5 for n, C in C_per_module.items()}
+    on, off = {n: k.clone() for n, k in keep.items()}, {n: k.clone() for n, k in keep.items()}
+    for i, unit in enumerate(feature_unit):
+        if unit is not None:
+            rows = feats == i
+            on[unit[0]][rows, unit[1]] = True
+            off[unit[0]][rows, unit[1]] = False
+    with torch.no_grad():
+        y = target_model(x)
+        scrubbed = _per_row_mse(masked_forward(x, {n: m.float() for n, m in on.items()}), y).view(n_features, n_samples).mean(1)
+        anti = _per_row_mse(masked_forward(x, {n: m.float() for n, m in off.items()}), y).view(n_features, n_samples).mean(1)
+    none = torch.tensor([u is None for u in feature_unit], device=device)
+    nan = torch.full_like(scrubbed, float("nan"))
+    return torch.where(none, nan, scrubbed), torch.where(none, nan, anti)
+
+
+def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, threshold: float = 0.04) -> dict[str, float]:  # noqa: ANN001
+    """A run's residual-MLP numbers for SPD (SPEC §3.2, §5.5), from its subcomponents: per feature a
+    dedicated W_in subcomponent (NC through the decomposed W_out, as APD's), the NC slope of those
+    subcomponents (shrinkage), scrubbed vs anti-scrubbed output MSE, the label MSEs of the
+    CI-masked model, and whether each layer's W_out is one mechanism (the rank of its largest group
+    of co-active subcomponents, ``apd.mechanisms``)."""
+    from apd.mechanisms import mechanisms_from_masks
+
+    cfg, cm, dec = target.config, ctx.cm, ctx.dec
+    pairs = target.mlp_pairs()
+    nc_c, units = spd_neuron_contributions(target.W_E, dec.component_weights(), pairs)
+    classes = classify_components(nc_c, threshold)
+    best = feature_to_component(nc_c, threshold)
+    feature_unit = [units[int(u)] if u >= 0 else None for u in best]
+    g = torch.Generator(device=target.W_E.device).manual_seed(ctx.seed)
+    scrubbed, anti = scrub_antiscrub_mse_per_module(target, ctx.masked_forward, feature_unit, cm.C_per_module(),
+                                                    cfg.n_features, 100, g)  # fmt: skip
+    x = resid_mlp_batch(cfg.n_features, ctx.n_eval, cfg.feature_probability, g, target.W_E.device)
+    out = {
+        "n_features_with_dedicated_component": classes["n_features_with_dedicated_component"],
+        "n_mono": classes["n_mono"], "n_duo": classes["n_duo"], "n_poly": classes["n_poly"], "n_dead": classes["n_dead"],
+        "nc_slope": nc_slope(target_neuron_contributions(target), nc_c),
+        "scrubbed_mse": scrubbed.nanmean().item(), "antiscrubbed_mse": anti.nanmean().item(),
+    }  # fmt: skip
+    mses = label_mses(target, monosemantic, ctx.eval_forward, x, resid_mlp_labels(x))
+    out["mse_spd_ci_vs_labels"] = mses.pop("mse_topk_vs_labels")
+    mses.pop("mse_topk_vs_target")
+    out |= mses
+    masks = ctx.eval_masks(x)
+    for _, w_out in pairs:
+        mechs, _ = mechanisms_from_masks({w_out: masks[w_out]}, ctx.method.config.ci_threshold)
+        out[f"w_out_mechanism_rank/{w_out}"] = float(mechs[0].rank) if mechs else 0.0
+        out[f"w_out_n_mechanisms/{w_out}"] = float(len(mechs))
+    return out
+
+
 def resid_mlp_run_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx) -> dict[str, float]:  # noqa: ANN001  (EvalContext)
     """A run's residual-MLP numbers (:func:`resid_mlp_metrics`) with the run's own masks: the
     method's evaluation masks for the output MSEs and, for the top-1 and scrubbing numbers, the
-    component of largest attribution (APD)."""
+    component of largest attribution (APD); SPD: :func:`resid_mlp_spd_metrics`."""
     from apd.attributions import compute_attributions
 
     method, cm = ctx.method, ctx.cm
+    if method.name == "spd":
+        return resid_mlp_spd_metrics(target, monosemantic, ctx)
 
     def ranking(x: Tensor) -> Tensor:
         with torch.no_grad():

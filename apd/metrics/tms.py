@@ -56,6 +56,36 @@ def tms_recovery(
     return out
 
 
+def identity_recovery(
+    P_hidden: Float[Tensor, "C m m"], ci_hidden: Float[Tensor, "N C"], tau: float, cos_threshold: float = 0.99
+) -> dict[str, float]:
+    """Is the hidden identity of TMS + ID one rank-m mechanism of SPD subcomponents (SPEC §5.5)?
+
+    On inputs where some feature is active (``ci_hidden``: the hidden layer's causal importances
+    there), the subcomponents on (g > τ) for every input are the always-on ones; alive ones are on
+    for some input. Recovered (``id_recovered`` = 1): exactly m always-on subcomponents, nothing else
+    in the matrix alive, and their sum has Frobenius cosine ≥ ``cos_threshold`` with I.
+    """
+    m = P_hidden.shape[-1]
+    on = ci_hidden > tau
+    always = on.all(0)
+    alive = on.any(0)
+    summed = P_hidden[always].sum(0) if always.any() else torch.zeros(m, m)
+    eye = torch.eye(m)
+    cos = float((summed * eye).sum() / (summed.norm() * eye.norm()).clamp_min(1e-12))
+    recovered = int(always.sum()) == m and int(alive.sum()) == m and cos >= cos_threshold
+    return {"id_n_always_on": float(always.sum()), "id_n_alive": float(alive.sum()), "id_cos": cos,
+            "id_norm_ratio": float(summed.norm() / eye.norm()), "id_recovered": float(recovered)}  # fmt: skip
+
+
 def tms_metrics(target, dec, ctx) -> dict[str, float]:  # noqa: ANN001  (TMS, Decomposition, apd.evaluation.EvalContext)
-    """A run's TMS numbers: :func:`tms_recovery` of the components of W (the ``enc`` matrix)."""
-    return tms_recovery(target.W, dec.component_weights()["enc"])
+    """A run's TMS numbers: :func:`tms_recovery` of the components (SPD: subcomponents) of W (the
+    ``enc`` matrix); for SPD on + ID also :func:`identity_recovery` of the hidden matrix."""
+    out = tms_recovery(target.W, dec.component_weights()["enc"])
+    if ctx.method.name == "spd" and target.hidden is not None:
+        gen = torch.Generator().manual_seed(ctx.seed + 20_000)
+        x = ctx.target_config.eval_batch(ctx.n_eval, gen, ctx.device)
+        x = x[(x > 0).any(1)]  # inputs with an active feature (on x = 0 every subcomponent may be off)
+        ci = ctx.eval_masks(x)["hidden"].detach().cpu()
+        out |= identity_recovery(dec.component_weights()["hidden"].detach().cpu(), ci, ctx.method.config.ci_threshold)
+    return out

@@ -1,0 +1,328 @@
+"""Stochastic Parameter Decomposition (SPEC §5; Bushnaq, Braun, Sharkey, arXiv 2506.20790).
+
+Each decomposed matrix W_l gets C rank-one subcomponents U_c V_cᵀ of its own (``B = U``, ``A = Vᵀ``
+in the toolkit's factors), with frozen bias and Kaiming-style initialisation. Learned
+causal-importance functions (``apd.ci_functions``) give every subcomponent a g_{l,c}(x) ∈ [0, 1] per
+input (per position for sequences): how much it cannot be ablated there. One step:
+
+1. a target pass records every layer's input; the inner activations V_cᵀ a feed the CI functions;
+2. the lower-leaky hard sigmoid gives g (the masks' importances), the upper-leaky one g⁺ (the
+   minimality loss's);
+3. the registered SPD losses read the step context: faithfulness (off by default: the optional
+   Δ-component W − Σ_c U_c V_cᵀ, under its own random mask, keeps the unmasked model exactly the
+   target and the stochastic losses push Δ to be inert), stochastic reconstruction with masks
+   m = g + (1 − g)·r, r ~ U(0, 1) (every layer masked, then one layer at a time), importance
+   minimality Σ_l Σ_c mean_x (g⁺)^p.
+
+Before step 0 a short faithfulness warm-up (goodfire-ai/spd's: AdamW on the factors alone) fits
+Σ_c U_c V_cᵀ to W. Evaluation masks are the causal importances g; L0 counts g > ``ci_threshold``.
+
+Choosing the one coefficient that matters, ``importance_minimality_coeff``: every logged step
+shows ``l0`` (active subcomponents per input, summed over layers) and the reconstruction losses.
+Too high: reconstruction stays high (g falls below 1 where a subcomponent is needed) and L0 sinks
+below the number of mechanisms an input uses; too low: L0 stays near C per layer (every gate open,
+a run warning says "saturated"). Start at the default, then move by factors of 3 until the
+reconstruction loss is small (e.g. < 1e-3 of the output's variance) at the smallest L0.
+"""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from apd.ci_functions import CIFn, make_ci_fn
+from apd.component_model import ComponentModel, Masks
+from apd.components import ComponentInit, EmbeddingComponents
+from apd.config import LRSchedule, MethodConfig, OutputLoss, need
+from apd.methods.base import Factors, Method, StepContext
+
+__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "annealed_p"]
+
+
+class Sampling(str, Enum):
+    """How the random part r of a stochastic mask m = g + (1 − g)·r is drawn."""
+
+    continuous = "continuous"  # r ~ U(0, 1)
+    binomial = "binomial"  # r ∈ {0, 1} with probability 1/2 each
+
+
+class _LowerLeakyHardSigmoid(torch.autograd.Function):
+    """clamp(x, 0, 1); below 0 the gradient passes (times α) only when it would raise the value."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, float], output: Tensor) -> None:
+        x, alpha = inputs
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        below = torch.where(grad < 0, ctx.alpha * grad, torch.zeros_like(grad))
+        inside = torch.where(x <= 1, grad, torch.zeros_like(grad))
+        return torch.where(x <= 0, below, inside), None
+
+
+def lower_leaky_hard_sigmoid(x: Tensor, alpha: float = 0.01) -> Tensor:
+    """The masks' squashing (SPEC §5.2): forward clamp(x, 0, 1); backward the identity inside
+    (0, 1], zero above 1, and α·grad below 0 only where gradient descent would push x up (so a
+    gate that closed can reopen)."""
+    return _LowerLeakyHardSigmoid.apply(x, alpha)  # type: ignore[no-any-return]
+
+
+def upper_leaky_hard_sigmoid(x: Tensor, alpha: float = 0.01) -> Tensor:
+    """The minimality loss's squashing: clamp at 0 below, slope α above 1 (so values above 1 are
+    still pushed down)."""
+    return torch.where(x > 1, 1 + alpha * (x - 1), x.clamp(0, 1))
+
+
+@dataclass(kw_only=True)
+class SPDConfig(MethodConfig):
+    """Hyperparameters of one SPD run (SPEC §5). Plain strings are accepted for the Enum fields.
+
+    Loss terms are registered losses (``apd.losses``): each ``<name>_coeff`` switches its loss on."""
+
+    method: ClassVar[str] = "spd"
+
+    lr_schedule: LRSchedule = LRSchedule.cosine
+
+    # subcomponents and causal importances
+    C: int = 20
+    """rank-one subcomponents per decomposed matrix (more than the matrix's rank is fine: unused ones die)"""
+    ci_fn: CIFn = CIFn.mlp
+    """causal-importance function: mlp (per subcomponent, on its inner activation: the paper's),
+    vector_mlp (per subcomponent, on the layer's input), shared_mlp (one per layer, input to C outputs)"""
+    ci_hidden: list[int] = field(default_factory=lambda: [16])
+    """hidden widths of the CI functions' MLPs (16 for the toys, 128 for the 3-layer residual MLP)"""
+    init_scale: float = 1.0
+    """scale of the Kaiming-style initialisation of U and V"""
+    leaky_alpha: float = 0.01
+    """slope of the leaky parts of the hard sigmoids"""
+
+    # losses
+    faithfulness_coeff: float | None = None
+    """Σ_l ‖W_l − Σ_c U_c V_cᵀ‖² / N in the loss (None: off, as with the Δ-component the stochastic
+    losses see the difference; the faithfulness warm-up fits the sum first either way)"""
+    stochastic_recon_coeff: float | None = 1.0
+    stochastic_recon_layerwise_coeff: float | None = 1.0
+    importance_minimality_coeff: float | None = 1e-3
+    """β3, the coefficient that matters: see the module docstring for how to pick it"""
+    pnorm: float = 1.0
+    """p of the importance-minimality loss Σ_l Σ_c mean_x (g⁺)^p"""
+    pnorm_final: float | None = None
+    """anneal p linearly to this value (None: no annealing) between the two fractions below"""
+    pnorm_anneal_start_frac: float = 0.0
+    pnorm_anneal_end_frac: float = 1.0
+    importance_minimality_eps: float = 1e-12
+    """added to g⁺ inside the power (the gradient of x^p blows up at 0 for p < 1)"""
+    importance_minimality_beta: float = 0.0
+    """goodfire-ai/spd's frequency term: each subcomponent's mean (g⁺)^p is also weighted by
+    β·log₂(1 + its sum over the batch) (0: off)"""
+    n_mask_samples: int = 1
+    """S, stochastic masks per batch (S = 1 suffices)"""
+    sampling: Sampling = Sampling.continuous
+    delta_component: bool = True
+    """add Δ = W − Σ_c U_c V_cᵀ under its own random mask in the stochastic losses"""
+    output_loss: OutputLoss = OutputLoss.mse
+    """D of the reconstruction losses: mse, or kl to the target's logits (language models)"""
+
+    # before the main steps
+    faithfulness_warmup_steps: int = 200
+    """AdamW steps on the faithfulness loss alone before step 0 (0: none)"""
+    faithfulness_warmup_lr: float = 1e-2
+    faithfulness_warmup_weight_decay: float = 0.1
+
+    # evaluation
+    ci_threshold: float = 0.1
+    """τ: a subcomponent is active on an input when g > τ (L0, alive subcomponents, mechanisms)"""
+
+    def _check_ranges(self) -> None:
+        super()._check_ranges()
+        need(self.C >= 1, f"SPDConfig.C={self.C}: every matrix needs at least one subcomponent (C >= 1)")
+        need(all(h >= 1 for h in self.ci_hidden), f"SPDConfig.ci_hidden={self.ci_hidden}: hidden widths must be >= 1")
+        need(self.init_scale > 0, f"SPDConfig.init_scale={self.init_scale}: must be > 0")
+        need(0 <= self.leaky_alpha < 1, f"SPDConfig.leaky_alpha={self.leaky_alpha}: must lie in [0, 1)")
+        need(0 < self.pnorm <= 2, f"SPDConfig.pnorm={self.pnorm}: p must lie in (0, 2] (the paper uses 1 or 2; LMs anneal 2 -> 0.4)")
+        need(self.pnorm_final is None or 0 < self.pnorm_final <= 2,
+             f"SPDConfig.pnorm_final={self.pnorm_final}: must lie in (0, 2], or None for no annealing")  # fmt: skip
+        need(0 <= self.pnorm_anneal_start_frac <= self.pnorm_anneal_end_frac <= 1,
+             f"SPDConfig.pnorm_anneal_start_frac={self.pnorm_anneal_start_frac}, pnorm_anneal_end_frac={self.pnorm_anneal_end_frac}: "
+             "need 0 <= start <= end <= 1")  # fmt: skip
+        need(self.importance_minimality_eps >= 0, f"SPDConfig.importance_minimality_eps={self.importance_minimality_eps}: must be >= 0")
+        need(self.importance_minimality_beta >= 0, f"SPDConfig.importance_minimality_beta={self.importance_minimality_beta}: must be >= 0")
+        need(self.n_mask_samples >= 1, f"SPDConfig.n_mask_samples={self.n_mask_samples}: must be >= 1")
+        need(self.faithfulness_warmup_steps >= 0, f"SPDConfig.faithfulness_warmup_steps={self.faithfulness_warmup_steps}: must be >= 0")
+        need(self.faithfulness_warmup_lr > 0, f"SPDConfig.faithfulness_warmup_lr={self.faithfulness_warmup_lr}: must be > 0")
+        need(self.faithfulness_warmup_weight_decay >= 0,
+             f"SPDConfig.faithfulness_warmup_weight_decay={self.faithfulness_warmup_weight_decay}: must be >= 0")  # fmt: skip
+        need(0 <= self.ci_threshold < 1, f"SPDConfig.ci_threshold={self.ci_threshold}: τ must lie in [0, 1)")
+        recon = [f.name for f in dataclasses.fields(self) if f.name.endswith("recon_coeff") or "_recon_" in f.name]
+        need(sum(self.coefficient(n.removesuffix("_coeff")) for n in recon) > 0,
+             f"SPDConfig: every reconstruction loss is off ({', '.join(recon)}); without one nothing ties the "
+             "subcomponents to the target's outputs")  # fmt: skip
+        need(self.delta_component or self.coefficient("faithfulness") > 0,
+             "SPDConfig: delta_component=False and faithfulness_coeff off: nothing keeps Σ_c U_c V_cᵀ equal to the weights; "
+             "set faithfulness_coeff (e.g. 1.0) or delta_component=True")  # fmt: skip
+
+
+def annealed_p(config: SPDConfig, step: int) -> float:
+    """The minimality exponent p at ``step`` (linear from ``pnorm`` to ``pnorm_final`` between the
+    start and end fractions of the run)."""
+    if config.pnorm_final is None:
+        return config.pnorm
+    frac = step / config.steps
+    start, end = config.pnorm_anneal_start_frac, config.pnorm_anneal_end_frac
+    if frac <= start:
+        return config.pnorm
+    if frac >= end or end == start:
+        return config.pnorm_final
+    return config.pnorm + (config.pnorm_final - config.pnorm) * (frac - start) / (end - start)
+
+
+@dataclass
+class SPDStep(StepContext):
+    """One SPD step's forward computation (what the SPD losses read)."""
+
+    config: SPDConfig
+    target_out: Tensor
+    ci: dict[str, Tensor]
+    """g per layer use, [*lead, C] (lower-leaky: in [0, 1])"""
+    ci_upper: dict[str, Tensor]
+    """g⁺ per layer use (upper-leaky) for the minimality loss"""
+
+    def stochastic_masks(self) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """One draw of m = g + (1 − g)·r per layer, and the Δ-components' masks r_Δ [*lead] (or None)."""
+        c = self.config
+        masks, deltas = {}, {} if c.delta_component else None
+        for n, g in self.ci.items():
+            r = torch.rand_like(g) if c.sampling is Sampling.continuous else torch.randint_like(g, 0, 2)
+            masks[n] = g + (1 - g) * r
+            if deltas is not None:
+                deltas[n] = torch.rand(g.shape[:-1], dtype=g.dtype, device=g.device)
+        return masks, deltas
+
+    def metrics(self) -> dict[str, Tensor]:
+        tau = self.config.ci_threshold
+        return {"l0": sum((g > tau).float().sum(-1).mean() for g in self.ci.values())}  # type: ignore[dict-item]
+
+
+def _d_in(cm: ComponentModel, name: str) -> int:
+    layer = cm.layers[name]
+    if name in cm.tied_names:  # the second use reads in the source's output space
+        return layer.source.B.shape[1]  # type: ignore[union-attr]
+    return layer.A.shape[-1]  # type: ignore[union-attr]
+
+
+class SPD(Method):
+    """Stochastic Parameter Decomposition (see the module docstring)."""
+
+    name = "spd"
+    config_class = SPDConfig
+    eval_mask_name = "ci"
+    config: SPDConfig
+
+    def build(self, target: nn.Module, modules: Sequence[str], *, tied: Mapping[str, str] | None = None,
+              seed: int | None = None) -> ComponentModel:  # fmt: skip
+        c = self.config
+        seed = c.seed if seed is None else seed
+        cm = ComponentModel(target, modules, c.C, rank=1, tied=tied, init_scale=c.init_scale, seed=seed,
+                            init=ComponentInit.kaiming)  # fmt: skip
+        generator = torch.Generator().manual_seed(seed + 1_000_003)  # the CI functions' own stream
+        fns = {}
+        for n in cm.layer_names:
+            layer = cm.layers[n]
+            reads_inner = isinstance(layer, EmbeddingComponents)
+            fns[n] = make_ci_fn(c.ci_fn, layer.C, _d_in(cm, n), list(c.ci_hidden), generator, reads_inner)
+        cm.set_ci_fns(fns)
+        return cm.to(next(iter(cm.target_weights().values())).device)
+
+    def causal_importances(self, cm: ComponentModel, a_in: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(g, g⁺) per layer use from the layers' inputs ``a_in``."""
+        alpha = self.config.leaky_alpha
+        lower, upper = {}, {}
+        for n in cm.layer_names:
+            pre = cm.ci_fn(n)(cm.layers[n].component_acts(a_in[n]), a_in[n])
+            lower[n] = lower_leaky_hard_sigmoid(pre, alpha)
+            upper[n] = upper_leaky_hard_sigmoid(pre, alpha)
+        return lower, upper
+
+    def step_context(self, cm: ComponentModel, x: Tensor, step: int, capture: Sequence[str] = ()) -> SPDStep:
+        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True) as a_in:
+            target_out = cm(x)
+        ci, ci_upper = self.causal_importances(cm, a_in)
+        return SPDStep(cm=cm, x=x, config=self.config, step=step, target_out=target_out, ci=ci, ci_upper=ci_upper)
+
+    def warmup(self, factors: Factors, target_weights: Mapping[str, Tensor]) -> None:
+        """The faithfulness warm-up: ``faithfulness_warmup_steps`` AdamW steps on ‖W − Σ_c B_c A_c‖²/N
+        alone (factors may carry a leading instance dimension; instances stay independent)."""
+        c = self.config
+        if c.faithfulness_warmup_steps == 0:
+            return
+        params = [*factors.A.values(), *factors.B.values()]
+        opt = torch.optim.AdamW(params, lr=c.faithfulness_warmup_lr, weight_decay=c.faithfulness_warmup_weight_decay)
+        n_weights = sum(w.numel() for w in target_weights.values())
+        for _ in range(c.faithfulness_warmup_steps):
+            loss = sum(((target_weights[n] - torch.einsum("...com,...cmi->...oi", factors.B[n], A)) ** 2).sum()
+                       for n, A in factors.A.items()) / n_weights  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]
+            opt.step()
+        for p in params:
+            p.grad = None
+
+    def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
+        """The causal importances g per layer use (lower-leaky, in [0, 1])."""
+        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True) as a_in:
+            cm(x)
+            ci, _ = self.causal_importances(cm, a_in)
+        return ci
+
+    def mask_l0(self, masks: Masks) -> dict[str, float]:
+        tau = self.config.ci_threshold
+        assert isinstance(masks, Mapping)
+        per = {f"l0/{n}": (g > tau).float().sum(-1).mean().item() for n, g in masks.items()}
+        return {"l0": sum(per.values()), **per}
+
+    def eval_metrics(self, cm: ComponentModel, x: Tensor, masks: Masks, target_out: Tensor) -> dict[str, Any]:
+        """Thresholded-CI reconstruction, per-layer mean CI, alive subcomponents (g > τ somewhere),
+        and the layers whose gates saturate (g > τ on > 90% of (input, subcomponent) pairs) or all die."""
+        assert isinstance(masks, Mapping)
+        tau = self.config.ci_threshold
+        with torch.no_grad():
+            hard = {n: (g > tau).to(g.dtype) for n, g in masks.items()}
+            out: dict[str, Any] = {"ci_thresholded_recon_mse": (cm(x, masks=hard) - target_out).pow(2).mean().item()}
+            saturated, dead = [], []
+            for n, g in masks.items():
+                on = g > tau
+                rows = on.reshape(-1, on.shape[-1])
+                out[f"ci_mean/{n}"] = g.mean().item()
+                out[f"n_alive/{n}"] = float(rows.any(0).sum())
+                if rows.float().mean() > 0.9:
+                    saturated.append(n)
+                if not rows.any():
+                    dead.append(n)
+            out["ci_saturated_layers"] = saturated
+            out["ci_dead_layers"] = dead
+        return out
+
+    def run_warnings(self, metrics: Mapping[str, Any]) -> list[str]:
+        out = []
+        if metrics.get("ci_saturated_layers"):
+            out.append(f"the causal importances of {metrics['ci_saturated_layers']} saturate (g > τ on over 90% of inputs and "
+                       "subcomponents): importance_minimality_coeff is too low for them, or C too small; raise the "
+                       "coefficient (x3) or C")  # fmt: skip
+        if metrics.get("ci_dead_layers"):
+            out.append(f"every subcomponent of {metrics['ci_dead_layers']} is inactive on every input (g <= τ): "
+                       "importance_minimality_coeff is too high; lower it (/3)")  # fmt: skip
+        return out
+

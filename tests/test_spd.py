@@ -1,0 +1,199 @@
+"""SPD: squashing functions, causal-importance functions, masks, the Δ-component, the losses by hand,
+and the method in the one training loop (seeds at once, resume, bad input)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from apd import ComponentModel, ConfigError, ModuleSelectionError, SPDConfig, decompose, decompose_seeds, load_decomposition
+from apd.ci_functions import MLPCI, SharedMLPCI, VectorMLPCI
+from apd.losses.importance_minimality import importance_minimality_loss
+from apd.methods import method_for
+from apd.methods.spd import annealed_p, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from apd.train import loss_terms
+
+
+def test_lower_leaky_hard_sigmoid_clamps_and_leaks_only_upwards_below_zero():
+    x = torch.tensor([-1.0, -1.0, 0.5, 0.5, 1.5, 1.5], requires_grad=True)
+    y = lower_leaky_hard_sigmoid(x, alpha=0.1)
+    torch.testing.assert_close(y, torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0]))
+    g = torch.tensor([-2.0, 3.0, -2.0, 3.0, -2.0, 3.0])  # dL/dy
+    (y * g).sum().backward()
+    # below 0: α·g only when g < 0 (descent raises x); inside: g; above 1: 0
+    torch.testing.assert_close(x.grad, torch.tensor([-0.2, 0.0, -2.0, 3.0, 0.0, 0.0]))
+
+
+def test_upper_leaky_hard_sigmoid():
+    x = torch.tensor([-1.0, 0.25, 3.0], requires_grad=True)
+    y = upper_leaky_hard_sigmoid(x, alpha=0.1)
+    torch.testing.assert_close(y, torch.tensor([0.0, 0.25, 1.2]))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 1.0, 0.1]))
+
+
+def test_ci_functions_are_per_subcomponent_where_they_should_be():
+    g = torch.Generator().manual_seed(0)
+    C, d = 4, 6
+    inner, a = torch.randn(7, 3, C, 1), torch.randn(7, 3, d)
+    mlp = MLPCI(C, [5], g)
+    out = mlp(inner, a)
+    assert out.shape == (7, 3, C)
+    # subcomponent c's output depends on its own inner activation only
+    bumped = inner.clone()
+    bumped[..., 1, 0] += 1.0
+    changed = (mlp(bumped, a) != out).any(dim=(0, 1))
+    assert changed.tolist() == [False, True, False, False]
+    # by hand for subcomponent 2: gelu(v w1 + b1) · w2 + b2
+    W1, b1, W2, b2 = (p.detach() for p in mlp.parameters())
+    v = inner[0, 0, 2, 0]
+    expected = (torch.nn.functional.gelu(v * W1[2, 0] + b1[2]) * W2[2, :, 0]).sum() + b2[2, 0]
+    assert out[0, 0, 2].item() == pytest.approx(expected.item(), rel=1e-5)
+    for fn in (VectorMLPCI(C, d, [5], g), SharedMLPCI(C, d, [5, 3], g)):
+        assert fn(inner, a).shape == (7, 3, C)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+
+
+def test_delta_component_makes_the_unmasked_model_the_target_whatever_the_components():
+    model = _mlp()
+    cm = method_for(SPDConfig(C=3)).build(model, ["0", "2"])
+    x = torch.randn(6, 5)
+    ones = {n: torch.ones(6, 3) for n in cm.layer_names}
+    with torch.no_grad():
+        full = cm(x, masks=ones, weight_delta_masks={n: torch.ones(6) for n in cm.layer_names})
+        torch.testing.assert_close(full, model(x))  # Σ P + 1·(W − Σ P) = W
+        without = cm(x, masks=ones)
+        assert not torch.allclose(without, model(x))  # random components alone miss W
+        # r_Δ = 0 and masks 1: the components alone
+        torch.testing.assert_close(cm(x, masks=ones, weight_delta_masks={n: torch.zeros(6) for n in cm.layer_names}), without)
+
+
+def test_losses_by_hand_on_a_one_matrix_model():
+    torch.manual_seed(1)
+    lin = nn.Linear(3, 2, bias=False)
+    cfg = SPDConfig(C=2, importance_minimality_coeff=0.5, pnorm=2.0, delta_component=False, faithfulness_coeff=1.0,
+                    stochastic_recon_layerwise_coeff=None, faithfulness_warmup_steps=0)  # fmt: skip
+    method = method_for(cfg)
+    cm = method.build(nn.Sequential(lin), ["0"])
+    x = torch.randn(4, 3)
+    torch.manual_seed(7)
+    terms = method.loss_terms(cm, x, 0)
+    # recompute by hand with the same random draw
+    torch.manual_seed(7)
+    with torch.no_grad():
+        layer = cm.layers["0"]
+        v = x @ layer.A[:, 0].T  # (4, C) inner activations
+        pre = cm.ci_fn("0")(v[..., None], x)
+        g = pre.clamp(0, 1)
+        g_up = torch.where(pre > 1, 1 + 0.01 * (pre - 1), pre.clamp(0, 1))
+        m = g + (1 - g) * torch.rand_like(g)
+        W_masked = torch.einsum("bc,cdo->bdo", m, layer.B[:, :, 0, None] * layer.A[:, 0][:, None, :])
+        out = torch.einsum("bdo,bo->bd", W_masked, x)
+        recon = (out - lin(x)).pow(2).mean()
+        imp = (g_up.pow(2)).mean(0).sum()
+        faith = (lin.weight - (layer.B[:, :, 0].T @ layer.A[:, 0])).pow(2).mean()
+    assert terms["stochastic_recon"].item() == pytest.approx(recon.item(), rel=1e-5)
+    assert terms["importance_minimality"].item() == pytest.approx(imp.item(), rel=1e-5)
+    assert terms["faithfulness"].item() == pytest.approx(faith.item(), rel=1e-5)
+    assert terms["total"].item() == pytest.approx((faith + recon + 0.5 * imp).item(), rel=1e-5)
+    assert terms["l0"].item() == pytest.approx((g > 0.1).float().sum(-1).mean().item())
+
+
+def test_importance_minimality_sums_layers_and_components_and_averages_rows():
+    ci = {"a": torch.tensor([[0.5, 1.0], [0.0, 1.0]]), "b": torch.tensor([[[1.0], [0.0]]])}  # b: one sample, 2 positions
+    # a: means (0.25, 1) -> 1.25; b: mean over 2 positions 0.5 -> 0.5 ; p = 1
+    assert importance_minimality_loss(ci, p=1.0, eps=0.0).item() == pytest.approx(1.75)
+    assert importance_minimality_loss(ci, p=2.0, eps=0.0).item() == pytest.approx((0.125 + 1.0) + 0.5)
+    # frequency term: each mean weighted by β·log2(1 + its sum)
+    beta = importance_minimality_loss({"a": ci["a"]}, p=1.0, eps=0.0, beta=1.0).item()
+    assert beta == pytest.approx(0.25 + 0.25 * math.log2(1.5) + 1.0 + 1.0 * math.log2(3.0))
+
+
+def test_p_annealing():
+    cfg = SPDConfig(steps=100, pnorm=2.0, pnorm_final=0.4, pnorm_anneal_start_frac=0.2, pnorm_anneal_end_frac=0.6)
+    assert [annealed_p(cfg, s) for s in (0, 20, 40, 60, 99)] == pytest.approx([2.0, 2.0, 1.2, 0.4, 0.4])
+    assert annealed_p(SPDConfig(pnorm=1.5), 10) == 1.5
+
+
+def test_ci_masks_from_the_component_model():
+    cm = method_for(SPDConfig(C=3)).build(_mlp(), ["0", "2"])
+    x = torch.randn(6, 5)
+    ci = cm.causal_importances(x)
+    assert set(ci) == {"0", "2"} and ci["0"].shape == (6, 3) and bool(((ci["0"] >= 0) & (ci["0"] <= 1)).all())
+    assert cm(x, masks=ci).shape == (6, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ci_fn": "gru"}, "ci_fn='gru'"),
+        ({"C": 0}, r"C=0"),
+        ({"importance_minimality_coeff": -1.0}, "importance_minimality_coeff"),
+        ({"pnorm": 0.0}, r"pnorm=0.0"),
+        ({"pnorm": 3.0}, r"\(0, 2\]"),
+        ({"ci_threshold": 1.0}, "ci_threshold"),
+        ({"stochastic_recon_coeff": None, "stochastic_recon_layerwise_coeff": None}, "every reconstruction loss is off"),
+        ({"delta_component": False}, "faithfulness_coeff"),
+        ({"output_loss": "xent"}, "output_loss"),
+    ],
+)
+def test_bad_values_are_one_line_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SPDConfig(**kwargs)
+
+
+def test_a_module_spd_cannot_decompose_is_refused():
+    with pytest.raises(ModuleSelectionError, match="cannot be decomposed"):
+        decompose(_mlp(), lambda: torch.randn(8, 5), SPDConfig(C=2, steps=2), ["1"], progress=False)
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return lambda: torch.randn(64, 5, generator=g)
+
+
+def test_training_lowers_the_reconstruction_and_saves_the_ci_functions(tmp_path):
+    cfg = SPDConfig(C=4, steps=80, lr=1e-2, log_every=10, importance_minimality_coeff=1e-3)
+    logged = []
+    dec = decompose(_mlp(), _data(), cfg, ["0", "2"], progress=False, callback=lambda s, t: logged.append(t))
+    assert logged[-1]["stochastic_recon"] < logged[0]["stochastic_recon"]
+    assert dec.method == "spd" and dec.component_weights()["0"].shape == (4, 4, 5)
+    assert any(n.startswith("ci_fns.") for n in dec.params)
+    loaded = load_decomposition(dec.save(tmp_path))
+    cm = loaded.attach(_mlp())
+    x = torch.randn(9, 5)
+    ours, theirs = cm.causal_importances(x), dec.component_model.causal_importances(x)
+    for n in ours:
+        torch.testing.assert_close(ours[n], theirs[n])
+    assert "SPD" in repr(loaded) and "further trained tensors" in repr(loaded) and len(repr(loaded)) < 300
+
+
+def test_resume_after_a_crash_is_exact(tmp_path):
+    cfg = SPDConfig(C=3, steps=30, lr=1e-2, log_every=5, checkpoint_every=10)
+    full = decompose(_mlp(), lambda: torch.randn(32, 5), cfg, ["0", "2"], progress=False)
+
+    def crash(step, terms):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        decompose(_mlp(), lambda: torch.randn(32, 5), cfg, ["0", "2"], progress=False, checkpoint_dir=tmp_path, callback=crash)
+    resumed = decompose(_mlp(), lambda: torch.randn(32, 5), cfg, ["0", "2"], progress=False, checkpoint_dir=tmp_path)
+    for n, p in full.params.items():
+        assert torch.equal(resumed.params[n], p), n
+
+
+def test_loss_terms_of_a_token_model_per_position():
+    emb = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7))
+    cfg = SPDConfig(C=3, output_loss="kl", ci_fn="shared_mlp")
+    cm = method_for(cfg).build(emb, ["0", "1"])
+    x = torch.randint(0, 7, (2, 5))
+    terms = loss_terms(cm, x, cfg)
+    assert set(terms) >= {"total", "stochastic_recon", "stochastic_recon_layerwise", "importance_minimality", "l0"}
+    ci = cm.causal_importances(x)
+    assert ci["0"].shape == (2, 5, 3) and ci["1"].shape == (2, 5, 3)
