@@ -179,3 +179,6 @@ def get_target(cfg: TargetConfig) -> tuple[nn.Module, dict[str, Any]]:
             return model, {**info, "source": str(path)}
     model, info = train_target(cfg)
     return model, {**info, "source": "trained in this run"}
+
+
+import apd.lm_target  # noqa: E402,F401  (registers the "lm" kind in _KINDS; it subclasses TargetConfig, so it comes last)

@@ -9,6 +9,7 @@ from omegaconf import MISSING
 
 from apd.config import APDConfig
 from apd.experiment import DecomposeRun
+from apd.lm_target import LMTargetConfig
 from apd.targets import ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 
 
@@ -45,6 +46,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="target", name="tms_schema", node=TMSTargetConfig)
     cs.store(group="target", name="resid_mlp_schema", node=ResidMLPTargetConfig)
+    cs.store(group="target", name="lm_schema", node=LMTargetConfig)
     cs.store(group="method", name="apd_schema", node=APDConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(name="decompose_schema", node=DecomposeApp)

@@ -8,6 +8,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from apd.lm_target import LMTargetConfig
 from apd.targets import PRETRAINED_DIR, save_target, train_target
 from experiments import schema  # noqa: F401  (registers the config schemas)
 
@@ -18,6 +19,8 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(app.threads)
     out = Path(HydraConfig.get().runtime.output_dir)
     model, info = train_target(app.target)
+    if isinstance(app.target, LMTargetConfig):  # held-out numbers, until TargetConfig grows evaluate()
+        info |= app.target.evaluate(model)
     save_target(model, app.target, info, out / f"{app.target.name}.pt")
     if app.ship:
         save_target(model, app.target, info, PRETRAINED_DIR / f"{app.target.name}.pt")
