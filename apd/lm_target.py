@@ -85,7 +85,9 @@ class LMTargetConfig(TargetConfig):
         """Model inputs: token windows of the training plays."""
         return self.windows(Split.train, batch_size, generator, device)
 
-    def heldout_batch(self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu") -> Int[Tensor, "B seq_len"]:
+    def heldout_batch(
+        self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu"
+    ) -> Int[Tensor, "B seq_len"]:
         """Model inputs: token windows of the held-out plays."""
         return self.windows(Split.heldout, batch_size, generator, device)
 

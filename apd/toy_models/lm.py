@@ -101,7 +101,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Float[Tensor, "B T d_model"]) -> Float[Tensor, "B T d_model"]:
         B, T, d = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, nh, T, hs)
+        hs = d // self.n_heads
+        q, k, v = (proj(x).view(B, T, self.n_heads, hs).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.o(y.transpose(1, 2).reshape(B, T, d))
 
