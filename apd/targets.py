@@ -92,6 +92,11 @@ class TargetConfig:
         generic ones are computed for every target by ``apd.evaluation``)."""
         return {}
 
+    def target_info(self, model: nn.Module) -> dict[str, Any]:
+        """Numbers about a freshly trained target for its shipped JSON, besides the training loss
+        (default: none; the language model records its held-out losses)."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
@@ -285,9 +290,10 @@ def train_target(cfg: TargetConfig) -> tuple[nn.Module, dict[str, Any]]:
     model = cfg.build()
     t0 = time.perf_counter()
     loss = cfg.train(model)
-    info = {"train_loss": loss, "train_seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
-            "command": f"python -m experiments.train_target target={cfg.name} ship=true"}  # fmt: skip
-    info |= getattr(model, "train_info", {})  # e.g. a language model's held-out loss
+    threads = torch.get_num_threads()
+    info = {"train_loss": loss, "train_seconds": round(time.perf_counter() - t0, 1), "torch_threads": threads,
+            "command": f"python -m experiments.train_target target={cfg.name} ship=true" + (f" threads={threads}" if threads != 1 else "")}  # fmt: skip
+    info |= cfg.target_info(model)  # e.g. a language model's held-out losses (not in train_seconds)
     return model, info
 
 
@@ -320,3 +326,6 @@ def get_target(cfg: TargetConfig) -> tuple[nn.Module, dict[str, Any]]:
             return model, {**info, "source": str(path)}
     model, info = train_target(cfg)
     return model, {**info, "source": "trained in this run"}
+
+
+import apd.lm_target  # noqa: E402,F401  (registers the "lm" kind; it subclasses TargetConfig, so it comes last)

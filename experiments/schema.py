@@ -9,6 +9,7 @@ from omegaconf import MISSING
 
 from apd import APDConfig, MethodConfig, SPDConfig
 from apd.experiment import DecomposeRun
+from apd.lm_target import LMTargetConfig
 from apd.targets import ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 
 
@@ -47,6 +48,7 @@ def register() -> None:
     cs.store(group="target", name="tms_schema", node=TMSTargetConfig)
     cs.store(group="target", name="resid_mlp_schema", node=ResidMLPTargetConfig)
     cs.store(group="target", name="module_schema", node=ModuleTargetConfig)
+    cs.store(group="target", name="lm_schema", node=LMTargetConfig)
     cs.store(group="method", name="apd_schema", node=APDConfig)
     cs.store(group="method", name="spd_schema", node=SPDConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)

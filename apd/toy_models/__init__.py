@@ -1,5 +1,7 @@
-"""Toy target models with known ground truth (SPEC §2)."""
+"""Toy target models with known ground truth (SPEC §2), and the one-layer language model (SPEC §6)."""
 
+from apd.toy_models.lm import LMConfig, TransformerLM, evaluate_lm, train_lm
+from apd.toy_models.lm_data import CharTokenizer, load_corpus, load_tokenizer
 from apd.toy_models.resid_mlp import (
     ResidMLP,
     ResidMLPConfig,
@@ -24,4 +26,11 @@ __all__ = [
     "resid_mlp_batch",
     "resid_mlp_labels",
     "train_resid_mlp",
+    "LMConfig",
+    "TransformerLM",
+    "evaluate_lm",
+    "train_lm",
+    "CharTokenizer",
+    "load_corpus",
+    "load_tokenizer",
 ]

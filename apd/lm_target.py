@@ -1,0 +1,134 @@
+"""The language-model target as a config: the one-layer Shakespeare character transformer (SPEC §6).
+
+``LMTargetConfig`` is an option of the experiments' ``target`` group (``conf/target/lm_1l.yaml``),
+built, trained, shipped and loaded like the toy targets of ``apd.targets``. Its batches are
+``[B, seq_len]`` int64 token windows of the corpus's training plays; ``heldout_batch`` draws from
+the held-out plays. The decomposed matrices are the MLP's ``mlp.up`` and ``mlp.down``.
+``target_info`` measures what the shipped JSON records besides the training loss: the held-out loss,
+the unigram and MLP-ablated baselines, and a fixed check batch the tests recompute.
+"""
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from apd.targets import TargetConfig, register_target_kind
+from apd.toy_models.lm import LMConfig, TransformerLM, evaluate_lm, lm_loss, train_lm
+from apd.toy_models.lm_data import Split, lm_batch, load_corpus, load_tokenizer, unigram_cross_entropy
+
+__all__ = ["LMTargetConfig", "CHECK_BATCH"]
+
+log = logging.getLogger(__name__)
+
+CHECK_BATCH = {"split": Split.heldout.value, "batch_size": 64, "seed": 0}
+"""The held-out windows (seq_len + 1 tokens, drawn by ``windows`` from a generator with this seed)
+whose loss ``target_info`` records and the tests recompute from the shipped weights."""
+
+
+@functools.cache
+def _split_tokens(split: Split) -> Tensor:
+    """One shared token tensor per split (callers only index it)."""
+    return load_corpus(split)
+
+
+@dataclass(kw_only=True)
+class LMTargetConfig(TargetConfig):
+    """One-layer transformer on the Shakespeare characters: d_model 128, a ReLU MLP of 512 neurons."""
+
+    name: str = "lm_1l"
+    seq_len: int = 128
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    train_steps: int = 6_000
+    train_batch_size: int = 32
+    train_lr: float = 3e-3
+    train_weight_decay: float = 0.1
+    train_warmup_steps: int = 200
+    train_final_lr_fraction: float = 0.1
+    """the cosine schedule decays the learning rate to this fraction of train_lr"""
+    train_grad_clip: float = 1.0
+
+    kind = "lm"
+
+    def model_config(self) -> LMConfig:
+        return LMConfig(vocab_size=load_tokenizer().vocab_size, seq_len=self.seq_len, d_model=self.d_model,
+                        n_heads=self.n_heads, d_mlp=self.d_mlp, init_seed=self.train_seed)  # fmt: skip
+
+    def build(self) -> TransformerLM:
+        return TransformerLM(self.model_config())
+
+    def train(self, model: nn.Module) -> float:
+        """Train in place; returns the mean training loss (nats/token) over the last 250 steps."""
+        assert isinstance(model, TransformerLM)
+        result = train_lm(model, _split_tokens(Split.train), _split_tokens(Split.heldout), steps=self.train_steps,
+                          batch_size=self.train_batch_size, lr=self.train_lr, weight_decay=self.train_weight_decay,
+                          warmup_steps=self.train_warmup_steps, final_lr_fraction=self.train_final_lr_fraction,
+                          grad_clip=self.train_grad_clip, seed=self.train_seed, log_every=250,
+                          callback=lambda r: log.info("step %(step)d: train %(train_loss).4f, held-out %(heldout_loss).4f "
+                                                      "nats/token, lr %(lr).2e, %(seconds).0f s", r))  # fmt: skip
+        return float(result["final_loss"])
+
+    def windows(self, split: Split | str, batch_size: int, generator: torch.Generator | None = None,
+                device: str | torch.device = "cpu", length: int | None = None) -> Int[Tensor, "B L"]:  # fmt: skip
+        """``batch_size`` windows of ``length`` (default ``seq_len``) tokens from one split; take
+        ``length = seq_len + 1`` for inputs ``w[:, :-1]`` and next-token targets ``w[:, 1:]``."""
+        return lm_batch(_split_tokens(Split(split)), batch_size, length or self.seq_len, generator, device)
+
+    def batch(self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu") -> Int[Tensor, "B seq_len"]:
+        """Model inputs: token windows of the training plays."""
+        return self.windows(Split.train, batch_size, generator, device)
+
+    def heldout_batch(
+        self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu"
+    ) -> Int[Tensor, "B seq_len"]:
+        """Model inputs: token windows of the held-out plays."""
+        return self.windows(Split.heldout, batch_size, generator, device)
+
+    def modules(self) -> list[str]:
+        return ["mlp.up", "mlp.down"]
+
+    @torch.no_grad()
+    def check_batch_loss(self, model: TransformerLM) -> float:
+        """Loss (nats/token) on the fixed ``CHECK_BATCH`` of held-out windows."""
+        gen = torch.Generator().manual_seed(CHECK_BATCH["seed"])
+        w = self.windows(CHECK_BATCH["split"], CHECK_BATCH["batch_size"], gen, length=self.seq_len + 1)
+        return float(lm_loss(model(w[:, :-1]), w[:, 1:]))
+
+    @torch.no_grad()
+    def target_info(self, model: nn.Module) -> dict[str, Any]:
+        """Held-out numbers for the shipped JSON (all in nats/token, deterministic):
+
+        heldout_loss: every non-overlapping window of the held-out plays;
+        train_eval_loss: 4,096 evenly spaced windows of the training plays (the overfitting gap);
+        unigram_heldout_loss: a context-free model fit on the training plays (the ceiling);
+        mlp_zero_ablated_heldout_loss: the MLP's output replaced by zeros (the "loss recovered" floor);
+        check_batch_loss: the fixed ``CHECK_BATCH``.
+        """
+        assert isinstance(model, TransformerLM)
+        train, heldout = _split_tokens(Split.train), _split_tokens(Split.heldout)
+        T = self.seq_len
+        heldout_loss = evaluate_lm(model, heldout, T)
+
+        def zero_mlp(x: Tensor) -> Tensor:
+            return model(x, mlp_out=torch.zeros(*x.shape, model.config.d_model, device=x.device))
+
+        return {
+            "heldout_loss": heldout_loss,
+            "heldout_bits_per_char": heldout_loss / math.log(2),
+            "train_eval_loss": evaluate_lm(model, train, T, max_windows=4096),
+            "unigram_heldout_loss": unigram_cross_entropy(train, heldout, model.config.vocab_size),
+            "mlp_zero_ablated_heldout_loss": evaluate_lm(model, heldout, T, forward=zero_mlp),
+            "check_batch": {**CHECK_BATCH, "loss": self.check_batch_loss(model)},
+            "heldout_tokens": int(heldout.numel()),
+            "train_tokens": int(train.numel()),
+        }
+
+
+register_target_kind(LMTargetConfig)
