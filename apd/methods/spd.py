@@ -115,6 +115,8 @@ class SPDConfig(MethodConfig):
     losses see the difference; the faithfulness warm-up fits the sum first either way)"""
     stochastic_recon_coeff: float | None = 1.0
     stochastic_recon_layerwise_coeff: float | None = 1.0
+    ci_masked_recon_coeff: float | None = None
+    """reconstruction with the masks set to the causal importances themselves (None: off)"""
     importance_minimality_coeff: float | None = 1e-3
     """β3, the coefficient that matters: see the module docstring for how to pick it"""
     pnorm: float = 1.0
