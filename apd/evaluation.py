@@ -2,8 +2,9 @@
 
 ``evaluate`` computes, on fresh inputs, the faithfulness loss, the output distance of the model
 under the method's evaluation masks (APD: top-k; SPD: causal importances) to the target, the mean
-number of active components per input (L0), and then asks the target config for its ground-truth
-metrics (``TargetConfig.evaluate``) through an :class:`EvalContext`.
+number of active components per input (L0), the method's own numbers, the mechanisms (groups of
+co-active units, ``apd.mechanisms``), and then asks the target config for its ground-truth metrics
+(``TargetConfig.evaluate``) through an :class:`EvalContext`.
 """
 
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from apd.component_model import ComponentModel, Masks
 from apd.decomposition import Decomposition
 from apd.losses import faithfulness_loss
 from apd.losses.distance import output_distance
+from apd.mechanisms import mechanism_summary, mechanisms_from_masks
 from apd.methods import Method, method_for
 
 if TYPE_CHECKING:
@@ -73,4 +75,7 @@ def evaluate(
         if target_config.output_loss().value == "kl":
             generic[f"{method.eval_mask_name}_recon_kl"] = output_distance(out, masked, target_config.output_loss()).item()
         generic |= method.eval_metrics(cm, x, masks, out)
+        ranks = {n: cm.layers[n].m for n in cm.matrix_names}
+        mechs, summary = mechanisms_from_masks(masks, method.active_threshold(), cm.tied_names, ranks=ranks)
+        generic |= summary | {"mechanisms": mechanism_summary(mechs)}
     return target_config.evaluate(ctx) | generic

@@ -124,7 +124,10 @@ def main(cfg: DictConfig) -> float:
             return float("nan")
         raise
     for k, v in metrics.items():
-        print(f"{k:>36}: {v:.4g}" if isinstance(v, (int, float)) else f"{k:>36}: {v}")
+        if isinstance(v, (int, float)):
+            print(f"{k:>36}: {v:.4g}")
+        elif v:  # lists: mechanisms (in metrics.json), warnings
+            print(f"{k:>36}: {v if k != 'mechanisms' else f'{len(v)} listed in metrics.json'}")
     print(f"results written to {out}")
     return metrics.get("all_recovered", metrics.get("n_features_with_dedicated_component", 0.0))
 

@@ -57,8 +57,8 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             overrides.pop("n_seeds", None)
         rec: dict[str, Any] = {"run": str(run.relative_to(sweep_dir)), **overrides}
         if (run / "metrics.json").is_file():
-            rec["status"] = "finished"
-            rec |= json.loads((run / "metrics.json").read_text())
+            rec["status"] = "finished"  # numbers only (metrics.json also lists mechanisms and warnings)
+            rec |= {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if isinstance(v, (int, float))}
         elif (run / "failure.json").is_file():
             failure = json.loads((run / "failure.json").read_text())
             rec |= {"status": "failed", "error": f"{failure['error']}: {failure['message']}"[:300]}

@@ -33,9 +33,10 @@ def test_every_experiment_preset_composes_into_a_valid_run(experiment):
     cfg = _compose("decompose", [f"experiment={experiment}", "seed=3", "steps=7"])
     app = OmegaConf.to_object(cfg)
     assert isinstance(app, schema.DecomposeApp)
-    assert app.target.name == experiment.removesuffix("_paper")  # each preset picks its own target
-    assert app.method.seed == 3 and app.method.steps == 7
-    assert app.method.topk is None or app.method.topk <= app.method.C
+    assert app.target.name == experiment.removesuffix("_paper").removeprefix("spd_")  # each preset picks its own target
+    assert app.method.seed == 3 and app.method.steps == 7 and app.steps == 7  # one value, written everywhere
+    assert app.method.method == ("spd" if experiment.startswith("spd_") else "apd")
+    assert getattr(app.method, "topk", None) is None or app.method.topk <= app.method.C
 
 
 MODULE_EXAMPLE = ["target.factory=experiments.examples.mlp:trained_mlp", "target.data=experiments.examples.mlp:batch",
@@ -86,7 +87,7 @@ def test_target_ship_and_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
-@pytest.mark.parametrize("name", ["tms_5_2", "tms_40_10", "tms_5_2_id", "resid_mlp_1", "resid_mlp_2"])
+@pytest.mark.parametrize("name", ["tms_5_2", "tms_40_10", "tms_5_2_id", "tms_40_10_id", "resid_mlp_1", "resid_mlp_2", "resid_mlp_3"])
 def test_shipped_targets_exist_and_match_their_configs(name):
     app = OmegaConf.to_object(_compose("train_target", [f"target={name}"]))
     model, info = get_target(app.target)
@@ -159,3 +160,62 @@ def test_tensorboard_logger_writes_events(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def _decompose(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.decompose", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)  # fmt: skip
+
+
+def test_config_yaml_is_the_resolved_run_and_a_rerun_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "run"
+    proc = _decompose("steps=30", "seed=4", "figures=false", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.steps == 30 and saved.method.steps == 30 and saved.seed == 4 and saved.method.seed == 4
+    before = (out / "metrics.json").read_text()
+    # the same run again: finished, not redone, config.yaml unchanged
+    again = _decompose("steps=30", "seed=4", "figures=false", f"hydra.run.dir={out}")
+    assert again.returncode == 0 and (out / "metrics.json").read_text() == before
+    # other settings into the same dir: refused in one line, nothing overwritten
+    other = _decompose("steps=30", "seed=4", "method.lr=0.01", "figures=false", f"hydra.run.dir={out}")
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1].startswith("error: ") and "method.lr" not in other.stdout
+    assert "config.lr: 0.03 there, 0.01 now" in other.stderr and "Traceback" not in other.stderr
+    assert OmegaConf.load(out / "config.yaml").method.lr == 0.03 and (out / "metrics.json").read_text() == before
+
+
+def test_a_bad_config_value_is_one_line_on_the_command_line(tmp_path):
+    proc = _decompose("method.topk=11", "figures=false", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: APDConfig.topk=11.0 > C=10: k cannot exceed the number of components" in proc.stderr
+
+
+def test_your_own_model_from_the_command_line(tmp_path):
+    out = tmp_path / "own"
+    proc = _decompose("target=module", *MODULE_EXAMPLE, "method.C=6", "method.topk=2", "method.steps=40",
+                      "figures=false", f"hydra.run.dir={out}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["l0"] == pytest.approx(2.0, abs=0.05) and metrics["faithfulness_loss"] < 1.0
+    missing = _decompose("target=module", "figures=false", f"hydra.run.dir={tmp_path / 'm'}")
+    assert missing.returncode == 2 and "target=module needs target.factory and target.data" in missing.stderr
+    wrong = _decompose("target=module", *MODULE_EXAMPLE[:1], "target.data=experiments.examples.mlp:batches",
+                       "target.decompose=[0]", "figures=false", f"hydra.run.dir={tmp_path / 'w'}")  # fmt: skip
+    assert wrong.returncode == 2 and "has no 'batches'" in wrong.stderr
+
+
+def test_load_run_gives_a_notebook_the_target_decomposition_run_and_metrics(tmp_path):
+    from apd.experiment import load_run
+
+    run = DecomposeRun(target=TMSTargetConfig(name="tms_5_2"), steps=20, batch_size=256, n_eval=500)
+    result = run_decompose(run, tmp_path, progress=False)
+    loaded = load_run(tmp_path)
+    assert loaded.run.identity() == run.identity() and loaded.metrics == result.metrics
+    assert torch.equal(loaded.decomposition.A["enc"], result.decomposition.A["enc"])
+    cm = loaded.component_model()
+    x = run.target.batch(16, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cm(x), loaded.target(x))
+    text = repr(loaded.decomposition)
+    assert text.startswith("Decomposition(APD, C=8 over 1 matrices [enc (2, 5)], tied {'dec': 'enc'}, step 20/20")
+    assert "tensor(" not in text and len(text) < 200

@@ -143,3 +143,36 @@ def test_compile_is_refused_by_decompose_seeds():
     cfg = APDConfig(C=2, steps=2, compile=True)
     with pytest.raises(ConfigError, match="compile"):
         decompose_seeds(nn.Sequential(nn.Linear(3, 2)), lambda: torch.randn(4, 3), cfg, ["0"], [0, 1], progress=False)
+
+
+def test_unit_norm_A_projects_the_gradient_then_renormalises():
+    """One SGD step with unit_norm_A: A moves along the gradient with its component parallel to each
+    (unit) row removed, then each row is rescaled to unit norm; without the projection the step differs."""
+    from torch import nn
+
+    from apd.methods import method_for
+    from apd.train import train_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    cfg = APDConfig(C=3, rank=1, topk=2.0, unit_norm_A=True, lr=0.5, optimizer="sgdw", steps=5)
+    method = method_for(cfg)
+    cm = method.build(model, ["0", "2"])
+    method.prepare(cm)
+    A0 = {n: cm.layers[n].A.detach().clone() for n in cm.matrix_names}
+    torch.testing.assert_close(A0["0"].norm(dim=-1), torch.ones(3, 1))
+    x = torch.randn(32, 6)
+    grads = {}
+    hooks = [cm.layers[n].A.register_hook(lambda g, n=n: grads.__setitem__(n, g.clone())) for n in cm.matrix_names]
+    opt = torch.optim.SGD(list(cm.trainable_parameters().values()), lr=0.5)
+    train_step(cm, opt, x, method, 0)
+    for h in hooks:
+        h.remove()
+    for n in cm.matrix_names:
+        a, g = A0[n], grads[n]
+        projected = g - (g * a).sum(-1, keepdim=True) * a
+        stepped = a - 0.5 * projected
+        expected = stepped / stepped.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(cm.layers[n].A.detach(), expected, rtol=1e-5, atol=1e-6)
+        unprojected = (a - 0.5 * g) / (a - 0.5 * g).norm(dim=-1, keepdim=True)
+        assert not torch.allclose(unprojected, expected, atol=1e-4)

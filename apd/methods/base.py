@@ -149,6 +149,10 @@ class Method(ABC):
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
         """The masks the method evaluates with on ``x`` (APD: top-k; SPD: causal importances)."""
 
+    def active_threshold(self) -> float:
+        """A component counts as active on an input where its evaluation mask exceeds this (binary masks: 0.5)."""
+        return 0.5
+
     def mask_l0(self, masks: Masks) -> dict[str, float]:
         """L0 of evaluation masks: mean number of active components per row (sample or position);
         per module too when the masks are per module (``l0/<module>``), and their sum as ``l0``."""

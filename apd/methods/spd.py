@@ -289,6 +289,9 @@ class SPD(Method):
             ci, _ = self.causal_importances(cm, a_in)
         return ci
 
+    def active_threshold(self) -> float:
+        return self.config.ci_threshold
+
     def mask_l0(self, masks: Masks) -> dict[str, float]:
         tau = self.config.ci_threshold
         assert isinstance(masks, Mapping)
