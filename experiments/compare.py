@@ -216,7 +216,9 @@ def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: 
         "",
         apd_line,
         "",
-        f"SAEs: {st.steps} steps, batch {st.batch_size}, Adam lr {st.lr:g}, b_dec from the geometric median; {data_line}. "
+        f"SAEs: {st.steps} steps, batch {st.batch_size}, Adam lr {st.lr:g}, "
+        + (f"gradient norm clipped to {st.grad_clip_norm:g}" if st.grad_clip_norm is not None else "no gradient clipping")
+        + f", b_dec from the geometric median; {data_line}. "
         f"Grids: {grids}.",
         "",
         *([f"- {note}" for note in comparison.notes] + [""] if comparison.notes else []),

@@ -20,7 +20,7 @@ SPARSITY_KNOBS = {"standard": "l1_coeff", "topk": "k", "batchtopk": "k", "jumpre
 DECOMPOSITION_KNOBS = {"apd": "topk"}
 """The sparsity knob of each decomposition method (a field of its config; APD: its batch top-k):
 a decomposition row's ``sparsity_knob`` and ``sparsity``. A method scored in a comparison needs an
-entry here (SPD: its importance-minimality coefficient)."""
+entry here (e.g. SPD's importance-minimality coefficient)."""
 
 
 @dataclass(kw_only=True)

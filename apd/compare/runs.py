@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd.baselines import SAE, SAEConfig, SAETrainConfig, get_sae_class, load_sae, save_sae, train_sae
@@ -52,7 +53,7 @@ class Comparison:
     """the evaluation batch (:class:`apd.compare.tms.TMSActivations` or
     :class:`apd.compare.resid.ResidActivations`); ``data.truth`` is the features' ground truth the
     figures draw"""
-    kind: str = "tms"
+    kind: str
     """the target kind (``TargetConfig.kind``), which picks the comparison (:func:`apd.compare.comparison_for`)"""
     side_methods: set[str] = field(default_factory=set)
     """SAE grids kept out of the main table and Pareto figure (TMS: the transcoders, a side study)"""
@@ -64,7 +65,7 @@ class Comparison:
         return [r.row for r in self.results]
 
 
-def evaluation_target(cfg: CompareConfig, apd_run: DecomposeRun) -> tuple[nn.Module, Tensor]:
+def evaluation_target(cfg: CompareConfig, apd_run: DecomposeRun) -> tuple[nn.Module, Float[Tensor, "n_eval ..."]]:
     """``apd_run``'s target (the shipped one when its config matches), in eval mode, and the
     comparison's evaluation batch: ``cfg.n_eval`` inputs drawn from ``cfg.eval_seed``."""
     target, _ = get_target(apd_run.target)

@@ -222,7 +222,9 @@ def decomposition_recovery_row(
 # ---------------------------------------------------------------------------------------------
 
 
-def output_loss_recovered(out_masked: Tensor, out_clean: Tensor, out_ablated: Tensor) -> LossRecovered:
+def output_loss_recovered(
+    out_masked: Float[Tensor, "N *out"], out_clean: Float[Tensor, "N *out"], out_ablated: Float[Tensor, "N *out"]
+) -> LossRecovered:
     """1 − MSE(masked output, target output) / MSE(ablated output, target output): the decomposed
     model under its evaluation masks against the target with the hidden layer zero-ablated."""
     mse = lambda o: float((o.double() - out_clean.double()).pow(2).mean())  # noqa: E731

@@ -27,6 +27,7 @@ from apd.compare import (
 )
 from apd.decomposition import Decomposition
 from apd.experiment import DecomposeRun
+from apd.methods.apd import APD
 from apd.metrics.tms import tms_recovery
 from apd.targets import TMSTargetConfig, get_target
 from apd.toy_models.tms import TMS, TMSConfig, tms_batch
@@ -178,6 +179,21 @@ def test_bits_params_and_loss_recovered_formulas():
     assert lr.score == pytest.approx(0.75) and lr.mse_spliced == pytest.approx(0.25) and lr.mse_ablated == 1
     with pytest.raises(ValueError, match="undefined"):
         output_loss_recovered(clean, clean, clean)
+
+
+def test_per_module_evaluation_masks_are_scored_by_the_same_code(monkeypatch):
+    """SPD evaluates with one mask per module; the row takes them as they come: L0 and bits add up
+    over the modules (here the same top-k mask for W and for its tied use Wᵀ: twice APD's)."""
+    target, _ = get_target(TMSTargetConfig(name="tms_5_2"))
+    data = _data(target, p=0.05)
+    W = target.W.detach()
+    shared = evaluate_decomposition(_ground_truth_decomposition(W), target, data).row
+    eval_masks = APD.eval_masks
+    monkeypatch.setattr(APD, "eval_masks", lambda self, cm, x: {n: eval_masks(self, cm, x) for n in ("enc", "dec")})
+    per_module = evaluate_decomposition(_ground_truth_decomposition(W), target, data).row
+    assert per_module["l0"] == 2 * shared["l0"] and per_module["bits_per_datapoint"] == pytest.approx(2 * shared["bits_per_datapoint"])
+    same = [c for c in shared if c not in ("l0", "bits_per_datapoint") and not math.isnan(shared[c])]
+    assert {c: per_module[c] for c in same} == {c: shared[c] for c in same}
 
 
 def test_a_feature_of_tiny_norm_is_not_required_by_all_recovered_in_any_row():
