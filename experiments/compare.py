@@ -2,10 +2,11 @@
 
 Trains APD (the settings of the decompose preset named by ``apd_experiment``; or scores the finished
 run dirs listed in ``apd.runs``) and every SAE grid of the preset over its seeds on the same shipped
-target, scores all of them on one evaluation batch (``apd.compare`` for TMS, ``apd.compare_resid``
-for the 1-layer residual MLP) and writes into the run dir: ``comparison.csv`` (one row per model),
-``comparison.md`` (mean ± std over seeds, with a legend) and ``figures/``. APD runs land in
-``apd/`` (a finished one is reloaded when the run dir is reused), SAEs in ``saes/``.
+target, scores all of them on one evaluation batch (the comparison registered for the target's kind,
+``apd.compare.comparison_for``: ``apd.compare.tms`` for TMS, ``apd.compare.resid`` for the 1-layer
+residual MLP) and writes into the run dir: ``comparison.csv`` (one row per model), ``comparison.md``
+(mean ± std over seeds, with a legend) and ``figures/``. APD runs land in ``apd/`` (a finished one
+is reloaded when the run dir is reused), SAEs in ``saes/``.
 """
 
 import csv
@@ -20,10 +21,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from apd.compare import COLUMNS, Comparison, Trained, best_settings, run_comparison, summarise, tms_best_key
-from apd.compare_resid import RESID_COLUMNS, resid_best_key, run_resid_comparison
+from apd.compare import COLUMNS, Comparison, Trained, best_settings, comparison_for, summarise
 from apd.experiment import DecomposeRun
-from apd.targets import ResidMLPTargetConfig
 from experiments import compare_schema, schema
 from experiments.compare_figures import save_figures
 
@@ -45,9 +44,9 @@ def compare_app(cfg: DictConfig, out: Path) -> Comparison:
     t0 = time.perf_counter()
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     apd_run = apd_template(app)
-    run = run_resid_comparison if isinstance(apd_run.target, ResidMLPTargetConfig) else run_comparison
-    comparison = run(app, apd_run, out, log=log.info)
-    write_csv(comparison.rows, out / "comparison.csv", RESID_COLUMNS if comparison.kind == "resid_mlp" else COLUMNS)
+    target_comparison = comparison_for(apd_run.target.kind)
+    comparison = target_comparison.run(app, apd_run, out, log.info)
+    write_csv(comparison.rows, out / "comparison.csv", target_comparison.columns)
     figures = save_figures(comparison, app, out / "figures") if app.figures else []
     wall = time.perf_counter() - t0
     (out / "comparison.md").write_text(markdown(app, apd_run, comparison, wall, [p.relative_to(out) for p in figures]))
@@ -118,12 +117,12 @@ _RESID_TABLE = [
     ("mmcs_enc", "MMCS enc", 3), ("matched_mean_cos_enc", "1-1 cos enc", 3),
     ("mse_vs_target", "MSE vs target", ".2e"), ("mse_vs_labels", "MSE vs labels", ".2e"),
 ]  # fmt: skip
-"""the residual-MLP columns (apd.compare_resid)"""
+"""the residual-MLP columns (apd.compare.resid)"""
 
 _RESID_BEST = ("l0", "matched_mean_cos", "n_features_dedicated", "shrinkage", "fvu", "loss_recovered", "mse_vs_target",
                "bits_per_datapoint")  # fmt: skip
 
-_RESID_LEGEND = """Legend (full definitions: the docstring of `apd/compare_resid.py`). Ground truth per feature i, on x = e_i: its MLP
+_RESID_LEGEND = """Legend (full definitions: the docstring of `apd/compare/resid.py`). Ground truth per feature i, on x = e_i: its MLP
 input W_E[:, i], its MLP output t_i = W_out ReLU(W_in W_E[:, i]), its neurons a_i = ReLU(W_in W_E[:, i]) and its neuron
 contributions NC(i) = (W_U[i] W_out) ⊙ (W_in W_E[:, i]) (SPEC §3.2).
 - **method**: `apd`, or the SAE grid's label; `transcoder_*` read the MLP's input r = W_E x and predict its output,
@@ -177,6 +176,7 @@ def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: 
              figures: list[Path]) -> str:  # fmt: skip
     results, rows = comparison.results, comparison.rows
     groups = summarise(rows)
+    best_key = comparison_for(comparison.kind).best_key
     target = apd_run.target
     m = apd_run.method
     resid = comparison.kind == "resid_mlp"
@@ -216,7 +216,9 @@ def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: 
         "",
         apd_line,
         "",
-        f"SAEs: {st.steps} steps, batch {st.batch_size}, Adam lr {st.lr:g}, b_dec from the geometric median; {data_line}. "
+        f"SAEs: {st.steps} steps, batch {st.batch_size}, Adam lr {st.lr:g}, "
+        + (f"gradient norm clipped to {st.grad_clip_norm:g}" if st.grad_clip_norm is not None else "no gradient clipping")
+        + f", b_dec from the geometric median; {data_line}. "
         f"Grids: {grids}.",
         "",
         *([f"- {note}" for note in comparison.notes] + [""] if comparison.notes else []),
@@ -235,7 +237,7 @@ def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: 
             "",
             "(most features with a dedicated latent / component; ties: higher 1-1 cos, higher loss recovered, smaller width)",
             "",
-            *_table(best_settings([r for r in rows if r["method"] not in side], resid_best_key),
+            *_table(best_settings([r for r in rows if r["method"] not in side], best_key),
                     [c for c in _TABLE + _RESID_TABLE if c[0] in _RESID_BEST]),
             "",
             _RESID_LEGEND.replace("BITS", f"{app.bits_per_value:g}").replace("SERVE", f"{app.serve_threshold:g}"),
@@ -246,7 +248,7 @@ def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: 
             "",
             "(most seeds with every feature recovered one-to-one; ties: higher 1-1 cos, fewer duplicates, smaller width)",
             "",
-            *_table(best_settings([r for r in rows if r["method"] not in side], tms_best_key), [c for c in _TABLE if c[0] in _BEST]),
+            *_table(best_settings([r for r in rows if r["method"] not in side], best_key), [c for c in _TABLE if c[0] in _BEST]),
             "",
             _LEGEND.replace("BITS", f"{app.bits_per_value:g}"),
         ]  # fmt: skip

@@ -1,7 +1,9 @@
 """Figures of ``python -m experiments.compare`` (matplotlib, kept out of the library)."""
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -10,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from apd.compare import CompareConfig, Comparison, Trained, best_settings, summarise  # noqa: E402
+from apd.compare import CompareConfig, Comparison, Trained, best_settings, comparison_for, summarise  # noqa: E402
 from apd.metrics.recovery import cosine_matrix  # noqa: E402
 
 _MARKERS = "osD^vP*X"
@@ -31,7 +33,7 @@ def save_figures(comparison: Comparison, cfg: CompareConfig, out_dir: Path) -> l
     transcoders = {name for name, g in cfg.saes.items() if g.transcoder}
     paths = [pareto(results, comparison.side_methods, out_dir / "pareto_l0.png", _RESID_PANELS if resid else _PANELS)]
     if truth.shape[1] == 2:
-        paths.append(directions(results, truth, out_dir / "directions.png"))
+        paths.append(directions(results, truth, out_dir / "directions.png", comparison_for(comparison.kind).best_key))
     if transcoders:
         title = ("Transcoders (MLP input → MLP output): feature splitting as width grows (mean ± std over seeds)" if resid
                  else "Transcoders across the identity: feature splitting as width grows (mean ± std over seeds)")  # fmt: skip
@@ -87,23 +89,24 @@ def pareto(results: list[Trained], exclude: set[str], path: Path, panels: list[t
     return _save(fig, path)
 
 
-def _best(results: list[Trained], method: str) -> Trained:
-    """The best seed of the method's best setting (:func:`apd.compare.best_settings`)."""
-    setting = next(a for a in best_settings([r.row for r in results]) if a["method"] == method)
+def _best(results: list[Trained], method: str, key: Callable[[dict[str, Any]], tuple]) -> Trained:
+    """The best seed of the method's best setting (:func:`apd.compare.best_settings` by ``key``)."""
+    setting = next(a for a in best_settings([r.row for r in results], key) if a["method"] == method)
     members = [r for r in results if r.row["method"] == method and r.row["width"] == setting["width"]
                and r.row["sparsity"] == setting["sparsity"]]  # fmt: skip
     return max(members, key=lambda r: (r.row["all_recovered"], r.row["matched_mean_cos"]))
 
 
-def directions(results: list[Trained], truth: torch.Tensor, path: Path) -> Path:
-    """Each method's best model: its latents' (components') arrows over the ground-truth columns of W."""
+def directions(results: list[Trained], truth: torch.Tensor, path: Path, key: Callable[[dict[str, Any]], tuple]) -> Path:
+    """Each method's best model (its best setting by ``key``): its latents' (components') arrows
+    over the ground-truth columns of W."""
     methods = _methods(results)
     cols = min(len(methods), 4)
     rows = math.ceil(len(methods) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 4.1 * rows), squeeze=False)
     T = truth.detach().float().cpu()
     for ax, method in zip(axes.flat, methods):
-        best = _best(results, method)
+        best = _best(results, method, key)
         arrows = best.arrows.float()
         feature = cosine_matrix(T, arrows).argmax(0)  # colour = the feature each arrow is closest to
         lim = 1.25 * max(T.norm(dim=1).max().item(), arrows.norm(dim=1).max().item())

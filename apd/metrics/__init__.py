@@ -4,7 +4,15 @@
 """
 
 from apd.metrics import resid_mlp, sae
-from apd.metrics.recovery import RecoveryScores, cosine_matrix, hungarian_match, recovery_scores
+from apd.metrics.recovery import (
+    RecoveryScores,
+    all_recovered,
+    cosine_matrix,
+    hungarian_match,
+    recovery_scores,
+    represented_features,
+)
 from apd.metrics.tms import tms_recovery
 
-__all__ = ["RecoveryScores", "cosine_matrix", "hungarian_match", "recovery_scores", "tms_recovery", "resid_mlp", "sae"]
+__all__ = ["RecoveryScores", "all_recovered", "cosine_matrix", "hungarian_match", "recovery_scores", "represented_features",
+           "tms_recovery", "resid_mlp", "sae"]  # fmt: skip

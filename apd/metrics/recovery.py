@@ -8,7 +8,7 @@ are shared by the APD and SAE evaluations so both are scored on exactly the same
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -16,6 +16,8 @@ __all__ = [
     "cosine_matrix",
     "max_cosines",
     "hungarian_match",
+    "represented_features",
+    "all_recovered",
     "RecoveryScores",
     "recovery_scores",
 ]
@@ -53,6 +55,25 @@ def hungarian_match(cos: Float[Tensor, "n k"]) -> tuple[Tensor, Float[Tensor, " 
     ok = match >= 0
     matched[ok] = cos.detach().cpu()[ok.nonzero().squeeze(-1), match[ok]]
     return match, matched
+
+
+def represented_features(norms: Float[Tensor, " n"], represented_frac: float = 0.1) -> Bool[Tensor, " n"]:
+    """Features whose ground-truth norm is at least ``represented_frac`` of the largest one's.
+
+    A model in superposition may leave a feature out (TMS shrinks its column of W to almost
+    nothing): such a feature has no mechanism to recover, and its direction is noise.
+    """
+    return norms >= represented_frac * norms.max()
+
+
+def all_recovered(
+    cos: Float[Tensor, "n k"], truth_norms: Float[Tensor, " n"], tau: float = 0.99, represented_frac: float = 0.1
+) -> bool:
+    """The success criterion of SPEC §3.1: every represented feature (:func:`represented_features`)
+    is matched one-to-one (a Hungarian matching of the represented features to distinct learned
+    directions) with cosine ≥ ``tau``. ``cos[j, c]``: feature j's cosine with learned direction c."""
+    _, matched = hungarian_match(cos[represented_features(truth_norms, represented_frac)])
+    return bool((matched >= tau).all())
 
 
 @dataclass(frozen=True)

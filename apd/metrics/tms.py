@@ -4,7 +4,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from apd.metrics.recovery import hungarian_match
+from apd.metrics.recovery import all_recovered, hungarian_match, represented_features
 
 __all__ = ["tms_recovery", "tms_metrics"]
 
@@ -21,7 +21,8 @@ def tms_recovery(
     For feature j, cos_j = max_c cos(P_c[:, j], W[:, j]) and c*(j) its argmax. Reports MMCS, ML2R
     (‖P_{c*(j)}[:, j]‖ / ‖W[:, j]‖; < 1 is shrinkage), R_τ, the one-to-one Hungarian matching of
     represented features (‖W[:, j]‖ ≥ represented_frac · max_j ‖W[:, j]‖) to distinct components
-    (``all_recovered`` = 1 when every represented feature is matched with cos ≥ 0.99), dead
+    (``all_recovered`` = 1 when every represented feature is matched with cos ≥ 0.99:
+    :func:`apd.metrics.recovery.all_recovered`, the comparison's definition too), dead
     components (‖P_c‖_F < dead_frac · ‖W‖_F) and mean input selectivity of live components (fraction
     of ‖P_c‖²_F on its best input column).
     """
@@ -34,7 +35,7 @@ def tms_recovery(
     best_cos, best_c = cos.max(dim=1)
     ml2r = (p_cols[best_c, torch.arange(W.shape[1])] / w_norm.clamp_min(1e-12)).mean()
 
-    represented = w_norm >= represented_frac * w_norm.max()
+    represented = represented_features(w_norm, represented_frac)
     _, matched = hungarian_match(cos[represented])
     n_matched = int((matched >= 0.99).sum())
 
@@ -49,7 +50,7 @@ def tms_recovery(
         "matched_mean_cos": matched.mean().item(),
         "n_recovered_matched_0.99": float(n_matched),
         "n_represented": float(represented.sum()),
-        "all_recovered": float(n_matched == int(represented.sum())),
+        "all_recovered": float(all_recovered(cos, w_norm, 0.99, represented_frac)),
         "n_dead": float((~live).sum()),
         "selectivity": selectivity.mean().item() if live.any() else 0.0,
     }

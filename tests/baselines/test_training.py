@@ -141,3 +141,42 @@ def test_short_run_recovers_a_known_sparse_dictionary(make, steps):
     assert ev.recovery.matched_cos.min() >= 0.95  # every feature has its own latent
     assert ev.recovery.n_recovered_matched[0.9] == N_FEATURES
     assert ev.l0 <= 2.0 + 1e-6
+
+
+def _grad_norm(sae) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in sae.parameters() if p.grad is not None])).item()
+
+
+def test_gradients_are_clipped_together_before_every_optimiser_step():
+    huge = torch.randn(256, 4, generator=torch.Generator().manual_seed(0)) * 1e3
+    clipped, free = (StandardSAE(StandardSAEConfig(d_in=4, d_sae=6)) for _ in range(2))
+    train_sae(clipped, huge, steps=2, batch_size=64)  # default grad_clip_norm = 1.0
+    train_sae(free, huge, steps=2, batch_size=64, grad_clip_norm=None)
+    # the gradients the last optimiser step used stay on the parameters until the next zero_grad
+    assert _grad_norm(clipped) == pytest.approx(1.0, rel=1e-4)
+    assert _grad_norm(free) > 1e3
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        SAETrainConfig(grad_clip_norm=0.0)
+
+
+def test_one_huge_gradient_batch_moves_the_weights_by_about_lr_only_with_clipping():
+    """Adam divides by the running RMS of the gradients: after t − 1 steps of ordinary gradients, one
+    batch whose gradient is ~10⁸ times larger moves a weight by lr·√((1 − β2^t) / (1 − β2)), 13.5 lr at
+    t = 201 (β1 = 0: no momentum to soften it). Clipped to norm 1 like the ordinary ones, about 3 lr."""
+    n = 200
+
+    def data(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        data.calls += 1
+        x = torch.randn(batch_size, 4, generator=generator)
+        return x * 1e4 if data.calls > n else x
+
+    def largest_change(clip: float | None) -> float:
+        before, after = (StandardSAE(StandardSAEConfig(d_in=4, d_sae=6, l1_coeff=1e-3)) for _ in range(2))
+        cfg = SAETrainConfig(batch_size=32, lr=1e-3, adam_beta1=0.0, b_dec_init="zeros", grad_clip_norm=clip)
+        for sae, steps in ((before, n), (after, n + 1)):  # the same n ordinary steps; then the huge batch
+            data.calls = 0
+            train_sae(sae, data, cfg, steps=steps)
+        return max((a - b).abs().max().item() for a, b in zip(after.parameters(), before.parameters()))
+
+    assert largest_change(1.0) < 5e-3  # a few lr
+    assert largest_change(None) > 1e-2  # over ten lr

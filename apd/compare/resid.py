@@ -1,9 +1,10 @@
-"""APD against transcoders and SAEs on the 1-layer residual MLP (SPEC §2.2, §3.2, §4).
+"""The residual-MLP comparison (SPEC §2.2, §3.2, §4): decompositions against transcoders and SAEs.
 
-The residual-MLP half of ``python -m experiments.compare experiment=compare_resid_mlp_1``; the grid
-spec, the loops and the target-independent scoring are :mod:`apd.compare`'s. The target is
-r = W_E x, ŷ = W_U (r + W_out ReLU(W_in r)) with W_U = W_Eᵀ (one layer, no biases). The SAE grids
-sit at one of two places:
+What ``python -m experiments.compare experiment=compare_resid_mlp_1`` runs; the grid spec, the
+loops and the target-independent scoring are :mod:`apd.compare.config`'s, :mod:`apd.compare.runs`'
+and :mod:`apd.compare.scoring`'s. The target is a 1-layer residual MLP r = W_E x,
+ŷ = W_U (r + W_out ReLU(W_in r)) with W_U = W_Eᵀ (no biases); its W_in and W_out are the modules it
+declares (``ResidMLP.mlp_pairs()``). The SAE grids sit at one of two places:
 
 - ``transcoder: true`` (the main baseline): reads the MLP's input r = W_E x and predicts the MLP's
   output W_out ReLU(W_in r); spliced in, the model's output is W_U (r + transcoder(r)).
@@ -13,20 +14,23 @@ sit at one of two places:
 APD decomposes W_in and W_out (the shipped ``resid_mlp_1`` preset: 130 rank-1 components, batch
 top-k 1.28). Either it is trained inside the comparison (small runs, the tests) or finished run dirs
 of ``python -m experiments.decompose experiment=resid_mlp_1 seed=S`` are scored as they are
-(``apd.runs``); both go through :func:`evaluate_apd_resid`.
+(``apd.runs``); both go through :func:`evaluate_decomposition_resid`, which scores any method's
+decomposition under its method's evaluation masks (APD: the batch top-k).
 
 Ground truth per feature i (x = e_i, the value 1 where ReLU(x_i) is on): the MLP's input direction
 W_E[:, i]; its output contribution t_i = W_out ReLU(W_in W_E[:, i]); its neuron pattern
 a_i = ReLU(W_in W_E[:, i]); its neuron contributions NC(i) = (W_U[i] W_out) ⊙ (W_in W_E[:, i])
 (SPEC §3.2; NC_c(i) the same from component c's matrices). Every row has :data:`RESID_COLUMNS`
-(= :data:`apd.compare.COLUMNS` + the residual-MLP columns at the end), defined here as:
+(= :data:`apd.compare.COLUMNS` + the residual-MLP columns at the end), defined here as (APD
+standing for any decomposition, its top-k for its method's evaluation masks):
 
 - ``mmcs``, ``matched_mean_cos``, ``n_recovered_τ``, ``n_recovered_matched_0.99``,
   ``all_recovered``: per feature i, the best cosine with its ground truth, and the one-to-one
   (Hungarian) matching of features to distinct latents / components. Transcoder: decoder rows vs
   t_i. Neuron SAE: decoder rows vs a_i. APD: NC_c(i) vs NC(i) (both in R^{d_mlp}), exactly as TMS
-  compares P_c[:, j] with W[:, j] (:func:`apd.compare.apd_recovery_row` on NCᵀ); ``all_recovered``
-  needs every feature matched with cosine ≥ 0.99 (strict for the residual MLP: expect 0).
+  compares P_c[:, j] with W[:, j] (:func:`apd.compare.decomposition_recovery_row` on NCᵀ);
+  ``all_recovered`` needs every represented feature (ground truth of norm ≥ 0.1 of the largest)
+  matched with cosine ≥ 0.99 (strict for the residual MLP: expect 0).
 - ``mmcs_learned``: SAEs: per live latent, the best cosine of its decoder row with any feature's
   ground truth. APD: per live component, the best Frobenius cosine of its whole NC_c (n × d_mlp) with
   a one-feature mechanism NC(i) e_iᵀ (< 1 when it serves several features).
@@ -37,14 +41,16 @@ a_i = ReLU(W_in W_E[:, i]); its neuron contributions NC(i) = (W_U[i] W_out) ⊙ 
   Hungarian-matched latent ℓ, f_ℓ(e_i) · W_U[i] · (its write into the residual stream: W_dec[ℓ];
   neuron SAE: W_out W_dec[ℓ]). APD: the component c of best NC cosine (as ML2R takes the best one),
   W_U[i] · P_c^out ReLU(P_c^in W_E[:, i]).
-- ``l0``: mean non-zero latents per sample; APD: mean active components under its batch top-k.
+- ``l0``: mean non-zero latents per sample; APD: mean active components under its batch top-k
+  (per-module masks: summed over the modules, :func:`apd.evaluation.mask_l0`).
 - ``fvu``: transcoder and APD: of the MLP's output W_out ReLU(W_in r) in R^{d_embed} (APD: the MLP
   output of the top-k forward pass; a transcoder is trained on exactly this MSE, APD only on the
   outputs and the neurons, so its error may sit in directions no output reads); neuron SAE: of the
   neurons a.
 - ``loss_recovered``: 1 − MSE(spliced output, target output) / MSE(output with the MLP
   zero-ablated, W_U r, target output). SAEs: their reconstruction spliced in; APD: the top-k model.
-- ``n_dead``: latents / components never active on the evaluation batch.
+- ``n_dead``: latents / components never active on the evaluation batch (per-module masks: summed
+  over the modules; ``mmcs_learned`` and the feature splitting take the live components of W_in).
 - ``latents_per_feature``, ``n_split_features``, ``n_duplicate_pairs``: as for TMS, on the same
   vectors as ``mmcs`` (APD: NC_c(i) carries feature i when its cosine ≥ tau and its norm ≥
   ``negligible`` · ‖NC(i)‖).
@@ -63,6 +69,8 @@ a_i = ReLU(W_in W_E[:, i]); its neuron contributions NC(i) = (W_U[i] W_out) ⊙ 
 - ``mse_vs_target``, ``mse_vs_labels``: the spliced (APD: top-k) model's output MSE against the
   target's output and against the labels y = x + ReLU(x); the target's and the monosemantic
   baseline's own MSEs are in :attr:`apd.compare.Comparison.notes`.
+
+Only 1-layer targets (:func:`run_resid_comparison` refuses others: there is one MLP to transcode).
 """
 
 import time
@@ -77,29 +85,35 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apd.attributions import compute_attributions
-from apd.compare import (
-    COLUMNS,
-    CompareConfig,
+from apd.baselines import SAE
+from apd.compare.config import CompareConfig, SAEGrid
+from apd.compare.registry import TargetComparison, check_target_kind, register_comparison
+from apd.compare.runs import (
     Comparison,
-    SAESite,
-    Trained,
-    SAEGrid,
-    apd_bits,
-    apd_loss_recovered,
-    apd_n_params,
-    apd_recovery_row,
-    apd_results,
-    nan_identity,
-    column_cosines,
+    decomposition_results,
+    evaluation_target,
     row_logger,
     sae_results,
-    score_sae,
     train_sae_cell,
 )
-from apd.baselines import SAE
+from apd.compare.scoring import (
+    COLUMNS,
+    SAESite,
+    Trained,
+    column_cosines,
+    decomposition_n_params,
+    decomposition_recovery_row,
+    live_components,
+    mask_bits,
+    n_dead_components,
+    nan_identity,
+    output_loss_recovered,
+    score_sae,
+)
 from apd.decomposition import Decomposition
+from apd.evaluation import mask_l0
 from apd.experiment import DecomposeRun
+from apd.methods import method_for
 from apd.metrics.recovery import hungarian_match, recovery_scores
 from apd.metrics.resid_mlp import (
     ComponentClasses,
@@ -109,9 +123,8 @@ from apd.metrics.resid_mlp import (
     target_neuron_contributions,
 )
 from apd.metrics.sae import fraction_variance_unexplained
-from apd.targets import ResidMLPTargetConfig, get_target
-from apd.topk import topk_mask
-from apd.toy_models.resid_mlp import ResidMLP, resid_mlp_labels
+from apd.targets import ResidMLPTargetConfig, TargetConfig
+from apd.toy_models.resid_mlp import ResidMLP, monosemantic_baseline, resid_mlp_labels
 
 __all__ = [
     "RESID_COLUMNS",
@@ -126,7 +139,7 @@ __all__ = [
     "evaluate_sae_resid",
     "component_outputs",
     "read_cosines",
-    "evaluate_apd_resid",
+    "evaluate_decomposition_resid",
     "run_resid_comparison",
     "resid_best_key",
 ]
@@ -136,8 +149,6 @@ RESID_COLUMNS = COLUMNS + [
     "mse_vs_target", "mse_vs_labels",
 ]  # fmt: skip
 """Columns of a residual-MLP comparison row: the TMS ones, then the residual-MLP ones (module docstring)."""
-
-_IN, _OUT = "layers.0.mlp_in", "layers.0.mlp_out"
 
 
 @dataclass
@@ -176,6 +187,7 @@ def resid_hidden(target: ResidMLP, x: Float[Tensor, "B n_features"]) -> tuple[Te
 
 @torch.no_grad()
 def resid_activations(target: ResidMLP, x: Float[Tensor, "N n_features"]) -> ResidActivations:
+    """The evaluation batch ``x`` through the 1-layer ``target``, and each feature's one-feature activations."""
     _check_one_layer(target)
     r, a, mlp_out = resid_hidden(target, x)
     onehot_r, onehot_a, truth = resid_hidden(target, torch.eye(target.config.n_features, device=x.device))
@@ -207,10 +219,9 @@ def resid_site(target: ResidMLP, data: ResidActivations, transcoder: bool) -> SA
                    downstream=lambda a: (r + a @ W_out.T) @ W_E)  # fmt: skip
 
 
-def resid_training_data(
-    target: ResidMLP, target_cfg: ResidMLPTargetConfig, transcoder: bool
-) -> Callable[[int, torch.Generator], Any]:
-    """Fresh residual-MLP batches mapped to the SAE's data: (r, MLP output) or the neurons a."""
+def resid_training_data(target: ResidMLP, target_cfg: TargetConfig, transcoder: bool) -> Callable[[int, torch.Generator], Any]:
+    """Fresh batches of ``target_cfg`` (the target's own data) mapped to the SAE's data: (r, MLP
+    output) or the neurons a."""
 
     def draw(batch_size: int, generator: torch.Generator) -> Tensor | tuple[Tensor, Tensor]:
         r, a, mlp_out = resid_hidden(target, target_cfg.batch(batch_size, generator))
@@ -300,42 +311,40 @@ def read_cosines(P_in: Float[Tensor, "C d_mlp d_embed"], W_E: Float[Tensor, "d_e
 
 
 @torch.no_grad()
-def evaluate_apd_resid(
+def evaluate_decomposition_resid(
     dec: Decomposition, target: ResidMLP, data: ResidActivations, *, tau: float = 0.9, negligible: float = 0.1,
     serve_threshold: float = 0.04,
 ) -> Trained:  # fmt: skip
-    """Score an APD decomposition of a 1-layer residual MLP on ``data`` (module docstring); the
-    row's method fields and wall time are the caller's."""
+    """Score a decomposition of a 1-layer residual MLP (any method, under its method's evaluation
+    masks) on ``data`` (module docstring); the row's method fields and wall time are the caller's."""
     _check_one_layer(target)
+    ((w_in, w_out),) = target.mlp_pairs()
     cm = dec.component_model if dec.component_model is not None else dec.attach(target)
-    cfg = dec.config
-    k = cfg.topk if cfg.topk is not None else cm.C
-    mask = topk_mask(compute_attributions(cm, data.x, cfg.attribution), k, cfg.batch_topk)
-    with cm.capture([_OUT]) as acts:
-        out_topk = cm(data.x, masks=mask)
-    live = (mask.sum(0) > 0).cpu()
-    l0 = mask.sum(1).mean().item()
+    masks = method_for(dec.config).eval_masks(cm, data.x)
+    with cm.capture([w_out]) as acts:
+        out_masked = cm(data.x, masks=masks)
+    live = live_components(masks, w_in)
 
     W_E = target.W_E.detach().float().cpu()
     weights = {n: w.detach().float().cpu() for n, w in dec.component_weights().items()}
     nc = component_neuron_contributions(W_E, weights, target.mlp_pairs())  # (C, n, d_mlp)
     nc_target = target_neuron_contributions(target).float().cpu()  # (n, d_mlp)
     W, P = nc_target.T, nc.transpose(1, 2)  # as TMS's W (d, n) and P_c (d, n)
-    row = {"l0": l0, **apd_recovery_row(W, P, live, tau=tau, negligible=negligible)}
+    row = {"l0": mask_l0(masks)["l0"], **decomposition_recovery_row(W, P, live, tau=tau, negligible=negligible)}
     best = column_cosines(W, P).argmax(dim=0)  # (n,): the component of best NC cosine per feature
-    contributions = torch.einsum("cdn,dn->cn", component_outputs(weights[_IN], weights[_OUT], W_E), W_E)  # W_U[i] · o_c(i)
+    contributions = torch.einsum("cdn,dn->cn", component_outputs(weights[w_in], weights[w_out], W_E), W_E)  # W_U[i] · o_c(i)
     row["shrinkage"] = unit_shrinkage(contributions, best, data.gain)
-    reads = read_cosines(weights[_IN], W_E)
+    reads = read_cosines(weights[w_in], W_E)
     _, matched_reads = hungarian_match(reads)
     row |= {
-        "fvu": fraction_variance_unexplained(data.mlp_out, acts[_OUT]),
-        "loss_recovered": apd_loss_recovered(out_topk, data.out, data.r @ target.W_E).score,
-        "n_dead": float((~live).sum()),
-        "n_params": float(apd_n_params(dec)), "bits_per_datapoint": apd_bits(l0, cm.C),
+        "fvu": fraction_variance_unexplained(data.mlp_out, acts[w_out]),
+        "loss_recovered": output_loss_recovered(out_masked, data.out, data.r @ target.W_E).score,
+        "n_dead": n_dead_components(masks),
+        "n_params": float(decomposition_n_params(dec)), "bits_per_datapoint": mask_bits(masks),
         **nan_identity(),
         "mmcs_enc": reads.max(dim=1).values.mean().item(), "matched_mean_cos_enc": matched_reads.mean().item(),
         **serving_columns(classify_components(nc, serve_threshold)),
-        **_output_mses(out_topk, data),
+        **_output_mses(out_masked, data),
     }  # fmt: skip
     return Trained(row=row, arrows=W_E.new_zeros(0, W_E.shape[0]), arrows_live=live.new_zeros(0))
 
@@ -349,34 +358,29 @@ def resid_best_key(a: dict[str, Any]) -> tuple:
 def run_resid_comparison(
     cfg: CompareConfig, apd_run: DecomposeRun, out_dir: str | Path, log: Callable[[str], None] = print
 ) -> Comparison:
-    """APD (trained per cell of ``cfg.apd`` × seed on top of ``apd_run``'s method, or the finished
-    runs of ``cfg.apd.runs``) and every SAE grid over ``cfg.seeds`` on ``apd_run``'s 1-layer
-    residual MLP, all scored on one evaluation batch. Layout of ``out_dir`` as
+    """The decompositions (trained per cell of ``cfg.apd`` × seed on top of ``apd_run``'s method,
+    or the finished runs of ``cfg.apd.runs``) and every SAE grid over ``cfg.seeds`` on ``apd_run``'s
+    1-layer residual MLP, all scored on one evaluation batch. Layout of ``out_dir`` as
     :func:`apd.compare.run_comparison`; the notes give the target's and the monosemantic baseline's
     output MSEs."""
-    if not isinstance(apd_run.target, ResidMLPTargetConfig):
-        raise TypeError(f"run_resid_comparison covers the residual MLP targets, not {type(apd_run.target).__name__}; "
-                        "for TMS use apd.compare.run_comparison")  # fmt: skip
+    check_target_kind(apd_run, ResidMLPTargetConfig.kind, "run_resid_comparison")
     out = Path(out_dir)
-    target_cfg = apd_run.target
-    target, _ = get_target(target_cfg)
+    t0 = time.perf_counter()
+    target, x = evaluation_target(cfg, apd_run)
     assert isinstance(target, ResidMLP)
     _check_one_layer(target)
-    target.eval()
-    t0 = time.perf_counter()
-    x = target_cfg.batch(cfg.n_eval, torch.Generator().manual_seed(cfg.eval_seed))
     data = resid_activations(target, x)
     results: list[Trained] = []
-    notes = [_baseline_note(target, target_cfg, data)]
+    notes = [_baseline_note(target, data)]
     done = row_logger(results, log)
-    apd_results(cfg, apd_run, out, lambda dec: evaluate_apd_resid(
+    decomposition_results(cfg, apd_run, out, lambda dec: evaluate_decomposition_resid(
         dec, target, data, tau=cfg.tau, negligible=cfg.negligible, serve_threshold=cfg.serve_threshold), done, notes)  # fmt: skip
 
     def train(name: str, grid: SAEGrid, width: int, value: float, seed: int, save: Path | None) -> Trained:
         site = resid_site(target, data, grid.transcoder)
         return train_sae_cell(
             name, grid, width, value, seed, site.inputs.shape[1], site.truth.shape[1],
-            resid_training_data(target, target_cfg, grid.transcoder),
+            resid_training_data(target, apd_run.target, grid.transcoder),
             lambda sae: evaluate_sae_resid(sae, target, data, transcoder=grid.transcoder, bits_per_value=cfg.bits_per_value,
                                            tau=cfg.tau, serve_threshold=cfg.serve_threshold),
             cfg.sae_train, save,
@@ -384,15 +388,18 @@ def run_resid_comparison(
 
     sae_results(cfg, out, train, done)
     log(f"residual-MLP comparison: {len(results)} models in {time.perf_counter() - t0:.0f} s")
-    return Comparison(results, target, data, kind="resid_mlp", notes=notes)
+    return Comparison(results, target, data, kind=ResidMLPTargetConfig.kind, notes=notes)
 
 
 @torch.no_grad()
-def _baseline_note(target: ResidMLP, target_cfg: ResidMLPTargetConfig, data: ResidActivations) -> str:
-    m = label_mses(target, target_cfg.monosemantic(), None, data.x, data.labels)
+def _baseline_note(target: ResidMLP, data: ResidActivations) -> str:
+    m = label_mses(target, monosemantic_baseline(target.config), None, data.x, data.labels)
     ablated = F.mse_loss(data.r @ target.W_E, data.out).item()
     return (f"Reference output MSEs on the evaluation batch: target vs labels {m['mse_target_vs_labels']:.3g}; "
             f"monosemantic baseline (features 0..{target.config.d_mlp - 1} computed by one neuron each, SPEC §2.2) vs labels "
             f"{m['mse_monosemantic_vs_labels']:.3g} and vs the target {m['mse_monosemantic_vs_target']:.3g}; "
             f"MLP zero-ablated vs the target {ablated:.3g} (the denominator of loss recovered).")  # fmt: skip
 
+
+register_comparison(TargetComparison(kind=ResidMLPTargetConfig.kind, run=run_resid_comparison, columns=RESID_COLUMNS,
+                                     best_key=resid_best_key))  # fmt: skip

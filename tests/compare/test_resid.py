@@ -1,4 +1,4 @@
-"""apd.compare_resid and `python -m experiments.compare experiment=compare_resid_mlp_1`: every
+"""apd.compare.resid and `python -m experiments.compare experiment=compare_resid_mlp_1`: every
 residual-MLP comparison metric on hand-built cases with known answers, reuse of finished APD runs,
 and a reduced comparison end to end."""
 
@@ -7,22 +7,23 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from apd.baselines import SAETrainConfig, StandardSAE, StandardSAEConfig
-from apd.compare import APDGrid, SAEGrid, run_comparison
-from apd.compare_resid import (
+from apd.compare import (
     RESID_COLUMNS,
+    APDGrid,
+    SAEGrid,
     component_outputs,
-    evaluate_apd_resid,
+    evaluate_decomposition_resid,
     evaluate_sae_resid,
     latent_contributions,
     read_cosines,
     resid_activations,
+    run_comparison,
     run_resid_comparison,
     unit_shrinkage,
 )
@@ -32,8 +33,8 @@ from apd.experiment import DecomposeRun
 from apd.targets import ResidMLPTargetConfig
 from apd.toy_models.resid_mlp import ResidMLP, ResidMLPConfig, resid_mlp_batch
 from experiments import compare_schema
+from tests.compare.presets import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 IN, OUT = "layers.0.mlp_in", "layers.0.mlp_out"
 N, D = 4, 6  # features (= neurons) and residual width of the hand-built target
 CALLERS = {"method", "architecture", "seed", "width", "sparsity_knob", "sparsity", "wall_seconds"}
@@ -156,7 +157,7 @@ def _neuron_decomposition(target: ResidMLP, merge: bool = False) -> Decompositio
 
 def test_apd_components_equal_to_the_neurons_score_perfectly():
     target = _perfect_target()
-    row = evaluate_apd_resid(_neuron_decomposition(target), target, _data(target)).row
+    row = evaluate_decomposition_resid(_neuron_decomposition(target), target, _data(target)).row
     assert set(row) == METRICS
     assert row["l0"] == N and row["n_dead"] == 0  # all-on masks (topk = C)
     assert row["loss_recovered"] == pytest.approx(1) and row["fvu"] == pytest.approx(0, abs=1e-10)
@@ -171,7 +172,7 @@ def test_apd_components_equal_to_the_neurons_score_perfectly():
 
 def test_an_apd_component_holding_two_neurons_fools_mmcs_but_not_dedicated_or_matched():
     target = _perfect_target()
-    row = evaluate_apd_resid(_neuron_decomposition(target, merge=True), target, _data(target)).row
+    row = evaluate_decomposition_resid(_neuron_decomposition(target, merge=True), target, _data(target)).row
     assert row["loss_recovered"] == pytest.approx(1)  # all-on masks: still the exact MLP
     assert row["mmcs"] == pytest.approx(1) and row["n_recovered_0.99"] == N  # NC_0(0) = NC(0), NC_0(1) = NC(1)
     assert row["n_duo"] == 1 and row["n_features_dedicated"] == N - 2

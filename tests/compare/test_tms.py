@@ -1,44 +1,38 @@
-"""apd.compare and `python -m experiments.compare`: every comparison metric on hand-built cases where
-the answer is known, the presets, and a reduced TMS 5-2 comparison end to end."""
+"""apd.compare.tms and `python -m experiments.compare` on TMS: every comparison metric on hand-built
+cases where the answer is known, and reduced TMS 5-2 (+ID) comparisons end to end."""
 
 import csv
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from apd import APDConfig
 from apd.baselines import SAETrainConfig, StandardSAE, StandardSAEConfig
 from apd.compare import (
     COLUMNS,
-    APDGrid,
     SAEGrid,
-    apd_bits,
-    apd_loss_recovered,
-    apd_n_params,
-    evaluate_apd,
+    component_bits,
+    decomposition_n_params,
+    evaluate_decomposition,
     evaluate_sae_row,
-    feature_splitting,
     identity_parts,
+    output_loss_recovered,
     run_comparison,
-    summarise,
     tms_activations,
 )
-from apd import APDConfig
 from apd.decomposition import Decomposition
 from apd.experiment import DecomposeRun
+from apd.methods.apd import APD
+from apd.metrics.tms import tms_recovery
 from apd.targets import TMSTargetConfig, get_target
 from apd.toy_models.tms import TMS, TMSConfig, tms_batch
 from experiments import compare_schema
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("compare_*.yaml"))
+from tests.compare.presets import ROOT, compose
 
 
 def _tms(W: torch.Tensor) -> TMS:
@@ -65,7 +59,7 @@ def _sae(W_enc: torch.Tensor, W_dec: torch.Tensor) -> StandardSAE:
     return sae
 
 
-# ------------------------------------------------------------------------------------ SAE rows
+# ---------------------------------------------------------------------------- SAE rows
 
 
 def test_a_perfect_dictionary_scores_mmcs_1_and_recovers_every_feature():
@@ -99,17 +93,7 @@ def test_a_latent_serving_two_features_fools_mmcs_but_not_the_matched_cosine():
     assert row["matched_mean_cos"] == pytest.approx((0.995 + 1 + 0) / 3, abs=1e-5)
 
 
-def test_duplicated_latents_count_as_split_features_and_duplicate_pairs():
-    truth = torch.eye(3)
-    dirs = torch.stack([truth[0], truth[0] * 2, truth[1], truth[2], -truth[2]])
-    live = torch.tensor([True, True, True, True, True])
-    s = feature_splitting(dirs, truth, live, tau=0.9)
-    assert s == {"latents_per_feature": pytest.approx(4 / 3), "n_split_features": 1, "n_duplicate_pairs": 1}
-    live[1] = False  # a dead copy is not a split
-    assert feature_splitting(dirs, truth, live)["n_split_features"] == 0
-
-
-# ------------------------------------------------------------------------------------ APD rows
+# ------------------------------------------------------------------ decomposition rows
 
 
 def _ground_truth_decomposition(W: torch.Tensor, hidden: torch.Tensor | None = None) -> Decomposition:
@@ -134,7 +118,7 @@ def test_apd_components_equal_to_the_mechanisms_score_perfectly_with_all_on_mask
     target, _ = get_target(TMSTargetConfig(name="tms_5_2"))
     W = target.W.detach()
     data = _data(target, p=0.05)
-    t = evaluate_apd(_ground_truth_decomposition(W), target, data)
+    t = evaluate_decomposition(_ground_truth_decomposition(W), target, data)
     row = t.row
     assert row["mmcs"] == pytest.approx(1) and row["matched_mean_cos"] == pytest.approx(1)
     assert row["mmcs_learned"] == pytest.approx(1) and row["all_recovered"] == 1
@@ -155,7 +139,7 @@ def test_one_apd_component_holding_two_features_is_caught_by_the_matched_cosine(
     dec.A["enc"][0, 1, 1] = 1.0  # component 0 also holds feature 1 in its second rank
     dec.B["enc"][0, :, 1] = W[:, 1]
     dec.A["enc"][1], dec.B["enc"][1] = 0.0, 0.0  # ... and component 1 is empty
-    row = evaluate_apd(dec, target, _data(target, p=0.05)).row
+    row = evaluate_decomposition(dec, target, _data(target, p=0.05)).row
     assert row["mmcs"] == pytest.approx(1) and row["n_recovered_0.99"] == 5
     assert row["matched_mean_cos"] == pytest.approx(0.8) and row["n_recovered_matched_0.99"] == 4
     assert row["all_recovered"] == 0
@@ -165,7 +149,7 @@ def test_one_apd_component_holding_two_features_is_caught_by_the_matched_cosine(
 def test_apd_on_id_one_component_holding_the_identity_is_the_ground_truth():
     target, _ = get_target(TMSTargetConfig(name="tms_5_2_id", identity=True))
     W = target.W.detach()
-    t = evaluate_apd(_ground_truth_decomposition(W, hidden=torch.eye(2)), target, _data(target, p=0.05))
+    t = evaluate_decomposition(_ground_truth_decomposition(W, hidden=torch.eye(2)), target, _data(target, p=0.05))
     row = t.row
     assert row["id_n_components"] == 1 and row["id_max_share"] == pytest.approx(1)
     assert row["id_best_cos_identity"] == pytest.approx(1)
@@ -186,76 +170,60 @@ def test_identity_cut_into_feature_projectors():
 
 
 def test_bits_params_and_loss_recovered_formulas():
-    assert apd_bits(0.211, 5) == pytest.approx(0.211 * math.log2(5))
-    assert apd_bits(1.0, 1) == 0
+    assert component_bits(0.211, 5) == pytest.approx(0.211 * math.log2(5))
+    assert component_bits(1.0, 1) == 0
     dec = _ground_truth_decomposition(torch.randn(2, 5))
-    assert apd_n_params(dec) == dec.A["enc"].numel() + dec.B["enc"].numel() == 5 * 2 * 7
+    assert decomposition_n_params(dec) == dec.A["enc"].numel() + dec.B["enc"].numel() == 5 * 2 * 7
     clean, ablated = torch.zeros(4, 3), torch.ones(4, 3)
-    lr = apd_loss_recovered(0.5 * torch.ones(4, 3), clean, ablated)
+    lr = output_loss_recovered(0.5 * torch.ones(4, 3), clean, ablated)
     assert lr.score == pytest.approx(0.75) and lr.mse_spliced == pytest.approx(0.25) and lr.mse_ablated == 1
     with pytest.raises(ValueError, match="undefined"):
-        apd_loss_recovered(clean, clean, clean)
+        output_loss_recovered(clean, clean, clean)
 
 
-def test_summarise_means_and_stds_over_seeds():
-    rows = [{"method": "a", "width": 5, "sparsity": 1.0, "seed": s, "sparsity_knob": "k", "x": v, "y": float("nan")}
-            for s, v in enumerate([1.0, 3.0])]  # fmt: skip
-    (agg,) = summarise(rows)
-    assert agg["n"] == 2 and agg["x"] == 2.0 and agg["x_std"] == pytest.approx(math.sqrt(2))
-    assert math.isnan(agg["y"]) and agg["sparsity_knob"] == "k" and "seed" not in agg
+def test_per_module_evaluation_masks_are_scored_by_the_same_code(monkeypatch):
+    """SPD evaluates with one mask per module; the row takes them as they come: L0 and bits add up
+    over the modules (here the same top-k mask for W and for its tied use Wᵀ: twice APD's)."""
+    target, _ = get_target(TMSTargetConfig(name="tms_5_2"))
+    data = _data(target, p=0.05)
+    W = target.W.detach()
+    shared = evaluate_decomposition(_ground_truth_decomposition(W), target, data).row
+    eval_masks = APD.eval_masks
+    monkeypatch.setattr(APD, "eval_masks", lambda self, cm, x: {n: eval_masks(self, cm, x) for n in ("enc", "dec")})
+    per_module = evaluate_decomposition(_ground_truth_decomposition(W), target, data).row
+    assert per_module["l0"] == 2 * shared["l0"] and per_module["bits_per_datapoint"] == pytest.approx(2 * shared["bits_per_datapoint"])
+    same = [c for c in shared if c not in ("l0", "bits_per_datapoint") and not math.isnan(shared[c])]
+    assert {c: per_module[c] for c in same} == {c: shared[c] for c in same}
 
 
-# ------------------------------------------------------------------------------------ config
+def test_a_feature_of_tiny_norm_is_not_required_by_all_recovered_in_any_row():
+    """TMS drops a feature it cannot fit to a tiny column of W. ``all_recovered`` asks for every
+    *represented* feature, as :func:`apd.metrics.tms.tms_recovery` does; the comparison used to ask for
+    every feature, so these rows said 0 where the run's own metrics said 1."""
+    W = torch.tensor([[1.0, 0.0, 1e-3], [0.0, 1.0, 0.0]])  # feature 2: 1/1000 of the others' norm, along feature 0
+    target = _tms(W)
+    data = _data(target)
+    # two latents / components for three features: feature 2 cannot get one of its own
+    sae = evaluate_sae_row(_sae(torch.eye(2), torch.eye(2)), target, data).row
+    A, B = torch.zeros(2, 2, 3), torch.zeros(2, 2, 2)
+    A[0, 0, 0], A[0, 0, 2], B[0, 0, 0] = 1.0, 1e-3, 1.0  # component 0 = W's columns 0 and 2
+    A[1, 0, 1], B[1, 1, 0] = 1.0, 1.0  # component 1 = W's column 1
+    dec = Decomposition.from_factors(APDConfig(C=2, topk=2.0, batch_topk=True), {"enc": A}, {"enc": B}, {"enc": W.clone()},
+                                     tied={"dec": "enc"})  # fmt: skip
+    apd = evaluate_decomposition(dec, target, data).row
+    run_metrics = tms_recovery(W, dec.component_weights()["enc"])
+    assert run_metrics["n_represented"] == 2 and run_metrics["all_recovered"] == 1
+    assert apd["all_recovered"] == sae["all_recovered"] == run_metrics["all_recovered"] == 1
+    assert sae["n_recovered_0.99"] == 3  # feature 2's direction is there, shared with feature 0
 
-
-def test_grids_check_their_fields():
-    assert SAEGrid(architecture="jumprelu").knob == "l0_coeff"
-    with pytest.raises(ValueError, match="unknown SAE architecture"):
-        SAEGrid(architecture="gated")
-    with pytest.raises(ValueError, match="sparsity_knob"):
-        SAEGrid(architecture="topk", sparsity_knob="l1_coeff")
-    with pytest.raises(ValueError, match="d_sae"):
-        SAEGrid(architecture="topk", options={"d_sae": 3})
-    with pytest.raises(ValueError, match="SAETrainConfig"):
-        SAEGrid(architecture="topk", train={"stepz": 3})
-    cfg = SAEGrid(architecture="batchtopk", transcoder=True).sae_config(2, 5, 0.25, d_out=2)
-    assert cfg.is_transcoder and cfg.k == 0.25 and not cfg.apply_b_dec_to_input
-    preset = APDConfig(C=5, topk=0.211, steps=100)
-    assert [(m.C, m.topk, m.steps) for m in APDGrid().settings(preset)] == [(5, 0.211, 100)]
-    cells = APDGrid(widths=[5, 6], topks=[0.2, 0.3], steps=7).settings(preset)
-    assert [(m.C, m.topk, m.steps) for m in cells] == [(5, 0.2, 7), (5, 0.3, 7), (6, 0.2, 7), (6, 0.3, 7)]
-
-
-def _compose(config_name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_compare_preset_composes_and_names_a_decompose_preset_of_its_target(preset):
-    app = OmegaConf.to_object(_compose("compare", [f"experiment={preset}"]))
-    assert isinstance(app, compare_schema.CompareApp) and len(app.seeds) >= 5
-    assert all(isinstance(g, SAEGrid) for g in app.saes.values()) and app.saes
-    decompose = OmegaConf.to_object(_compose("decompose", [f"experiment={app.apd_experiment}"]))
-    assert preset == f"compare_{decompose.target.name}"
-    assert app.sae_train.steps > 0
-
-
-def test_compare_typos_fail_at_compose():
-    with pytest.raises(Exception, match="widthz"):
-        OmegaConf.to_object(_compose("compare", ["saes.topk.widthz=[3]"]))
-    with pytest.raises(Exception, match="sparsity_knob"):
-        OmegaConf.to_object(_compose("compare", ["saes.topk.sparsity_knob=l1_coeff"]))
-
-
-# ------------------------------------------------------------------------------------ end to end
+# -------------------------------------------------------------------------- end to end
 
 
 def test_identity_comparison_writes_the_transcoder_sweep_and_apd_identity_figures(tmp_path):
     from experiments.compare import markdown
     from experiments.compare_figures import save_figures
 
-    method = OmegaConf.to_object(_compose("decompose", ["experiment=tms_5_2_id"])).method
+    method = OmegaConf.to_object(compose("decompose", ["experiment=tms_5_2_id"])).method
     run = DecomposeRun(target=TMSTargetConfig(name="tms_5_2_id", identity=True), method=method, steps=30, n_eval=200)
     cfg = compare_schema.CompareApp(
         apd_experiment="tms_5_2_id", seeds=[0], n_eval=500,

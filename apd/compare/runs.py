@@ -1,0 +1,244 @@
+"""Training (or reloading) the models of a comparison and handing each scored row on.
+
+The loops over the grids are target-independent: :func:`decomposition_results` runs (or reloads) a
+decomposition per cell of the decomposition grid × seed, or loads finished run dirs, and
+:func:`sae_results` trains (or reloads) an SAE per grid cell × seed (:func:`train_sae_cell`). Each
+takes a ``score`` function from its target's module (:mod:`apd.compare.tms`,
+:mod:`apd.compare.resid`), which fills in the row's metric columns; the method fields and the wall
+time are filled in here. Everything scored ends up in one :class:`Comparison`.
+"""
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from apd.baselines import SAE, SAEConfig, SAETrainConfig, get_sae_class, load_sae, save_sae, train_sae
+from apd.compare.config import DECOMPOSITION_KNOBS, CompareConfig, SAEGrid
+from apd.compare.scoring import Trained
+from apd.decomposition import Decomposition, load_decomposition
+from apd.experiment import DecomposeRun, run_decompose
+from apd.methods.apd import APDConfig
+from apd.targets import get_target
+
+__all__ = [
+    "Comparison",
+    "evaluation_target",
+    "decomposition_fields",
+    "run_decomposition",
+    "load_decomposition_run",
+    "decomposition_results",
+    "train_sae_cell",
+    "sae_results",
+    "row_logger",
+]
+
+
+@dataclass
+class Comparison:
+    """Every scored model, and the target and evaluation batch they were scored on."""
+
+    results: list[Trained]
+    target: Any
+    """the target model (TMS or ResidMLP)"""
+    data: Any
+    """the evaluation batch (:class:`apd.compare.tms.TMSActivations` or
+    :class:`apd.compare.resid.ResidActivations`); ``data.truth`` is the features' ground truth the
+    figures draw"""
+    kind: str
+    """the target kind (``TargetConfig.kind``), which picks the comparison (:func:`apd.compare.comparison_for`)"""
+    side_methods: set[str] = field(default_factory=set)
+    """SAE grids kept out of the main table and Pareto figure (TMS: the transcoders, a side study)"""
+    notes: list[str] = field(default_factory=list)
+    """lines for comparison.md (e.g. which finished decomposition runs were loaded)"""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [r.row for r in self.results]
+
+
+def evaluation_target(cfg: CompareConfig, apd_run: DecomposeRun) -> tuple[nn.Module, Float[Tensor, "n_eval ..."]]:
+    """``apd_run``'s target (the shipped one when its config matches), in eval mode, and the
+    comparison's evaluation batch: ``cfg.n_eval`` inputs drawn from ``cfg.eval_seed``."""
+    target, _ = get_target(apd_run.target)
+    target.eval()
+    x = apd_run.target.batch(cfg.n_eval, torch.Generator().manual_seed(cfg.eval_seed))
+    return target, x
+
+
+# ---------------------------------------------------------------------------------------------
+# Decompositions
+# ---------------------------------------------------------------------------------------------
+
+
+def decomposition_fields(dec: Decomposition) -> dict[str, Any]:
+    """The method fields of a decomposition's row: its method (also as ``architecture``), seed,
+    width (its number of components per matrix; summed over the matrices when they differ) and its
+    method's sparsity knob and value (:data:`apd.compare.config.DECOMPOSITION_KNOBS`; APD: topk)."""
+    knob = DECOMPOSITION_KNOBS.get(dec.method)
+    if knob is None:
+        raise ValueError(f"no sparsity knob is known for the method {dec.method!r}: add the name of its config field "
+                         f"to apd.compare.DECOMPOSITION_KNOBS (known: {sorted(DECOMPOSITION_KNOBS)})")  # fmt: skip
+    per_module = dec.C_per_module()
+    counts = set(per_module.values())
+    width = counts.pop() if len(counts) == 1 else sum(per_module[n] for n in dec.matrix_names)
+    return {"method": dec.method, "architecture": dec.method, "seed": dec.config.seed, "width": width,
+            "sparsity_knob": knob, "sparsity": getattr(dec.config, knob)}  # fmt: skip
+
+
+def _with_fields(trained: Trained, dec: Decomposition, wall_seconds: float) -> Trained:
+    trained.row = {**decomposition_fields(dec), **trained.row, "wall_seconds": wall_seconds}
+    return trained
+
+
+def run_decomposition(
+    run: DecomposeRun, out_dir: Path, score: Callable[[Decomposition], Trained], progress: bool = False
+) -> Trained:
+    """Decompose (or reload a finished run from ``out_dir``), score it with ``score`` and fill in the
+    row's method fields and wall time (the decomposition's own, kept in its metrics.json when
+    reloaded, + this evaluation)."""
+    result = run_decompose(run, out_dir, progress=progress)
+    t0 = time.perf_counter()
+    trained = score(result.decomposition)
+    return _with_fields(trained, result.decomposition, result.metrics["wall_seconds"] + time.perf_counter() - t0)
+
+
+def load_decomposition_run(run_dir: str | Path) -> tuple[Decomposition, float]:
+    """A finished decomposition run (a ``python -m experiments.decompose`` run dir, or a
+    decomposition file): the decomposition and its wall seconds from ``metrics.json`` (NaN when
+    there is none)."""
+    dec = load_decomposition(run_dir)
+    metrics = Path(run_dir) / "metrics.json"
+    wall = json.loads(metrics.read_text()).get("wall_seconds", math.nan) if metrics.is_file() else math.nan
+    return dec, float(wall)
+
+
+def _loaded_note(dec: Decomposition, run_dir: str, wall: float) -> str:
+    """The comparison.md line of a loaded run: where it came from and its settings."""
+    m = dec.config
+    if isinstance(m, APDConfig):
+        settings = (f"C={m.C}, rank={m.rank if m.rank is not None else 'full'}, batch top-k={m.topk}, {m.steps} steps, "
+                    f"coefficients faithfulness/minimality/simplicity {m.faithfulness_coeff:g}/{m.minimality_coeff:g}/"
+                    f"{m.simplicity_coeff:g}")  # fmt: skip
+    else:
+        settings = f"components per matrix {dec.C_per_module()}, {m.steps} steps"
+    return f"{dec.method.upper()} seed {m.seed}: loaded from `{run_dir}` ({settings}, its own time {wall:.0f} s)"
+
+
+def decomposition_results(
+    cfg: CompareConfig, apd_run: DecomposeRun, out: Path, score: Callable[[Decomposition], Trained],
+    done: Callable[[Trained], None], notes: list[str] | None = None,
+) -> None:  # fmt: skip
+    """Every decomposition of the comparison, scored by ``score`` and handed to ``done``: the
+    finished runs of ``cfg.apd.runs`` when given (any method, scored as they are), else each cell of
+    ``cfg.apd`` on top of ``apd_run``'s method × ``cfg.seeds``, decomposed into ``out/apd/`` (a
+    finished run there is reloaded, not redone). Appends a line per loaded run to ``notes``."""
+    if not cfg.apd.enabled:
+        return
+    for run_dir in cfg.apd.runs:
+        dec, wall = load_decomposition_run(run_dir)
+        if notes is not None:
+            notes.append(_loaded_note(dec, run_dir, wall))
+        t0 = time.perf_counter()
+        trained = score(dec)
+        done(_with_fields(trained, dec, wall + time.perf_counter() - t0))
+    if cfg.apd.runs:
+        return
+    for method in cfg.apd.settings(apd_run.method):
+        for seed in cfg.seeds:
+            run = dataclasses.replace(apd_run, method=method, seed=seed, steps=method.steps)
+            done(run_decomposition(run, out / "apd" / f"C{method.C}_topk{method.topk:g}" / f"seed{seed}", score))
+
+
+# ---------------------------------------------------------------------------------------------
+# SAEs
+# ---------------------------------------------------------------------------------------------
+
+
+def train_sae_cell(
+    name: str,
+    grid: SAEGrid,
+    width: int,
+    value: float,
+    seed: int,
+    d_in: int,
+    d_out: int,
+    data: Callable[[int, torch.Generator], Any],
+    score: Callable[[SAE], Trained],
+    train_cfg: SAETrainConfig | None = None,
+    save_dir: Path | None = None,
+) -> Trained:
+    """Train one SAE (one grid cell, one seed) on fresh batches from ``data``, score it with
+    ``score`` and fill in the row's method fields and wall time. With ``save_dir`` the SAE is saved
+    there with its training config and time (``training.json``); an SAE already saved there with
+    the same SAE and training configs is reloaded, not retrained (its wall time: the saved one +
+    this evaluation)."""
+    t0 = time.perf_counter()
+    sae_cls, _ = get_sae_class(grid.architecture)
+    sae_cfg = grid.sae_config(d_in, width, value, d_out=d_out)
+    train = dataclasses.replace(train_cfg or SAETrainConfig(), seed=seed, **grid.train)
+    record = {"train": {k: getattr(v, "value", v) for k, v in dataclasses.asdict(train).items()}}
+    sae, seconds = _saved_sae(save_dir, sae_cfg, record) if save_dir is not None else (None, 0.0)
+    if sae is None:
+        sae = sae_cls(sae_cfg)
+        train_sae(sae, data, train)
+        seconds = time.perf_counter() - t0
+        if save_dir is not None:
+            save_sae(sae, save_dir)
+            (save_dir / "training.json").write_text(json.dumps(record | {"seconds": seconds}, indent=2) + "\n")
+    t1 = time.perf_counter()
+    trained = score(sae)
+    trained.row = {"method": name, "architecture": grid.architecture, "seed": seed, "width": width,
+                   "sparsity_knob": grid.knob, "sparsity": value, **trained.row,
+                   "wall_seconds": seconds + time.perf_counter() - t1}  # fmt: skip
+    return trained
+
+
+def _saved_sae(save_dir: Path, sae_cfg: SAEConfig, record: dict[str, Any]) -> tuple[SAE | None, float]:
+    """The SAE saved in ``save_dir`` and its training seconds, if it was trained with ``sae_cfg`` and
+    exactly the training config in ``record`` (a record written before a training field existed,
+    e.g. ``grad_clip_norm``, lacks it and so differs); (None, 0) otherwise."""
+    info = save_dir / "training.json"
+    if not info.is_file():
+        return None, 0.0
+    saved = json.loads(info.read_text())
+    sae = load_sae(save_dir)
+    if saved.get("train") != record["train"] or sae.cfg != sae_cfg:
+        return None, 0.0
+    return sae, float(saved["seconds"])
+
+
+def sae_results(
+    cfg: CompareConfig, out: Path, train: Callable[[str, SAEGrid, int, float, int, Path | None], Trained],
+    done: Callable[[Trained], None],
+) -> None:  # fmt: skip
+    """Every SAE grid cell × seed: ``train(name, grid, width, value, seed, save_dir)`` → ``done``
+    (models saved under ``out/saes/`` when ``cfg.save_models``)."""
+    for name, grid in cfg.saes.items():
+        for width in grid.widths:
+            for value in grid.sparsity_values:
+                for seed in cfg.seeds:
+                    save = out / "saes" / f"{name}_w{width}_{grid.knob}{value:g}_seed{seed}" if cfg.save_models else None
+                    done(train(name, grid, width, value, seed, save))
+
+
+def row_logger(results: list[Trained], log: Callable[[str], None]) -> Callable[[Trained], None]:
+    """A ``done`` callback for :func:`decomposition_results` / :func:`sae_results`: log a one-line
+    summary of the row, append the model to ``results``."""
+
+    def done(t: Trained) -> None:
+        r = t.row
+        log(f"{r['method']:>12} width={r['width']:<3} {r['sparsity_knob']}={r['sparsity']:<7.4g} seed={r['seed']}: "
+            f"l0={r['l0']:.3f} mmcs={r['mmcs']:.3f} matched={r['matched_mean_cos']:.3f} "
+            f"shrink={r['shrinkage']:.3f} fvu={r['fvu']:.3f} lossrec={r['loss_recovered']:.3f} ({r['wall_seconds']:.1f}s)")  # fmt: skip
+        results.append(t)
+
+    return done
