@@ -42,7 +42,7 @@ standing for any decomposition, its top-k for its method's evaluation masks):
   neuron SAE: W_out W_dec[ℓ]). APD: the component c of best NC cosine (as ML2R takes the best one),
   W_U[i] · P_c^out ReLU(P_c^in W_E[:, i]).
 - ``l0``: mean non-zero latents per sample; APD: mean active components under its batch top-k
-  (per-module masks: summed over the modules, :func:`apd.evaluation.mask_l0`).
+  (per-module masks: summed over the modules, ``Method.mask_l0``).
 - ``fvu``: transcoder and APD: of the MLP's output W_out ReLU(W_in r) in R^{d_embed} (APD: the MLP
   output of the top-k forward pass; a transcoder is trained on exactly this MSE, APD only on the
   outputs and the neurons, so its error may sit in directions no output reads); neuron SAE: of the
@@ -111,7 +111,6 @@ from apd.compare.scoring import (
     score_sae,
 )
 from apd.decomposition import Decomposition
-from apd.evaluation import mask_l0
 from apd.experiment import DecomposeRun
 from apd.methods import method_for
 from apd.metrics.recovery import hungarian_match, recovery_scores
@@ -320,17 +319,19 @@ def evaluate_decomposition_resid(
     _check_one_layer(target)
     ((w_in, w_out),) = target.mlp_pairs()
     cm = dec.component_model if dec.component_model is not None else dec.attach(target)
-    masks = method_for(dec.config).eval_masks(cm, data.x)
+    method = method_for(dec.config)
+    masks = method.eval_masks(cm, data.x)
+    active = method.active_threshold()
     with cm.capture([w_out]) as acts:
         out_masked = cm(data.x, masks=masks)
-    live = live_components(masks, w_in)
+    live = live_components(masks, w_in, active)
 
     W_E = target.W_E.detach().float().cpu()
     weights = {n: w.detach().float().cpu() for n, w in dec.component_weights().items()}
     nc = component_neuron_contributions(W_E, weights, target.mlp_pairs())  # (C, n, d_mlp)
     nc_target = target_neuron_contributions(target).float().cpu()  # (n, d_mlp)
     W, P = nc_target.T, nc.transpose(1, 2)  # as TMS's W (d, n) and P_c (d, n)
-    row = {"l0": mask_l0(masks)["l0"], **decomposition_recovery_row(W, P, live, tau=tau, negligible=negligible)}
+    row = {"l0": method.mask_l0(masks)["l0"], **decomposition_recovery_row(W, P, live, tau=tau, negligible=negligible)}
     best = column_cosines(W, P).argmax(dim=0)  # (n,): the component of best NC cosine per feature
     contributions = torch.einsum("cdn,dn->cn", component_outputs(weights[w_in], weights[w_out], W_E), W_E)  # W_U[i] · o_c(i)
     row["shrinkage"] = unit_shrinkage(contributions, best, data.gain)
@@ -339,8 +340,8 @@ def evaluate_decomposition_resid(
     row |= {
         "fvu": fraction_variance_unexplained(data.mlp_out, acts[w_out]),
         "loss_recovered": output_loss_recovered(out_masked, data.out, data.r @ target.W_E).score,
-        "n_dead": n_dead_components(masks),
-        "n_params": float(decomposition_n_params(dec)), "bits_per_datapoint": mask_bits(masks),
+        "n_dead": n_dead_components(masks, active),
+        "n_params": float(decomposition_n_params(dec)), "bits_per_datapoint": mask_bits(masks, active),
         **nan_identity(),
         "mmcs_enc": reads.max(dim=1).values.mean().item(), "matched_mean_cos_enc": matched_reads.mean().item(),
         **serving_columns(classify_components(nc, serve_threshold)),

@@ -4,7 +4,7 @@ An SAE is scored at an :class:`SAESite` (what it reads and reconstructs, its gro
 reconstruction reaches the output) by :func:`score_sae`. A decomposition (any method: APD, SPD) is
 scored from its components' versions of the features' ground-truth columns
 (:func:`decomposition_recovery_row`) and its method's evaluation masks (:func:`live_components`,
-:func:`n_dead_components`, :func:`mask_bits`, with L0 from :func:`apd.evaluation.mask_l0`). Masks are
+:func:`n_dead_components`, :func:`mask_bits`, with L0 from ``Method.mask_l0``). Masks are
 one tensor shared by every decomposed module (APD) or a mapping from module to its own mask (SPD's
 per-module causal importances); every function here takes either. The target modules
 (:mod:`apd.compare.tms`, :mod:`apd.compare.resid`) say what the ground truth and the hidden layer are.
@@ -250,23 +250,26 @@ def _per_module(masks: Masks) -> dict[str | None, Float[Tensor, "B C"]]:
     return {n: m.reshape(-1, m.shape[-1]) for n, m in items.items()}
 
 
-def live_components(masks: Masks, module: str | None = None) -> Bool[Tensor, " C"]:
-    """Components active (mask > 0) on at least one row of the batch: of the shared mask (APD; then
-    ``module`` is not needed), or of ``module``'s mask when the masks are per module (SPD)."""
+def live_components(masks: Masks, module: str | None = None, threshold: float = 0.0) -> Bool[Tensor, " C"]:
+    """Components active (mask > ``threshold``: the method's ``active_threshold()``, SPD's τ) on at
+    least one row of the batch: of the shared mask (APD; then ``module`` is not needed), or of
+    ``module``'s mask when the masks are per module (SPD)."""
     if isinstance(masks, Tensor):
-        return (masks.reshape(-1, masks.shape[-1]) > 0).any(0).cpu()
+        return (masks.reshape(-1, masks.shape[-1]) > threshold).any(0).cpu()
     if module is None or module not in masks:
         raise ValueError(f"the masks are per module ({sorted(masks)}): name the module whose live components to take "
                          f"(got {module!r})")  # fmt: skip
-    return live_components(masks[module])
+    return live_components(masks[module], threshold=threshold)
 
 
-def n_dead_components(masks: Masks) -> float:
-    """Components never active on the batch: of the shared mask, or summed over the modules' masks."""
-    return float(sum((~(m > 0).any(0)).sum().item() for m in _per_module(masks).values()))
+def n_dead_components(masks: Masks, threshold: float = 0.0) -> float:
+    """Components never active (mask > ``threshold``) on the batch: of the shared mask, or summed
+    over the modules' masks."""
+    return float(sum((~(m > threshold).reshape(-1, m.shape[-1]).any(0)).sum().item() for m in _per_module(masks).values()))
 
 
-def mask_bits(masks: Masks) -> float:
+def mask_bits(masks: Masks, threshold: float = 0.0) -> float:
     """Description length per row of the masks, :func:`component_bits` of the shared mask's L0 and
-    C, or summed over the modules' masks (each module's L0 and its number of components)."""
-    return sum(component_bits((m > 0).float().sum(-1).mean().item(), m.shape[-1]) for m in _per_module(masks).values())
+    C, or summed over the modules' masks (each module's L0 and its number of components); a component
+    is active where its mask exceeds ``threshold``."""
+    return sum(component_bits((m > threshold).float().sum(-1).mean().item(), m.shape[-1]) for m in _per_module(masks).values())

@@ -19,7 +19,7 @@ decomposition has parameter components, active under its method's evaluation mas
 - ``shrinkage``: ML2R ‖P_{c*(j)}[:, j]‖ / ‖W[:, j]‖; for an SAE the matched latent's magnitude on
   the one-feature input, times its decoder norm, over ‖W[:, j]‖.
 - ``l0``: mean active components per sample under the evaluation masks (summed over modules for
-  per-module masks, :func:`apd.evaluation.mask_l0`); for an SAE mean non-zero latents.
+  per-module masks, ``Method.mask_l0``); for an SAE mean non-zero latents.
 - ``fvu``: the hidden activations of the masked forward pass (ĥ = Σ_c s_c P_c^{enc} x, after the
   masked identity for +ID) against the target's; for an SAE its reconstruction.
 - ``loss_recovered``: 1 − MSE(masked output, target output) / MSE(zero-ablated hidden, target
@@ -67,7 +67,6 @@ from apd.compare.scoring import (
     score_sae,
 )
 from apd.decomposition import Decomposition
-from apd.evaluation import mask_l0
 from apd.experiment import DecomposeRun
 from apd.methods import method_for
 from apd.metrics.sae import fraction_variance_unexplained
@@ -198,7 +197,9 @@ def evaluate_decomposition(
     ``data`` with the SAE columns' meanings (module docstring); the row's method fields and wall
     time are the caller's."""
     cm = dec.component_model if dec.component_model is not None else dec.attach(target)
-    masks = method_for(dec.config).eval_masks(cm, data.x)
+    method = method_for(dec.config)
+    masks = method.eval_masks(cm, data.x)
+    active = method.active_threshold()
     enc = _module_name(target, target.enc)
     read = _module_name(target, target.hidden) if target.hidden is not None else enc  # the layer the decoder reads
     with cm.capture([read]) as acts:
@@ -207,14 +208,14 @@ def evaluate_decomposition(
 
     W = target.W.detach()
     P = dec.component_weights()[enc].to(W)
-    live = live_components(masks, enc)
+    live = live_components(masks, enc, active)
     ablated = tms_downstream(target)(torch.zeros_like(data.h))
     row = {
-        "l0": mask_l0(masks)["l0"], **decomposition_recovery_row(W, P, live, tau=tau, negligible=negligible),
+        "l0": method.mask_l0(masks)["l0"], **decomposition_recovery_row(W, P, live, tau=tau, negligible=negligible),
         "fvu": fraction_variance_unexplained(data.h, h_hat),
         "loss_recovered": output_loss_recovered(out_masked, data.out, ablated).score,
-        "n_dead": n_dead_components(masks),
-        "n_params": float(decomposition_n_params(dec)), "bits_per_datapoint": mask_bits(masks),
+        "n_dead": n_dead_components(masks, active),
+        "n_params": float(decomposition_n_params(dec)), "bits_per_datapoint": mask_bits(masks, active),
     }  # fmt: skip
     Pc = P.cpu()
     cols = Pc.norm(dim=1)  # (C, n)

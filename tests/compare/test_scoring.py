@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from apd.compare import component_bits, feature_splitting, live_components, mask_bits, n_dead_components
-from apd.evaluation import mask_l0
+from apd import APDConfig
+from apd.methods import method_for
+
+mask_l0 = method_for(APDConfig()).mask_l0
 
 
 def test_duplicated_latents_count_as_split_features_and_duplicate_pairs():
