@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from apd.compare import COLUMNS, Comparison, Trained, best_settings, comparison_for, summarise
+from apd.config import ConfigError
 from apd.experiment import DecomposeRun
 from experiments import compare_schema, schema
 from experiments.compare_figures import save_figures
@@ -32,7 +33,16 @@ log = logging.getLogger(__name__)
 def apd_template(app: compare_schema.CompareApp) -> DecomposeRun:
     """The APD run of the decompose preset ``app.apd_experiment`` (composed by Hydra, so the
     comparison follows the preset as it changes), before the grid's C / topk / steps / seed."""
-    cfg = hydra.compose(config_name="decompose", overrides=[f"experiment={app.apd_experiment}", *app.apd_overrides])
+    return _preset(app, app.apd_experiment, app.apd_overrides)
+
+
+def spd_template(app: compare_schema.CompareApp) -> DecomposeRun | None:
+    """The SPD run of the decompose preset ``app.spd_experiment`` (None without one), before the seed."""
+    return _preset(app, app.spd_experiment, app.spd_overrides) if app.spd_experiment else None
+
+
+def _preset(app: compare_schema.CompareApp, experiment: str, overrides: list[str]) -> DecomposeRun:
+    cfg = hydra.compose(config_name="decompose", overrides=[f"experiment={experiment}", *overrides])
     preset: schema.DecomposeApp = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     return DecomposeRun(target=preset.target, method=preset.method, seed=0, batch_size=preset.batch_size,
                         threads=app.threads, n_eval=preset.n_eval, device=preset.device)  # fmt: skip
@@ -43,9 +53,12 @@ def compare_app(cfg: DictConfig, out: Path) -> Comparison:
     torch.set_num_threads(app.threads)
     t0 = time.perf_counter()
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    apd_run = apd_template(app)
+    apd_run, spd_run = apd_template(app), spd_template(app)
+    if spd_run is not None and spd_run.target.to_dict() != apd_run.target.to_dict():
+        raise ConfigError(f"spd_experiment={app.spd_experiment} decomposes {spd_run.target.name}, apd_experiment="
+                          f"{app.apd_experiment} {apd_run.target.name}: compare on one target")  # fmt: skip
     target_comparison = comparison_for(apd_run.target.kind)
-    comparison = target_comparison.run(app, apd_run, out, log.info)
+    comparison = target_comparison.run(app, apd_run, out, log.info, spd_run=spd_run)
     write_csv(comparison.rows, out / "comparison.csv", target_comparison.columns)
     figures = save_figures(comparison, app, out / "figures") if app.figures else []
     wall = time.perf_counter() - t0

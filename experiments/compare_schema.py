@@ -15,6 +15,9 @@ class CompareApp(CompareConfig):
     """decompose preset (conf/experiment/<name>.yaml) whose target and APD settings are compared"""
     apd_overrides: list[str] = field(default_factory=list)
     """further overrides of that preset, e.g. ["method.simplicity_coeff=1.0"]"""
+    spd_experiment: str | None = None
+    """decompose preset of the SPD rows (e.g. spd_tms_5_2; used when spd.enabled and spd.runs is empty)"""
+    spd_overrides: list[str] = field(default_factory=list)
     threads: int = 1
     """torch intra-op threads"""
     figures: bool = True

@@ -14,12 +14,63 @@ from apd.metrics import resid_mlp as rm  # noqa: E402
 
 
 def save_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Path]:
-    """The figures of the run's target kind (none for a kind without figures)."""
-    figures = _FIGURES.get(run.target.kind)
-    if figures is None:
-        return []
+    """The figures of the run's target kind (none for a kind without figures), and for every run its
+    mechanisms (groups of co-active units, from metrics.json) and, for SPD on a toy, its causal
+    importances on one-feature inputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return figures(result, run, out_dir)
+    paths = mechanism_figure(result, out_dir)
+    if result.decomposition.method == "spd" and run.target.kind in ("tms", "resid_mlp"):
+        paths += ci_figure(result, run, out_dir)
+    figures = _FIGURES.get(run.target.kind)
+    return paths + (figures(result, run, out_dir) if figures is not None else [])
+
+
+def mechanism_figure(result: RunResult, out_dir: Path) -> list[Path]:
+    """Each mechanism (largest first, as in metrics.json): its rank-one pieces per layer (stacked
+    bars) and the fraction of inputs it is active on (dots, right axis)."""
+    mechs = result.metrics.get("mechanisms") or []
+    if not mechs:
+        return []
+    mechs = mechs[:40]
+    layers = list(dict.fromkeys(layer for m in mechs for member in m["members"] for layer in [member.rpartition(":")[0]]))
+    counts = torch.tensor([[sum(1 for member in m["members"] if member.rpartition(":")[0] == layer) for layer in layers]
+                           for m in mechs], dtype=torch.float)  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(mechs) + 2), 3.6))
+    bottom = torch.zeros(len(mechs))
+    for k, layer in enumerate(layers):
+        ax.bar(range(len(mechs)), counts[:, k].numpy(), bottom=bottom.numpy(), label=layer, color=plt.cm.tab10(k % 10))
+        bottom += counts[:, k]
+    ax.set(xlabel="mechanism", ylabel="units (subcomponents / components)", title=f"{len(result.metrics.get('mechanisms', []))} "
+           f"mechanisms of {int(result.metrics.get('n_live_units', 0))} live units ({result.decomposition.method.upper()})")  # fmt: skip
+    ax2 = ax.twinx()
+    ax2.plot(range(len(mechs)), [m["frequency"] for m in mechs], "k.", ms=5)
+    ax2.set(ylabel="fraction of inputs active", yscale="log")
+    ax.legend(fontsize=7, loc="upper right")
+    paths: list[Path] = []
+    _save(fig, out_dir / "mechanisms.png", paths)
+    return paths
+
+
+def ci_figure(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Path]:
+    """SPD's causal importances on the one-feature inputs x = e_j (value 1), per layer: rows are
+    features, columns the live subcomponents (ordered by the feature they fire most on)."""
+    dec = result.decomposition
+    cm = dec.component_model if dec.component_model is not None else dec.attach(result.target)
+    n = run.target.n_features  # type: ignore[attr-defined]
+    with torch.no_grad():
+        ci = {k: v.cpu() for k, v in cm.causal_importances(torch.eye(n, device=run.device)).items()}
+    fig, axes = plt.subplots(1, len(ci), figsize=(3.2 * len(ci) + 1, 3.2), squeeze=False)
+    for ax, (name, g) in zip(axes[0], ci.items()):
+        live = (g > 0.1).any(0).nonzero().flatten()
+        g = g[:, live]
+        order = g.argmax(0).argsort() if g.numel() else live
+        ax.imshow(g[:, order].numpy() if g.numel() else torch.zeros(n, 1).numpy(), vmin=0, vmax=1, cmap="Blues", aspect="auto")
+        ax.set(title=f"{name}: {len(live)} live of {cm.layers[name].C}", xlabel="subcomponent", ylabel="feature")
+        ax.title.set_fontsize(8)
+    fig.suptitle("SPD causal importances on one-feature inputs")
+    paths: list[Path] = []
+    _save(fig, out_dir / "causal_importances.png", paths)
+    return paths
 
 
 def _save(fig: plt.Figure, path: Path, paths: list[Path]) -> None:
@@ -64,13 +115,17 @@ def tms_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Pat
 
 
 def resid_mlp_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Path]:
-    """Neuron contributions of target vs best component (first 10 features), the scrub /
-    anti-scrub histogram with the monosemantic baseline, and per-feature top-1 MSE."""
+    """Neuron contributions of target vs best component (first 10 features; SPD: its W_in
+    subcomponents through the decomposed W_out), and for APD the scrub / anti-scrub histogram with
+    the monosemantic baseline and per-feature top-1 MSE."""
     target, dec = result.target, result.decomposition
     cm = dec.component_model if dec.component_model is not None else dec.attach(target)
     W_E = target.W_E
     nc_t = rm.target_neuron_contributions(target).cpu()
-    nc_c = rm.component_neuron_contributions(W_E, dec.component_weights(), target.mlp_pairs()).cpu()
+    if dec.method == "spd":
+        nc_c = rm.spd_neuron_contributions(W_E, dec.component_weights(), target.mlp_pairs())[0].cpu()
+    else:
+        nc_c = rm.component_neuron_contributions(W_E, dec.component_weights(), target.mlp_pairs()).cpu()
     best = nc_c.abs().amax(-1).argmax(0)  # (n_features,)
     paths: list[Path] = []
 
@@ -84,6 +139,8 @@ def resid_mlp_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> li
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Neuron contributions: target (bars) vs best-matching component (dots)")
     _save(fig, out_dir / "neuron_contributions.png", paths)
+    if dec.method != "apd":
+        return paths
 
     def attributions(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -17,7 +17,7 @@ __all__ = ["SPARSITY_KNOBS", "DECOMPOSITION_KNOBS", "SAEGrid", "APDGrid", "Compa
 SPARSITY_KNOBS = {"standard": "l1_coeff", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coeff"}
 """The default sparsity knob of each SAE architecture (a field of its config)."""
 
-DECOMPOSITION_KNOBS = {"apd": "topk"}
+DECOMPOSITION_KNOBS = {"apd": "topk", "spd": "importance_minimality_coeff"}
 """The sparsity knob of each decomposition method (a field of its config; APD: its batch top-k):
 a decomposition row's ``sparsity_knob`` and ``sparsity``. A method scored in a comparison needs an
 entry here (e.g. SPD's importance-minimality coefficient)."""
@@ -108,12 +108,27 @@ class APDGrid:
 
 
 @dataclass(kw_only=True)
+class SPDRuns:
+    """SPD in a comparison: its decompose preset × the comparison's seeds, or finished run dirs."""
+
+    enabled: bool = False
+    steps: int | None = None
+    """SPD steps (None = the preset's)"""
+    runs: list[str] = field(default_factory=list)
+    """finished SPD run dirs to score instead of training (their own seeds and settings)"""
+
+    def __post_init__(self) -> None:
+        self.runs = [str(r) for r in self.runs]
+
+
+@dataclass(kw_only=True)
 class CompareConfig:
     """The whole comparison: the decompositions and every SAE grid, each over the same seeds and
     evaluation data."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     apd: APDGrid = field(default_factory=APDGrid)
+    spd: SPDRuns = field(default_factory=SPDRuns)
     saes: dict[str, SAEGrid] = field(default_factory=dict)
     """method label -> architecture grid"""
     sae_train: SAETrainConfig = field(default_factory=SAETrainConfig)

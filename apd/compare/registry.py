@@ -17,7 +17,8 @@ from apd.experiment import DecomposeRun
 
 __all__ = ["TargetComparison", "COMPARISONS", "register_comparison", "comparison_for", "check_target_kind"]
 
-RunComparison = Callable[[CompareConfig, DecomposeRun, str | Path, Callable[[str], None]], Comparison]
+RunComparison = Callable[..., Comparison]
+"""``run(cfg, apd_run, out_dir, log, spd_run=None) -> Comparison``"""
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class TargetComparison:
     kind: str
     """``TargetConfig.kind`` of the targets it covers"""
     run: RunComparison
-    """``run(cfg, apd_run, out_dir, log)``: every model of ``cfg`` on ``apd_run``'s target, scored"""
+    """``run(cfg, apd_run, out_dir, log, spd_run=None)``: every model of ``cfg`` on ``apd_run``'s target
+    (SPD rows from ``spd_run``, its decompose preset, when ``cfg.spd.enabled``), scored"""
     columns: list[str]
     """its rows' columns, in CSV order"""
     best_key: Callable[[dict[str, Any]], tuple]

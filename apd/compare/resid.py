@@ -118,6 +118,7 @@ from apd.metrics.resid_mlp import (
     ComponentClasses,
     classify_components,
     component_neuron_contributions,
+    spd_neuron_contributions,
     label_mses,
     target_neuron_contributions,
 )
@@ -328,12 +329,17 @@ def evaluate_decomposition_resid(
 
     W_E = target.W_E.detach().float().cpu()
     weights = {n: w.detach().float().cpu() for n, w in dec.component_weights().items()}
-    nc = component_neuron_contributions(W_E, weights, target.mlp_pairs())  # (C, n, d_mlp)
+    if dec.method == "spd":  # units: the W_in subcomponents, each through the decomposed W_out (SPEC §5.5)
+        nc = spd_neuron_contributions(W_E, weights, target.mlp_pairs())[0]
+        out_map = weights[w_out].sum(0, keepdim=True).expand(weights[w_in].shape[0], -1, -1)
+    else:  # units: the components, spanning W_in and W_out
+        nc = component_neuron_contributions(W_E, weights, target.mlp_pairs())  # (C, n, d_mlp)
+        out_map = weights[w_out]
     nc_target = target_neuron_contributions(target).float().cpu()  # (n, d_mlp)
     W, P = nc_target.T, nc.transpose(1, 2)  # as TMS's W (d, n) and P_c (d, n)
     row = {"l0": method.mask_l0(masks)["l0"], **decomposition_recovery_row(W, P, live, tau=tau, negligible=negligible)}
     best = column_cosines(W, P).argmax(dim=0)  # (n,): the component of best NC cosine per feature
-    contributions = torch.einsum("cdn,dn->cn", component_outputs(weights[w_in], weights[w_out], W_E), W_E)  # W_U[i] · o_c(i)
+    contributions = torch.einsum("cdn,dn->cn", component_outputs(weights[w_in], out_map, W_E), W_E)  # W_U[i] · o_c(i)
     row["shrinkage"] = unit_shrinkage(contributions, best, data.gain)
     reads = read_cosines(weights[w_in], W_E)
     _, matched_reads = hungarian_match(reads)
@@ -357,7 +363,8 @@ def resid_best_key(a: dict[str, Any]) -> tuple:
 
 
 def run_resid_comparison(
-    cfg: CompareConfig, apd_run: DecomposeRun, out_dir: str | Path, log: Callable[[str], None] = print
+    cfg: CompareConfig, apd_run: DecomposeRun, out_dir: str | Path, log: Callable[[str], None] = print,
+    spd_run: DecomposeRun | None = None,
 ) -> Comparison:
     """The decompositions (trained per cell of ``cfg.apd`` × seed on top of ``apd_run``'s method,
     or the finished runs of ``cfg.apd.runs``) and every SAE grid over ``cfg.seeds`` on ``apd_run``'s
@@ -375,7 +382,7 @@ def run_resid_comparison(
     notes = [_baseline_note(target, data)]
     done = row_logger(results, log)
     decomposition_results(cfg, apd_run, out, lambda dec: evaluate_decomposition_resid(
-        dec, target, data, tau=cfg.tau, negligible=cfg.negligible, serve_threshold=cfg.serve_threshold), done, notes)  # fmt: skip
+        dec, target, data, tau=cfg.tau, negligible=cfg.negligible, serve_threshold=cfg.serve_threshold), done, notes, spd_run)  # fmt: skip
 
     def train(name: str, grid: SAEGrid, width: int, value: float, seed: int, save: Path | None) -> Trained:
         site = resid_site(target, data, grid.transcoder)

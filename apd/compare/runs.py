@@ -135,27 +135,41 @@ def _loaded_note(dec: Decomposition, run_dir: str, wall: float) -> str:
 
 def decomposition_results(
     cfg: CompareConfig, apd_run: DecomposeRun, out: Path, score: Callable[[Decomposition], Trained],
-    done: Callable[[Trained], None], notes: list[str] | None = None,
+    done: Callable[[Trained], None], notes: list[str] | None = None, spd_run: DecomposeRun | None = None,
 ) -> None:  # fmt: skip
-    """Every decomposition of the comparison, scored by ``score`` and handed to ``done``: the
-    finished runs of ``cfg.apd.runs`` when given (any method, scored as they are), else each cell of
-    ``cfg.apd`` on top of ``apd_run``'s method × ``cfg.seeds``, decomposed into ``out/apd/`` (a
-    finished run there is reloaded, not redone). Appends a line per loaded run to ``notes``."""
-    if not cfg.apd.enabled:
-        return
-    for run_dir in cfg.apd.runs:
-        dec, wall = load_decomposition_run(run_dir)
-        if notes is not None:
-            notes.append(_loaded_note(dec, run_dir, wall))
-        t0 = time.perf_counter()
-        trained = score(dec)
-        done(_with_fields(trained, dec, wall + time.perf_counter() - t0))
-    if cfg.apd.runs:
-        return
-    for method in cfg.apd.settings(apd_run.method):
-        for seed in cfg.seeds:
-            run = dataclasses.replace(apd_run, method=method, seed=seed, steps=method.steps)
-            done(run_decomposition(run, out / "apd" / f"C{method.C}_topk{method.topk:g}" / f"seed{seed}", score))
+    """Every decomposition of the comparison, scored by ``score`` and handed to ``done``.
+
+    APD: the finished runs of ``cfg.apd.runs`` when given (any method, scored as they are), else
+    each cell of ``cfg.apd`` on top of ``apd_run``'s method × ``cfg.seeds``, decomposed into
+    ``out/apd/``. SPD (``cfg.spd.enabled``): the finished runs of ``cfg.spd.runs``, else ``spd_run``
+    (its decompose preset) × ``cfg.seeds`` into ``out/spd/``. A finished run there is reloaded, not
+    redone. Appends a line per loaded run to ``notes``."""
+
+    def loaded(run_dirs: list[str]) -> None:
+        for run_dir in run_dirs:
+            dec, wall = load_decomposition_run(run_dir)
+            if notes is not None:
+                notes.append(_loaded_note(dec, run_dir, wall))
+            t0 = time.perf_counter()
+            trained = score(dec)
+            done(_with_fields(trained, dec, wall + time.perf_counter() - t0))
+
+    if cfg.apd.enabled:
+        loaded(cfg.apd.runs)
+        if not cfg.apd.runs:
+            for method in cfg.apd.settings(apd_run.method):
+                for seed in cfg.seeds:
+                    run = dataclasses.replace(apd_run, method=method, seed=seed, steps=method.steps)
+                    done(run_decomposition(run, out / "apd" / f"C{method.C}_topk{method.topk:g}" / f"seed{seed}", score))
+    if cfg.spd.enabled:
+        loaded(cfg.spd.runs)
+        if not cfg.spd.runs:
+            if spd_run is None:
+                raise ValueError("spd.enabled but no SPD preset was given (spd_experiment) and spd.runs is empty")
+            steps = cfg.spd.steps if cfg.spd.steps is not None else spd_run.method.steps
+            for seed in cfg.seeds:
+                run = dataclasses.replace(spd_run, seed=seed, steps=steps)
+                done(run_decomposition(run, out / "spd" / f"seed{seed}", score))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -286,7 +286,8 @@ def tms_best_key(a: dict[str, Any]) -> tuple:
 
 
 def run_comparison(
-    cfg: CompareConfig, apd_run: DecomposeRun, out_dir: str | Path, log: Callable[[str], None] = print
+    cfg: CompareConfig, apd_run: DecomposeRun, out_dir: str | Path, log: Callable[[str], None] = print,
+    spd_run: DecomposeRun | None = None,
 ) -> Comparison:
     """The decompositions (each cell of ``cfg.apd`` on top of ``apd_run``'s method, or the finished
     runs of ``cfg.apd.runs``) and every SAE grid, each over ``cfg.seeds``, on ``apd_run``'s TMS
@@ -301,7 +302,7 @@ def run_comparison(
     notes: list[str] = []
     done = row_logger(results, log)
     decomposition_results(cfg, apd_run, out, lambda dec: evaluate_decomposition(
-        dec, target, data, tau=cfg.tau, negligible=cfg.negligible), done, notes)  # fmt: skip
+        dec, target, data, tau=cfg.tau, negligible=cfg.negligible), done, notes, spd_run)  # fmt: skip
     sae_results(cfg, out, lambda name, grid, width, value, seed, save: train_evaluate_sae(
         name, grid, width, value, seed, target, apd_run.target, data, cfg.sae_train, bits_per_value=cfg.bits_per_value,
         tau=cfg.tau, save_dir=save), done)  # fmt: skip

@@ -236,6 +236,7 @@ def test_reduced_resid_mlp_comparison_end_to_end(tmp_path):
     inside for a few steps, two transcoder widths, one neuron SAE."""
     out = tmp_path / "run"
     shrink = ["seeds=[0]", "apd.steps=10", 'apd_overrides=["batch_size=64","n_eval=200"]', "n_eval=1000",
+              "spd.steps=10", 'spd_overrides=["batch_size=64","n_eval=200"]',
               "sae_train.steps=40", "sae_train.batch_size=256",
               "saes.transcoder_batchtopk.widths=[100,130]", "saes.transcoder_batchtopk.sparsity_values=[1.28]",
               "saes.sae_batchtopk.widths=[100]", "saes.sae_batchtopk.sparsity_values=[1.28]"]  # fmt: skip
@@ -249,7 +250,7 @@ def test_reduced_resid_mlp_comparison_end_to_end(tmp_path):
         rows = list(reader)
     assert reader.fieldnames == RESID_COLUMNS
     methods = [r["method"] for r in rows]
-    assert methods[0] == "apd" and len(rows) == 1 + 2 + 1
+    assert methods[:2] == ["apd", "spd"] and len(rows) == 1 + 1 + 2 + 1
     assert {"transcoder_batchtopk", "sae_batchtopk"} <= set(methods)
     for r in rows:
         v = {k: float(r[k]) for k in RESID_COLUMNS if k not in ("method", "architecture", "sparsity_knob") and r[k] != ""}
@@ -258,10 +259,11 @@ def test_reduced_resid_mlp_comparison_end_to_end(tmp_path):
         assert 0 <= v["n_recovered_0.99"] <= v["n_recovered_0.9"] <= 100 and v["n_dead"] >= 0, r
         assert v["loss_recovered"] <= 1 + 1e-6 and v["shrinkage"] >= 0 and v["wall_seconds"] > 0, r
         assert 0 <= v["n_features_dedicated"] <= 100 and v["mse_vs_target"] >= 0 and v["mse_vs_labels"] > 0, r
-        assert v["n_mono"] + v["n_duo"] + v["n_poly"] <= v["width"], r
+        assert v["n_mono"] + v["n_duo"] + v["n_poly"] <= v["width"], r  # SPD: its W_in subcomponents
         assert not any(k.startswith("id_") for k in v), r  # no identity: empty cells
-    apd = rows[0]
+    apd, spd = rows[0], rows[1]
     assert apd["sparsity_knob"] == "topk" and float(apd["l0"]) == pytest.approx(1.28, abs=1e-3) and apd["width"] == "130"
+    assert spd["sparsity_knob"] == "importance_minimality_coeff" and spd["width"] == "100"
     md = (out / "comparison.md").read_text()
     assert "Residual-MLP quantities" in md and "monosemantic baseline" in md and "| apd | 130 | topk=1.28 | 1 |" in md
     for name in ["pareto_l0.png", "transcoder_sweep.png"]:

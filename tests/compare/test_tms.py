@@ -241,7 +241,7 @@ def test_identity_comparison_writes_the_transcoder_sweep_and_apd_identity_figure
 def test_reduced_tms_5_2_comparison_end_to_end(tmp_path):
     """`python -m experiments.compare experiment=compare_tms_5_2`, shrunk: 2 seeds, 1 width, few steps."""
     out = tmp_path / "run"
-    shrink = ["seeds=[0,1]", "apd.steps=150", "apd.topks=[0.211]", "sae_train.steps=150", "n_eval=2000"]
+    shrink = ["seeds=[0,1]", "apd.steps=150", "apd.topks=[0.211]", "spd.steps=60", "sae_train.steps=150", "n_eval=2000"]
     for name, value in [("relu_l1", 0.3), ("topk", 1), ("batchtopk", 0.25), ("jumprelu", 0.1)]:
         shrink += [f"saes.{name}.widths=[5]", f"saes.{name}.sparsity_values=[{value}]"]
     proc = subprocess.run(
@@ -255,8 +255,8 @@ def test_reduced_tms_5_2_comparison_end_to_end(tmp_path):
                 "n_recovered_0.99", "shrinkage", "fvu", "loss_recovered", "n_dead", "n_params", "bits_per_datapoint",
                 "wall_seconds", "sparsity_knob", "sparsity"]  # fmt: skip
     assert set(required) <= set(rows[0])
-    assert sorted({r["method"] for r in rows}) == ["apd", "batchtopk", "jumprelu", "relu_l1", "topk"]
-    assert len(rows) == 5 * 2
+    assert sorted({r["method"] for r in rows}) == ["apd", "batchtopk", "jumprelu", "relu_l1", "spd", "topk"]
+    assert len(rows) == 6 * 2
     for r in rows:
         v = {k: float(r[k]) for k in required if k not in ("method", "sparsity_knob")}
         assert 0 <= v["mmcs"] <= 1 + 1e-6 and -1 <= v["matched_mean_cos"] <= 1 + 1e-6, r
@@ -265,6 +265,8 @@ def test_reduced_tms_5_2_comparison_end_to_end(tmp_path):
         assert v["loss_recovered"] <= 1 + 1e-6 and v["shrinkage"] >= 0 and v["wall_seconds"] > 0, r
     apd = [r for r in rows if r["method"] == "apd"]
     assert {r["sparsity_knob"] for r in apd} == {"topk"} and float(apd[0]["l0"]) == pytest.approx(0.211, abs=1e-3)
+    spd = [r for r in rows if r["method"] == "spd"]
+    assert {r["sparsity_knob"] for r in spd} == {"importance_minimality_coeff"} and {r["width"] for r in spd} == {"20"}
     md = (out / "comparison.md").read_text()
     assert "mean ± std" in md and "Legend" in md and "| apd | 10 | topk=0.211 | 2 |" in md  # width = the preset's C
     for name in ["pareto_l0.png", "directions.png"]:
