@@ -11,6 +11,7 @@ checkpoint, a finished one is not redone, and a run with *different* settings is
 target, the decomposition, the run and its metrics.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from apd.config import ConfigError, MethodConfig
+from apd.distributed import is_main, rank_and_world
 from apd.decomposition import CHECKPOINT_NAME, FILE_NAME, Decomposition, config_from, load_decomposition, safe_load
 from apd.evaluation import evaluate
 from apd.methods import APDConfig, method_for
@@ -165,11 +167,13 @@ def check_run_dir(out_dir: str | Path, run: DecomposeRun) -> None:
 
 
 def _start(run: DecomposeRun, out_dir: str | Path) -> tuple[Path, nn.Module, dict, float]:
-    """Check and claim the run dir, set the thread count, get the target: (out, target, its info, start time)."""
+    """Check and claim the run dir (rank 0 of a data-parallel run), set the thread count, get the
+    target: (out, target, its info, start time)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_run_dir(out, run)
-    (out / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    if is_main():
+        (out / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
     torch.set_num_threads(run.threads or cpu_share())
     t0 = time.perf_counter()
     target, info = get_target(run.target)
@@ -195,13 +199,18 @@ def run_decompose(
     run: DecomposeRun, out_dir: str | Path, callback: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> RunResult:  # fmt: skip
-    """Get the target (shipped or trained), decompose it, score it; write the run dir (module docstring)."""
+    """Get the target (shipped or trained), decompose it, score it; write the run dir (module docstring).
+
+    In a ``torch.distributed`` group the run is data-parallel over the ranks (``run.batch_size`` is
+    the global batch); rank 0 writes the run dir and evaluates, the others return empty metrics."""
     out, target, info, t0 = _start(run, out_dir)
     if _finished(out):  # finished: not redone
         return RunResult(json.loads((out / "metrics.json").read_text()), load_decomposition(out), target)
 
-    _truncate_log(out)
-    with (out / "metrics.jsonl").open("a") as log:
+    main = is_main()
+    if main:
+        _truncate_log(out)
+    with (out / "metrics.jsonl").open("a") if main else contextlib.nullcontext() as log:
 
         def on_log(step: int, terms: dict[str, float]) -> None:
             log.write(json.dumps(terms) + "\n")
@@ -211,13 +220,17 @@ def run_decompose(
 
         dec = decompose(
             # data from the global RNG: decompose seeds it and checkpoints its state, so a killed
-            # run resumes onto exactly the same batches
+            # run resumes onto exactly the same batches (on every rank: each keeps its share)
             target, lambda: run.target.batch(run.batch_size, None), run.method, run.target.modules(),
-            tied=run.target.tied() or None, callback=on_log, checkpoint_dir=out, progress=progress,
+            tied=run.target.tied() or None, callback=on_log if main else None, checkpoint_dir=out, progress=progress,
         )  # fmt: skip
+    if not main:
+        return RunResult({}, dec, target)
     dec.save(out)
+    _, world = rank_and_world()
     metrics = _metrics(dec, target, run, {"wall_seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
-                                          "target_train_loss": float(info["train_loss"])})  # fmt: skip
+                                          "target_train_loss": float(info["train_loss"]), "world_size": world,
+                                          "batch_size_per_rank": run.batch_size // world})  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return RunResult(metrics, dec, target)
 
@@ -304,12 +317,14 @@ def load_run(run_dir: str | Path, seed: int | None = None) -> RunArtifacts:
     run's settings and its metrics. For a multi-seed run dir, ``seed`` picks one (default: the first)."""
     d = Path(run_dir)
     if not (d / RUN_FILE).is_file():
-        seeds = sorted(d.glob("seed_*/" + RUN_FILE))
-        if not seeds:
-            raise ConfigError(f"{d} holds no {RUN_FILE}: pass a run dir written by apd.experiment.run_decompose "
-                              "or python -m experiments.decompose")  # fmt: skip
-        d = seed_run_dir(d, seed) if seed is not None else seeds[0].parent
+        raise ConfigError(f"{d} holds no {RUN_FILE}: pass a run dir written by apd.experiment.run_decompose "
+                          "or python -m experiments.decompose")  # fmt: skip
     run = DecomposeRun.from_dict(json.loads((d / RUN_FILE).read_text()))
+    if run.n_seeds > 1:  # seeds trained at once: each has its own seed_<s>/ run dir
+        d = seed_run_dir(d, run.seed if seed is None else seed)
+        if not (d / RUN_FILE).is_file():
+            raise ConfigError(f"{d.parent} trained seeds {run.seed}..{run.seed + run.n_seeds - 1}; seed {seed} is not among them")
+        run = DecomposeRun.from_dict(json.loads((d / RUN_FILE).read_text()))
     target, _ = get_target(run.target)
     if (d / FILE_NAME).is_file():
         dec = load_decomposition(d / FILE_NAME)

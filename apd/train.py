@@ -14,6 +14,10 @@ NaN check (before any update) → backward → the method's gradient hook (unit-
 optimiser step → the method's parameter hook. Everything that changes over a run derives from the
 step number, so a run resumed from a checkpoint (components, optimiser, RNGs, data position)
 repeats an uninterrupted one exactly.
+
+Inside an initialised process group ``decompose`` is data-parallel (``apd.distributed``): every rank
+keeps its share of each global batch, gradients are averaged before clipping, and rank 0 writes
+the checkpoints (with every rank's RNG state).
 """
 
 import json
@@ -33,6 +37,16 @@ from apd.component_model import ComponentModel
 from apd.config import Attribution, ConfigError, GradientMode, MethodConfig
 from apd.data import BatchSource, DataError
 from apd.decomposition import CHECKPOINT_NAME, CKPT_FORMAT, CheckpointError, Decomposition, atomic_save, safe_load
+from apd.distributed import (
+    DistributedError,
+    all_true,
+    average_gradients,
+    gather_objects,
+    is_main,
+    mean_over_ranks,
+    rank_and_world,
+    shard,
+)
 from apd.methods import Factors, InstanceView, Method, method_for
 
 __all__ = ["decompose", "decompose_seeds", "train_step", "loss_terms", "as_floats", "NonFiniteLossError", "CHECKPOINT_NAME",
@@ -176,10 +190,12 @@ class _Run:
             optimizer_states=[(p.data, opt.state[p]) for p in params.values() if p in opt.state])])  # fmt: skip
         losses = method.compiled_loss_terms() if method.config.compile else method.loss_terms
         terms = losses(cm, x, step, capture)
-        if not torch.isfinite(terms["total"]):
-            raise NonFiniteLossError(_nan_message(step, as_floats(terms), x))
+        if not all_true(bool(torch.isfinite(terms["total"]))):  # every rank stops together
+            which = "" if rank_and_world()[1] == 1 else f" on rank {rank_and_world()[0]} or another"
+            raise NonFiniteLossError(_nan_message(step, as_floats(terms), x, which))
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
+        average_gradients(list(params.values()))  # data-parallel: the global batch's gradient
         method.after_backward(factors)
         if method.config.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(params.values()), method.config.grad_clip_norm)
@@ -228,6 +244,10 @@ class _Run:
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: Path, opt: torch.optim.Optimizer, step: int, source: BatchSource,
              histories: list[list[dict[str, float]]]) -> None:  # fmt: skip
+        """Write the checkpoint (rank 0; every rank's RNG state in rank order)."""
+        rng = gather_objects(_rng_state())
+        if not is_main():
+            return
         cm = self.cm
         atomic_save(
             {
@@ -243,7 +263,8 @@ class _Run:
                 "step": step,
                 "params": {n: p.detach().cpu() for n, p in self.params.items()},
                 "optimizer": opt.state_dict(),
-                "rng": _rng_state(),
+                "rng": rng,
+                "world_size": len(rng),
                 "data_consumed": source.consumed,
                 "histories": json.dumps(histories),
             },
@@ -272,9 +293,14 @@ class _Run:
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(ckpt["params"][n])
+        rank, world = rank_and_world()
+        states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        if len(states) != world:
+            raise CheckpointError(f"{path} was written by a run on {len(states)} process(es), this one runs on {world}; "
+                                  f"resume with the same number of processes (torchrun --nproc_per_node={len(states)})")  # fmt: skip
         opt.load_state_dict(ckpt["optimizer"])
         source.skip(int(ckpt["data_consumed"]))  # iterables only; before the RNG state is restored
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(states[rank])
         return int(ckpt["step"]), json.loads(ckpt["histories"])
 
     # ------------------------------------------------------------------ results
@@ -322,6 +348,9 @@ def _train(
 ) -> list[Decomposition]:  # fmt: skip
     config = method.config
     device = torch.device(config.device)
+    if stacked and rank_and_world()[1] > 1:
+        raise DistributedError("decompose_seeds trains several seeds in one process; a data-parallel run trains one "
+                               "seed over its processes: call decompose inside the process group")  # fmt: skip
     _seed_everything(seeds[0])
     run = _Run(method, model, modules, seeds, stacked, tied, device, recorded or config)
     from apd.optim import make_optimizer
@@ -337,14 +366,14 @@ def _train(
 
     interactive = sys.stderr.isatty()
     desc = method.name.upper() + (f" x{len(seeds)} seeds" if stacked else "")
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc=desc, dynamic_ncols=True,
+    bar = tqdm(total=config.steps, initial=start, disable=not progress or not is_main(), desc=desc, dynamic_ncols=True,
                mininterval=0.1 if interactive else 30.0)  # fmt: skip
     try:
         for step in range(start, config.steps):
             if stacked:
                 x = torch.stack([source.next() for _ in seeds]).to(device)
             else:
-                x = source.next().to(device)
+                x = shard(source.next()).to(device)  # data-parallel: this rank's rows of the global batch
             if step == start:
                 _check_first_batch(run.cm, x[0] if stacked else x)
             if stacked:
@@ -354,11 +383,13 @@ def _train(
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps - 1:
                 lr = opt.param_groups[0]["lr"]
+                if not stacked:
+                    terms = mean_over_ranks(terms)  # the global batch's mean (data-parallel)
                 for i, seed in enumerate(seeds):
                     values = {n: v[i] for n, v in terms.items()} if stacked else terms
                     logged = {"step": step, "lr": lr, **as_floats(values)}
                     histories[i].append(logged)
-                    if on_log is not None:
+                    if on_log is not None and is_main():
                         on_log(seed, step, logged)
                 shown = {n: float(v.detach().float().mean()) for n, v in terms.items()}
                 bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=interactive)
@@ -397,6 +428,10 @@ def decompose(
     end, and with ``resume=True`` a run finds its last checkpoint there and continues exactly where
     it stopped (a finished run is not redone). The global torch/numpy/python RNGs are seeded with
     ``config.seed`` (data callables drawing from them are then reproducible).
+
+    Called by every process of an initialised ``torch.distributed`` group, it trains one
+    decomposition data-parallel: ``data`` yields the *global* batch on every rank (e.g. from the same
+    seeded RNG), each rank keeps its share, and ``callback`` and checkpoint writes happen on rank 0.
     """
     method = method_for(config)
     on_log = None if callback is None else (lambda seed, step, terms: callback(step, terms))

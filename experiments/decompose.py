@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from apd.config import ConfigError
+from apd.distributed import broadcast_object, init_from_env, is_main, rank_and_world
 from apd.experiment import check_run_dir, cpu_share, run_decompose, run_decompose_seeds, seed_run_dir
 from experiments import schema  # noqa: F401  (registers the config schemas)
 from experiments.figures import save_figures
@@ -34,6 +36,8 @@ def decompose_app(cfg: DictConfig, out: Path) -> dict[str, float]:
     if app.threads == 0:  # automatic: divide this machine's CPUs among the launcher's parallel jobs
         app.threads = cpu_share(_parallel_jobs())
     check_run_dir(out, app)  # before config.yaml is rewritten: a different run there is refused
+    if not is_main():  # data-parallel: the other ranks train; rank 0 writes the run dir
+        return run_decompose(app, out).metrics
     (out / "config.yaml").write_text(resolved_yaml(app))
     if app.n_seeds > 1:
         return _decompose_seeds_app(cfg, app, out)
@@ -105,7 +109,10 @@ def _parallel_jobs() -> int:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="decompose")
 def main(cfg: DictConfig) -> float:
+    init_from_env()  # several tasks of one SLURM job step: one data-parallel run (torchrun: done in launch())
     out = Path(HydraConfig.get().runtime.output_dir)
+    if not is_main():  # the other ranks train and write nothing
+        return _other_rank(cfg, out)
     (out / "failure.json").unlink(missing_ok=True)
     try:
         metrics = decompose_app(cfg, out)
@@ -132,5 +139,32 @@ def main(cfg: DictConfig) -> float:
     return metrics.get("all_recovered", metrics.get("n_features_with_dedicated_component", 0.0))
 
 
-if __name__ == "__main__":
+def _other_rank(cfg: DictConfig, out: Path) -> float:
+    """A data-parallel run's rank > 0: its share of the training; rank 0 reports (and writes failure.json)."""
+    try:
+        decompose_app(cfg, out)
+    except Exception as e:
+        print(f"rank {rank_and_world()[0]}: {type(e).__name__}: {e}", file=sys.stderr)
+        raise
+    return float("nan")
+
+
+def launch() -> None:
+    """``python -m experiments.decompose`` and ``torchrun --nproc_per_node=N -m experiments.decompose``.
+
+    Under torchrun the process group starts here; every rank then runs in the same run dir (rank 0's
+    ``hydra.run.dir``, broadcast, when none is given), and ranks > 0 keep Hydra from writing theirs."""
+    if init_from_env():
+        if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+            raise SystemExit("error: torchrun runs one data-parallel decomposition; for a sweep of data-parallel jobs use "
+                             "the SLURM launcher with hydra.launcher.tasks_per_node=N (README, Scale-out)")  # fmt: skip
+        if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
+            stamp = broadcast_object(time.strftime("%Y-%m-%d_%H-%M-%S"))
+            sys.argv.append(f"hydra.run.dir=outputs/decompose/${{hydra:runtime.choices.experiment}}/{stamp}")
+        if not is_main():
+            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     main()
+
+
+if __name__ == "__main__":
+    launch()

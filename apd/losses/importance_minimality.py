@@ -1,7 +1,10 @@
+import math
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from apd.distributed import rank_and_world
 from apd.losses.registry import register_loss
 
 
@@ -10,13 +13,29 @@ def importance_minimality_loss(
 ) -> Float[Tensor, ""]:
     """Σ_l Σ_c mean_rows (g⁺_{l,c} + ε)^p (SPEC §5.3): summed over layers and subcomponents, not averaged;
     rows are the batch's samples (or sample positions). With ``beta`` > 0 each subcomponent's mean is
-    also weighted by β·log₂(1 + its sum over the rows) (goodfire-ai/spd's frequency term)."""
+    also weighted by β·log₂(1 + its sum over the rows) (goodfire-ai/spd's frequency term).
+
+    Data-parallel (``apd.distributed``): the frequency term's sums are the global batch's. Its value
+    is the global loss; its gradient on each rank is the rank's rows' share of the global gradient
+    times the world size, so the averaged gradient equals one process's on the whole batch."""
+    rank, world = rank_and_world()
     total = None
     for g in ci_upper.values():
         rows = (g + eps).pow(p).reshape(-1, g.shape[-1])
         sums = rows.sum(0)
         mean = sums / rows.shape[0]
-        layer = (mean + beta * mean * torch.log2(1 + sums)).sum() if beta > 0 else mean.sum()
+        if beta == 0:
+            layer = mean.sum()
+        elif world == 1:
+            layer = (mean + beta * mean * torch.log2(1 + sums)).sum()
+        else:  # L = Σ_c S_c/N (1 + β log₂(1 + S_c)), S_c global: dL = Σ_c k_c dS_c with k_c from the global sums
+            S = sums.detach().clone()
+            torch.distributed.all_reduce(S)
+            N = rows.shape[0] * world
+            k = (1 + beta * torch.log2(1 + S)) / N + beta * (S / N) / (math.log(2) * (1 + S))
+            value = (S / N * (1 + beta * torch.log2(1 + S))).sum()
+            surrogate = (sums * k).sum() * world
+            layer = value + surrogate - surrogate.detach()
         total = layer if total is None else total + layer
     assert total is not None, "no causal importances"
     return total

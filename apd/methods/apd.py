@@ -17,6 +17,7 @@ from apd.attributions import compute_attributions, gradient_attributions
 from apd.component_model import ComponentModel, Masks
 from apd.components import ComponentInit
 from apd.config import Attribution, GradientMode, MethodConfig, OutputLoss, need
+from apd.distributed import gather_rows, local_rows
 from apd.losses.lp_sparsity import lp_sparsity_per_component
 from apd.merge import merge_parallel_
 from apd.methods.base import Factors, InstanceView, Method, StepContext
@@ -233,7 +234,8 @@ class APD(Method):
                 attr = attributions_for(cm, x, c)
         if k is not None:
             assert attr is not None
-            mask = with_best_samples(topk_mask(attr, k, c.batch_topk), attr, c.min_active)
+            every = gather_rows(attr)  # data-parallel: select over the global batch, keep this rank's rows
+            mask = local_rows(with_best_samples(topk_mask(every, k, c.batch_topk), every, c.min_active))
             weights = mask
         else:
             assert attr is not None

@@ -38,6 +38,7 @@ from apd.ci_functions import CIFn, make_ci_fn
 from apd.component_model import ComponentModel, Masks
 from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import LRSchedule, MethodConfig, OutputLoss, need
+from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, StepContext
 
 __all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "annealed_p"]
@@ -207,10 +208,9 @@ class SPDStep(StepContext):
         c = self.config
         masks, deltas = {}, {} if c.delta_component else None
         for n, g in self.ci.items():
-            r = torch.rand_like(g) if c.sampling is Sampling.continuous else torch.randint_like(g, 0, 2)
-            masks[n] = g + (1 - g) * r
+            masks[n] = g + (1 - g) * rand_rows(g, binary=c.sampling is Sampling.binomial)
             if deltas is not None:
-                deltas[n] = torch.rand(g.shape[:-1], dtype=g.dtype, device=g.device)
+                deltas[n] = rand_rows(g[..., 0])
         return masks, deltas
 
     def metrics(self) -> dict[str, Tensor]:
