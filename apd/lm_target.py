@@ -12,17 +12,21 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from apd.config import OutputLoss
 from apd.targets import TargetConfig, register_target_kind
 from apd.toy_models.lm import LMConfig, TransformerLM, evaluate_lm, lm_loss, train_lm
 from apd.toy_models.lm_data import Split, lm_batch, load_corpus, load_tokenizer, unigram_cross_entropy
 
-__all__ = ["LMTargetConfig", "CHECK_BATCH"]
+if TYPE_CHECKING:
+    from apd.evaluation import EvalContext
+
+__all__ = ["LMTargetConfig", "CHECK_BATCH", "lm_decomposition_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,23 @@ class LMTargetConfig(TargetConfig):
     def modules(self) -> list[str]:
         return ["mlp.up", "mlp.down"]
 
+    def output_loss(self) -> OutputLoss:
+        """Decompositions match the target's next-token distribution: KL on the logits."""
+        return OutputLoss.kl
+
+    def eval_batch(self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu") -> Int[Tensor, "B seq_len"]:
+        """A run's metrics read held-out windows (``n_eval`` of them; each ``seq_len`` tokens)."""
+        return self.heldout_batch(batch_size, generator, device)
+
+    def evaluate(self, ctx: "EvalContext") -> dict[str, float]:
+        """A decomposition of the MLP on held-out windows: next-token loss clean, under the method's
+        evaluation masks (per token), and with the MLP zero-ablated; the fraction of the MLP's loss
+        contribution recovered, (L_ablated − L_masked) / (L_ablated − L_clean) (Bricken et al.'s
+        measure); for SPD also under thresholded masks (g > τ); and per-subcomponent token densities
+        (active above the method's threshold): dead (never active on these tokens) and rare (below
+        1e-4, the smallest density the 10^4-10^5 evaluation tokens resolve)."""
+        return lm_decomposition_metrics(self, ctx)
+
     @torch.no_grad()
     def check_batch_loss(self, model: TransformerLM) -> float:
         """Loss (nats/token) on the fixed ``CHECK_BATCH`` of held-out windows."""
@@ -129,6 +150,33 @@ class LMTargetConfig(TargetConfig):
             "heldout_tokens": int(heldout.numel()),
             "train_tokens": int(train.numel()),
         }
+
+
+@torch.no_grad()
+def lm_decomposition_metrics(cfg: LMTargetConfig, ctx: "EvalContext") -> dict[str, float]:
+    """See ``LMTargetConfig.evaluate``."""
+    model, cm = ctx.target, ctx.cm
+    gen = torch.Generator().manual_seed(ctx.seed + 30_000)
+    w = cfg.windows(Split.heldout, ctx.n_eval, gen, ctx.device, length=cfg.seq_len + 1)
+    x, y = w[:, :-1], w[:, 1:]
+    masks = ctx.eval_masks(x)
+    clean = float(lm_loss(model(x), y))
+    ablated = float(lm_loss(model(x, mlp_out=torch.zeros(*x.shape, model.config.d_model, device=x.device)), y))
+    masked = float(lm_loss(cm(x, masks=masks), y))
+    out = {"lm_loss_clean": clean, "lm_loss_mlp_ablated": ablated, "lm_loss_masked": masked,
+           "loss_recovered": (ablated - masked) / (ablated - clean)}  # fmt: skip
+    tau = ctx.method.active_threshold()
+    if isinstance(masks, dict):
+        hard = {n: (g > tau).to(g.dtype) for n, g in masks.items()}
+        out["loss_recovered_thresholded"] = (ablated - float(lm_loss(cm(x, masks=hard), y))) / (ablated - clean)
+    per_module = masks if isinstance(masks, dict) else {"components": masks}
+    for n, g in per_module.items():
+        density = (g > tau).float().reshape(-1, g.shape[-1]).mean(0)
+        out[f"n_dead/{n}"] = float((density == 0).sum())
+        out[f"n_rare/{n}"] = float(((density > 0) & (density < 1e-4)).sum())
+        out[f"median_density/{n}"] = float(density[density > 0].median()) if (density > 0).any() else 0.0
+    out["n_eval_tokens"] = float(x.numel())
+    return out
 
 
 register_target_kind(LMTargetConfig)
