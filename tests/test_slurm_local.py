@@ -38,6 +38,7 @@ DATA_PARALLEL_LAUNCHER = ["hydra/launcher=slurm", f"hydra.launcher.partition={PA
 --cpus-per-task=1, one srun step with 2 tasks."""
 
 pytestmark = pytest.mark.slow
+two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a 2-task job needs 2 CPUs on the node")
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +191,7 @@ def test_a_running_job_cancelled_by_the_scheduler_is_reported(slurm_env, tmp_pat
     assert (sweep / "0" / "checkpoint.pt").is_file() and not (sweep / "0" / "metrics.json").exists()
 
 
+@two_cpus
 def test_a_two_task_allocation_runs_one_process_per_task(slurm_env):
     out = subprocess.run(["srun", f"--partition={PARTITION}", "--nodes=1", "--ntasks=2", "--cpus-per-task=1",
                           "bash", "-c", 'echo "$SLURM_PROCID/$SLURM_NTASKS"'],
@@ -198,6 +200,7 @@ def test_a_two_task_allocation_runs_one_process_per_task(slurm_env):
     assert sorted(out.stdout.split()) == ["0/2", "1/2"]
 
 
+@two_cpus
 def test_a_two_task_data_parallel_job(slurm_env, tmp_path):
     proc = subprocess.run([sys.executable, "-m", *DATA_PARALLEL_JOB, "-m", *DATA_PARALLEL_LAUNCHER,
                            f"hydra.sweep.dir={tmp_path}"],
