@@ -42,11 +42,14 @@ class RunDirError(ConfigError):
     """A run dir holds a run with other settings than the one asked for."""
 
 
-def cpu_share(parallel_jobs: int = 1) -> int:
-    """CPUs this job may use: SLURM's allocation if set, else the CPUs this process may run on,
-    divided among ``parallel_jobs`` jobs running side by side (at least 1)."""
+def cpu_share(parallel_jobs: int | None = None) -> int:
+    """CPUs this job may use: SLURM's allocation if set; else the CPUs this process may run on,
+    divided among ``parallel_jobs`` jobs running side by side (at least 1); else (None: no launcher
+    shares this machine out) 1."""
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    if parallel_jobs is None:
+        return 1
     return max(1, len(os.sched_getaffinity(0)) // max(1, parallel_jobs))
 
 
@@ -64,9 +67,10 @@ class DecomposeRun:
     """training steps (None: method.steps)"""
     device: str = "cpu"
     batch_size: int = 2048
-    threads: int = 1
-    """torch intra-op threads for this run (1 is fastest for the toy models on 2 cores; 0 = this
-    job's share of the CPUs, as set by the experiments' launcher layer)"""
+    threads: int = 0
+    """torch intra-op threads for this run; 0 (the default) = automatic: the job's SLURM allocation
+    (``SLURM_CPUS_PER_TASK``, i.e. ``hydra.launcher.cpus_per_task``) inside a SLURM job, the CPUs
+    divided among joblib's ``n_jobs`` in a joblib sweep, else 1 (fastest for the toy models)"""
     n_eval: int = 10_000
     """fresh samples for the output-level metrics"""
     n_seeds: int = 1

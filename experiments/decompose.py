@@ -97,13 +97,13 @@ def resolved_yaml(app: schema.DecomposeApp) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(app))
 
 
-def _parallel_jobs() -> int:
-    """How many jobs the launcher runs at once on this machine: joblib's n_jobs, else 1 (a SLURM job
-    gets its own CPUs, read from SLURM_CPUS_PER_TASK)."""
+def _parallel_jobs() -> int | None:
+    """How many jobs the launcher runs at once on this machine: joblib's n_jobs; None where no
+    launcher shares the CPUs out (a plain run; a SLURM job reads SLURM_CPUS_PER_TASK)."""
     hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return 1
-    n_jobs = int(hc.launcher.get("n_jobs", 1) or 1)
+    if hc.mode != RunMode.MULTIRUN or "n_jobs" not in hc.launcher:
+        return None
+    n_jobs = int(hc.launcher.n_jobs or 1)
     return len(os.sched_getaffinity(0)) if n_jobs < 0 else n_jobs  # joblib: -1 = one job per CPU
 
 

@@ -32,6 +32,7 @@ def test_submitit_local_multirun_with_a_failing_job_then_summarize(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ok, bad = sweep / "0", sweep / "1"
     assert (ok / "metrics.json").is_file() and not (ok / "failure.json").exists()
+    assert json.loads((ok / "metrics.json").read_text())["torch_threads"] == 1  # default threads=0: 1 off SLURM/joblib
     failure = json.loads((bad / "failure.json").read_text())
     assert failure["error"] == "NonFiniteLossError" and "Traceback" in failure["traceback"]
 
@@ -114,9 +115,10 @@ def test_cpu_share_divides_cores_among_parallel_jobs(monkeypatch):
 
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     n = len(os.sched_getaffinity(0))
-    assert cpu_share() == n and cpu_share(n) == 1 and cpu_share(4 * n) == 1
+    assert cpu_share() == 1  # no launcher shares the machine out: a plain run takes one thread
+    assert cpu_share(1) == n and cpu_share(n) == 1 and cpu_share(4 * n) == 1
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
-    assert cpu_share(3) == 6  # a SLURM job owns its allocation
+    assert cpu_share() == 6 and cpu_share(3) == 6  # a SLURM job owns its allocation
 
 
 def test_joblib_jobs_with_automatic_threads_split_the_cpus(tmp_path):
