@@ -62,4 +62,52 @@ def reference_step(cm: ComponentModel, opt: torch.optim.Optimizer, x: Tensor, cf
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
+
+
+def reference_spd_step(cm: ComponentModel, opt: torch.optim.Optimizer, x: Tensor, method) -> float:  # noqa: ANN001
+    """One SPD step written the straightforward way: per-sample masked weights W'(m) = Σ_c m_c U_c V_cᵀ
+    + r_Δ (W − Σ_c U_c V_cᵀ) materialised for every sample and module, and applied by hooks that
+    replace each layer's output with a batched product, one module at a time. The same losses as
+    the toolkit's SPD step (stochastic reconstruction, layerwise, importance minimality; the same
+    causal-importance functions), so only the way of computing differs."""
+    from apd.losses.importance_minimality import importance_minimality_loss
+    from apd.methods.spd import annealed_p
+
+    cfg = method.config
+    names = cm.layer_names
+    with torch.no_grad(), cm.capture(names, inputs=True) as a_in:
+        target_out = cm(x)
+    ci, ci_upper = method.causal_importances(cm, a_in)
+
+    def masked_weight(name: str, m: Tensor, r_delta: Tensor) -> Tensor:
+        layer = cm.layers[name]
+        U = layer.B[:, :, 0] if name not in cm.tied_names else layer.source.A[:, 0]  # (C, d_out)
+        V = layer.A[:, 0] if name not in cm.tied_names else layer.source.B[:, :, 0]  # (C, d_in)
+        comps = torch.einsum("co,ci->coi", U, V)  # (C, d_out, d_in)
+        W = layer.target_weight()
+        return torch.einsum("bc,coi->boi", m, comps) + r_delta[:, None, None] * (W - comps.sum(0))[None]
+
+    def run(weights: dict[str, Tensor]) -> Tensor:
+        def hook(mod, args, out, name):  # noqa: ANN001
+            y = torch.einsum("boi,bi->bo", weights[name], args[0])
+            return y if mod.bias is None else y + mod.bias
+
+        handles = [cm.layers[n].register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n in weights]
+        try:
+            return cm(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def draw() -> dict[str, Tensor]:
+        return {n: masked_weight(n, g + (1 - g) * torch.rand_like(g), torch.rand(g.shape[0])) for n, g in ci.items()}
+
+    recon = (run(draw()) - target_out).pow(2).mean()
+    layerwise = sum((run({n: w}) - target_out).pow(2).mean() for n, w in draw().items()) / len(names)
+    imp = importance_minimality_loss(ci_upper, annealed_p(cfg, 0), cfg.importance_minimality_eps)
+    loss = cfg.stochastic_recon_coeff * recon + cfg.stochastic_recon_layerwise_coeff * layerwise + cfg.importance_minimality_coeff * imp
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())

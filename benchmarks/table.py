@@ -30,6 +30,10 @@ RATIOS = [
      "test_step[tms_40_10]", "test_step_compiled"),
     ("baseline step, residual MLP full rank / toolkit step, residual MLP rank 1 (the preset)",
      "test_step_baseline[resid_mlp_1_full_rank]", "test_step[resid_mlp_1_rank_1]"),
+    ("SPD step, straightforward (masked weights materialised) / toolkit: TMS 40-10, C 100",
+     "test_spd_step_baseline[tms_40_10]", "test_spd_step[tms_40_10]"),
+    ("SPD step, straightforward / toolkit: residual MLP 1-layer, C 100",
+     "test_spd_step_baseline[resid_mlp_1]", "test_spd_step[resid_mlp_1]"),
 ]  # fmt: skip
 PER_SEED = [("TMS 5-2, one seed at a time (decompose)", "test_seeds_one_at_a_time"),
             ("TMS 5-2, 1 seed through decompose_seeds", "test_seeds_at_once[1]"),
@@ -56,6 +60,14 @@ def tables(data: dict[str, Any]) -> str:
         if name in benches:
             n = 12 if name.endswith("[12]") else 1
             lines.append(f"| {label} | {benches[name]['stats']['mean'] / (100 * n) * 1e3:.2f} |")
+    dp = benches.get("test_data_parallel_throughput", {}).get("extra_info")
+    if dp:
+        lines += ["", "| data-parallel SPD step, language model (global batch 32 × 128 tokens, gloo, 1 thread per process) | value |",
+                  "|---|---|",
+                  f"| tokens/s per process, 1 process | {dp['tokens_per_s_per_process_1']:.0f} |",
+                  f"| tokens/s per process, 2 processes | {dp['tokens_per_s_per_process_2']:.0f} |",
+                  f"| per-process ratio, 2 / 1 | **{dp['per_process_ratio_2_over_1']:.2f}×** |",
+                  f"| total throughput ratio, 2 / 1 | **{dp['total_ratio_2_over_1']:.2f}×** |"]  # fmt: skip
     info = data.get("machine_info", {})
     lines += ["", f"Machine: {info.get('cpu', {}).get('brand_raw', '?')}, {info.get('cpu', {}).get('count', '?')} CPUs, "
               f"Python {info.get('python_version', '?')}; torch threads: 1; {data.get('datetime', '')}."]  # fmt: skip

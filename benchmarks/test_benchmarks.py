@@ -14,12 +14,14 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from apd import APDConfig, ComponentModel, decompose, decompose_seeds, gradient_attributions, gradient_attributions_loop
+from apd import APDConfig, ComponentModel, SPDConfig, decompose, decompose_seeds, gradient_attributions, gradient_attributions_loop
 from apd.baselines import BatchTopKSAE, BatchTopKSAEConfig, TrainStepInput
 from apd.optim import make_optimizer
 from apd.targets import PRETRAINED_DIR, load_target
 from apd.train import train_step
-from benchmarks.baseline import reference_attributions, reference_step
+from apd.methods import method_for
+from benchmarks.baseline import reference_attributions, reference_spd_step, reference_step
+from benchmarks.conftest import SMOKE, size
 
 DEVICE = torch.device(os.environ.get("APD_BENCH_DEVICE", "cpu"))
 
@@ -43,7 +45,7 @@ def _setup(case: str):
     model, tcfg = _target("resid_mlp_1" if case.startswith("resid") else case)
     cfg = APDConfig(**kwargs, device=str(DEVICE))
     cm = ComponentModel(model, tcfg.modules(), cfg.C, cfg.rank).to(DEVICE)
-    x = tcfg.batch(batch, torch.Generator().manual_seed(0)).to(DEVICE)
+    x = tcfg.batch(size(batch, 16), torch.Generator().manual_seed(0)).to(DEVICE)
     return cm, cfg, x, act
 
 
@@ -132,6 +134,8 @@ def test_step_compiled(benchmark):
     warm-up call before timing, its duration is in extra_info."""
     import time
 
+    if SMOKE:
+        pytest.skip("compiling takes 10-25 s; the compiled step is checked by tests/test_train_options.py::test_compiled_loss_matches_eager")
     cm, cfg, x, act = _setup("tms_40_10")
     cfg = APDConfig(**{**cfg.to_dict(), "compile": True})
     opt = make_optimizer("adam", cm.component_parameters(), cfg.lr)
@@ -168,7 +172,7 @@ def test_sae_step(benchmark, d_in, d_sae, batch):
     """One BatchTopK SAE step at the size of the APD run on the same target."""
     sae = BatchTopKSAE(BatchTopKSAEConfig(d_in=d_in, d_sae=d_sae, k=2.0)).to(DEVICE)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    x = torch.randn(batch, d_in, device=DEVICE)
+    x = torch.randn(size(batch, 32), d_in, device=DEVICE)
 
     def step():
         out = sae.training_forward_pass(TrainStepInput(sae_in=x))
@@ -182,7 +186,7 @@ def test_sae_step(benchmark, d_in, d_sae, batch):
 
 
 
-SEED_STEPS = 100
+SEED_STEPS = size(100, 3)
 
 
 def _seeds_config() -> APDConfig:
@@ -197,7 +201,7 @@ def test_seeds_at_once(benchmark, n_seeds):
     """TMS 5-2 preset (C 10), SEED_STEPS steps for n_seeds seeds in one vectorised run (decompose_seeds)."""
     model, tcfg = _target("tms_5_2")
     cfg = _seeds_config()
-    run = lambda: decompose_seeds(model, lambda: tcfg.batch(2048, None), cfg, tcfg.modules(), range(n_seeds), progress=False)  # noqa: E731
+    run = lambda: decompose_seeds(model, lambda: tcfg.batch(size(2048, 64), None), cfg, tcfg.modules(), range(n_seeds), progress=False)  # noqa: E731
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info["ms_per_seed_step"] = benchmark.stats.stats.mean / (SEED_STEPS * n_seeds) * 1e3 if benchmark.stats else float("nan")
 
@@ -207,6 +211,80 @@ def test_seeds_one_at_a_time(benchmark):
     """The same run through decompose (one seed; its auto attribution mode)."""
     model, tcfg = _target("tms_5_2")
     cfg = _seeds_config()
-    run = lambda: decompose(model, lambda: tcfg.batch(2048, None), cfg, tcfg.modules(), progress=False)  # noqa: E731
+    run = lambda: decompose(model, lambda: tcfg.batch(size(2048, 64), None), cfg, tcfg.modules(), progress=False)  # noqa: E731
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info["ms_per_seed_step"] = benchmark.stats.stats.mean / SEED_STEPS * 1e3 if benchmark.stats else float("nan")
+
+
+SPD_CASES = {  # the spd_* presets' methods at their batch sizes
+    "tms_40_10": (dict(C=100, importance_minimality_coeff=1e-4, pnorm=2.0), 1024),
+    "resid_mlp_1": (dict(C=100, importance_minimality_coeff=1e-5, pnorm=2.0), 1024),
+}
+
+
+def _spd_setup(case: str):
+    kwargs, batch = SPD_CASES[case]
+    model, tcfg = _target(case)
+    method = method_for(SPDConfig(**kwargs, device=str(DEVICE)))
+    cm = method.build(model.to(DEVICE), tcfg.modules())
+    opt = make_optimizer("adam", cm.trainable_parameters().values(), 1e-3)
+    x = tcfg.batch(size(batch, 32), torch.Generator().manual_seed(0)).to(DEVICE)
+    return cm, method, opt, x
+
+
+@pytest.mark.parametrize("case", list(SPD_CASES))
+@pytest.mark.benchmark(group="spd_step")
+def test_spd_step(benchmark, case):
+    cm, method, opt, x = _spd_setup(case)
+    step = iter(range(10**9))
+    benchmark(_synced(lambda: train_step(cm, opt, x, method, next(step))))
+    benchmark.extra_info["peak_mib"] = _peak_mib(lambda: train_step(cm, opt, x, method, 0))
+
+
+@pytest.mark.parametrize("case", list(SPD_CASES))
+@pytest.mark.benchmark(group="spd_step")
+def test_spd_step_baseline(benchmark, case):
+    """The same step with per-sample masked weights materialised and applied one module at a time."""
+    cm, method, opt, x = _spd_setup(case)
+    torch.manual_seed(1)  # same random masks: the same loss as the toolkit's step
+    ours = method.loss_terms(cm, x, 0)["total"].item()
+    torch.manual_seed(1)
+    assert reference_spd_step(cm, opt, x, method) == pytest.approx(ours, rel=1e-4)
+    benchmark(_synced(lambda: reference_spd_step(cm, opt, x, method)))
+    benchmark.extra_info["peak_mib"] = _peak_mib(lambda: reference_spd_step(cm, opt, x, method))
+
+
+DP_STEPS, DP_WINDOWS = size(6, 1), size(32, 4)  # timed steps; global batch (windows of 128 tokens) of the data-parallel benchmark
+
+
+@pytest.mark.benchmark(group="data_parallel")
+def test_data_parallel_throughput(benchmark, tmp_path):
+    """The language-model SPD step (spd_lm_1l's method, a global batch of 32 windows of 128 tokens)
+    in one process and in each of two torchrun processes (gloo, one thread each): tokens per second
+    per process, both from this run (extra_info), and their ratio."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    worker = str(root / "benchmarks" / "dp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+
+    def run(n: int) -> dict:
+        out = tmp_path / f"dp{n}.json"
+        prefix = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        proc = subprocess.run([*prefix, worker, str(DP_STEPS), str(DP_WINDOWS), str(out)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=1200)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    one = run(1)
+    two = benchmark.pedantic(lambda: run(2), rounds=1, iterations=1)
+    assert one["world_size"] == 1 and two["world_size"] == 2 and two["windows_per_rank"] == DP_WINDOWS // 2
+    benchmark.extra_info.update({
+        "tokens_per_s_per_process_1": one["tokens_per_second_per_process"],
+        "tokens_per_s_per_process_2": two["tokens_per_second_per_process"],
+        "per_process_ratio_2_over_1": two["tokens_per_second_per_process"] / one["tokens_per_second_per_process"],
+        "total_ratio_2_over_1": 2 * two["tokens_per_second_per_process"] / one["tokens_per_second_per_process"],
+    })  # fmt: skip
