@@ -108,10 +108,6 @@ class Decomposition:
         return [n for n in self.modules if n not in self.tied]
 
     @property
-    def module_names(self) -> list[str]:
-        return self.matrix_names
-
-    @property
     def A(self) -> dict[str, Float[Tensor, "C m d_in"]]:
         return {n: self.params[ComponentModel.param_name(n, "A")] for n in self.matrix_names}
 
