@@ -329,6 +329,11 @@ def _vectorisable(method: Method) -> Method:
             f"through norms or trust ratios); use one of {VECTORISABLE_OPTIMIZERS}, or train the seeds one at a "
             "time with decompose"
         )
+    if getattr(config, "compile_ci", False):  # SPD: vmap runs the CI functions eagerly
+        from dataclasses import replace
+
+        method = type(method)(replace(config, compile_ci=False))  # type: ignore[call-arg]
+        config = method.config
     if getattr(config, "attribution", None) is Attribution.gradient:
         mode = getattr(config, "gradient_mode", None)
         if mode is GradientMode.per_sample:

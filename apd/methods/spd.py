@@ -109,6 +109,11 @@ class SPDConfig(MethodConfig):
     """scale of the Kaiming-style initialisation of U and V"""
     leaky_alpha: float = 0.01
     """slope of the leaky parts of the hard sigmoids"""
+    compile_ci: bool = False
+    """run the causal-importance functions through ``torch.compile`` (single-seed runs; off for seeds
+    trained at once). Their elementwise work ([batch, C, hidden] GELUs) dominates small targets: on
+    TMS 40-10 at C 200 the step took 0.52x the eager time after about 10-25 s of compiling
+    (benchmarks/README.md), so it pays for runs of more than a few hundred steps"""
 
     # losses
     faithfulness_coeff: float | None = None
@@ -245,6 +250,8 @@ class SPD(Method):
             layer = cm.layers[n]
             reads_inner = isinstance(layer, EmbeddingComponents)
             fns[n] = make_ci_fn(c.ci_fn, layer.C, _d_in(cm, n), list(c.ci_hidden), generator, reads_inner)
+            if c.compile_ci:
+                fns[n].forward = torch.compile(fns[n].forward)  # type: ignore[method-assign]
         cm.set_ci_fns(fns)
         return cm.to(next(iter(cm.target_weights().values())).device)
 
