@@ -8,6 +8,10 @@ Three steps, each usable alone:
 2. ``data.save(run_dir / "browser_data.json")`` writes it as JSON (``apd.browser.data``).
 3. :func:`build_site` (``apd.browser.render``) writes the HTML. ``python -m experiments.browse
    RUN_DIR`` reads a run dir's data file and does this step.
+
+For the language model (SPEC §6) ``apd.browser.lm`` does step 1 and 2 from a run dir: the MLP's
+neurons, SAE features and parameter components on held-out text (``write_lm_browser_data``), and
+encodes prompts (``LMUnits``); ``experiments.browse`` calls it when the data file is missing or stale.
 """
 
 from apd.browser.data import (
@@ -27,6 +31,7 @@ from apd.browser.extract import (
     ExtractConfig,
     FamilyActs,
     correlation_alignment,
+    correlation_matrix,
     cosine_alignment,
     extract_browser_data,
     extract_family,
@@ -50,6 +55,7 @@ __all__ = [
     "UnitRecord",
     "build_site",
     "correlation_alignment",
+    "correlation_matrix",
     "cosine_alignment",
     "extract_browser_data",
     "extract_family",

@@ -478,7 +478,7 @@ class BrowserData:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         if path.suffix == ".gz":
-            with gzip.open(path, "wt", encoding="utf-8") as fh:
+            with gzip.open(path, "wt", encoding="utf-8", compresslevel=6) as fh:  # 2-3x faster than 9, 3% larger
                 fh.write(text)
         else:
             path.write_text(text, encoding="utf-8")

@@ -57,6 +57,7 @@ __all__ = [
     "top_matches",
     "cosine_alignment",
     "correlation_alignment",
+    "correlation_matrix",
 ]
 
 
@@ -427,17 +428,12 @@ def cosine_alignment(
     return AlignmentTable(source, target, measure, indices, scores)
 
 
-def correlation_alignment(
-    source: str,
-    target: str,
-    acts_source: Float[Tensor, "N U_src"],
-    acts_target: Float[Tensor, "N U_tgt"],
-    k: int = 5,
-    chunk: int = 8192,
-    measure: str = "activation correlation",
-) -> AlignmentTable:
-    """Best matches by the Pearson correlation of the units' activations over the same tokens
-    (accumulated over ``chunk`` rows at a time; a constant unit has correlation 0 with everything)."""
+def correlation_matrix(
+    acts_source: Float[Tensor, "N U_src"], acts_target: Float[Tensor, "N U_tgt"], chunk: int = 8192
+) -> Float[Tensor, "U_src U_tgt"]:
+    """The Pearson correlation (float64) of every source unit's activations with every target unit's
+    over the same tokens, accumulated ``chunk`` rows at a time; a constant unit has correlation 0
+    with everything."""
     if acts_source.shape[0] != acts_target.shape[0]:
         raise ValueError(
             f"need activations on the same tokens, got {acts_source.shape[0]} and {acts_target.shape[0]} rows"
@@ -460,6 +456,20 @@ def correlation_alignment(
     sd_t = (sq_t / n - mu_t**2).clamp(min=0).sqrt()
     cov = cross / n - mu_s[:, None] * mu_t[None, :]
     denom = sd_s[:, None] * sd_t[None, :]
-    corr = torch.where(denom > 1e-12, cov / denom.clamp(min=1e-300), 0.0).clamp(-1, 1)
+    return torch.where(denom > 1e-12, cov / denom.clamp(min=1e-300), 0.0).clamp(-1, 1)
+
+
+def correlation_alignment(
+    source: str,
+    target: str,
+    acts_source: Float[Tensor, "N U_src"],
+    acts_target: Float[Tensor, "N U_tgt"],
+    k: int = 5,
+    chunk: int = 8192,
+    measure: str = "activation correlation",
+) -> AlignmentTable:
+    """Best matches by the Pearson correlation of the units' activations over the same tokens
+    (:func:`correlation_matrix`; a constant unit has correlation 0 with everything)."""
+    corr = correlation_matrix(acts_source, acts_target, chunk)
     indices, scores = top_matches(corr, k, exclude_self=source == target)
     return AlignmentTable(source, target, measure, indices, scores)

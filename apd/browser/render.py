@@ -125,24 +125,42 @@ def _svg_hist(h: Histogram, label: str, signed: bool = False, width: int = 360, 
     return "".join(parts)
 
 
+def _is_break(token: str) -> bool:
+    """A token made of line breaks and tabs only (shown as muted glyphs, ↵ and ⇥)."""
+    return token.strip() == "" and token.strip(" ") != ""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _token_html(token: str) -> tuple[str, bool]:
+    """A token's escaped visible form in running text, and whether it is a line break or tab."""
+    return _e(display_token(token)), _is_break(token)
+
+
 def _context(vocab: Sequence[str], ctx: Context, max_act: float) -> str:
-    """A window's tokens, each with a background of intensity act / max_act and its act as tooltip."""
+    """A window's tokens, each with a background of intensity act / max_act and its act as tooltip;
+    line breaks and tabs (↵, ⇥) are muted so that they read as layout, not text."""
     spans = []
     for i, (t, a) in enumerate(zip(ctx.tokens, ctx.acts)):
+        shown, is_break = _token_html(vocab[t])
         alpha = min(1.0, max(0.0, a / max_act)) if max_act > 0 else 0.0
         style = f' style="--a:{alpha:.2f}"' if alpha >= 0.005 else ""
-        cls = ' class="c"' if i == ctx.center else ""
-        title = f' title="{_e(fmt(a))}"' if a != 0 else ""
-        spans.append(f"<b{cls}{style}{title}>{_e(display_token(vocab[t]))}</b>")
+        classes = "c ws" if i == ctx.center and is_break else "c" if i == ctx.center else "ws" if is_break else ""
+        cls = f' class="{classes}"' if classes else ""
+        title = f' title="{a:.3g}"' if a != 0 else ""  # fmt(a): a number needs no escaping
+        spans.append(f"<b{cls}{style}{title}>{shown}</b>")
     return "".join(spans)
 
 
 def _context_rows(vocab: Sequence[str], contexts: Sequence[Context], max_act: float) -> str:
-    rows = "".join(
-        f'<tr><td class="num">{_e(fmt(c.act))}</td><td class="ctx">{_context(vocab, c, max_act)}</td></tr>'
-        for c in contexts
-    )
-    return f'<table class="ctxs"><tbody>{rows}</tbody></table>'
+    """One row per window; windows are indented (in characters of the monospace font) so that
+    their centre tokens line up in one column when tokens are single characters."""
+    widths = [len(display_token("".join(vocab[t] for t in c.tokens[: c.center]))) for c in contexts]
+    widest = max(widths, default=0)
+    rows = []
+    for c, w in zip(contexts, widths):
+        indent = f' style="padding-left:calc(8px + {widest - w}ch)"' if widest > w else ""
+        rows.append(f'<tr><td class="num">{_e(fmt(c.act))}</td><td class="ctx"{indent}>{_context(vocab, c, max_act)}</td></tr>')
+    return f'<table class="ctxs"><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _stat(value: str, name: str) -> str:
@@ -327,7 +345,8 @@ def render_prompt(data: BrowserData, prompt: PromptActs) -> str:
     vocab = data.vocab
     spans = []
     for i, t in enumerate(prompt.tokens):
-        spans.append(f'<b data-i="{i}">{_e(display_token(vocab[t]))}</b>')
+        ws = ' class="ws"' if _is_break(vocab[t]) else ""
+        spans.append(f'<b data-i="{i}"{ws}>{_e(display_token(vocab[t]))}</b>')
         if vocab[t].endswith("\n"):
             spans.append("<br>")
     sections = []
