@@ -127,7 +127,7 @@ def test_resid_mlp_run_writes_every_metric(tmp_path):
                        method=OmegaConf.to_object(_compose("decompose", ["experiment=resid_mlp_1"])).method)  # fmt: skip
     result = run_decompose(run, tmp_path, progress=False)
     figures = save_figures(result, run, tmp_path / "figures")
-    assert {p.name for p in figures} == {"neuron_contributions.png", "scrub_antiscrub.png", "top1_onehot_mse.png"}
+    assert {p.name for p in figures} == {"neuron_contributions.png", "scrub_antiscrub.png", "top1_onehot_mse.png", "mechanisms.png"}
     assert all(p.stat().st_size > 10_000 for p in figures)
     keys = ["n_features_with_dedicated_component", "n_mono", "n_duo", "n_poly", "n_dead", "nc_slope",
             "top1_onehot_mse", "scrubbed_mse", "antiscrubbed_mse", "topk_recon_mse", "mse_monosemantic_vs_target",
