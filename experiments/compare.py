@@ -185,6 +185,19 @@ def _table(groups: list[dict[str, Any]], columns: list[tuple[str, str, int | str
     return lines
 
 
+def _spd_line(app: compare_schema.CompareApp) -> str:
+    """comparison.md's line on the SPD rows: finished runs, or the preset they were trained with."""
+    if app.spd.runs:
+        return f"SPD: {len(app.spd.runs)} finished run(s), scored as they are (not retrained)."
+    run = spd_template(app)
+    assert run is not None
+    m = run.method
+    return (f"SPD: decompose preset `experiment={app.spd_experiment}`" + (f" with {app.spd_overrides}" if app.spd_overrides else "")
+            + f" — C={m.C} per matrix, CI function {m.ci_fn.value} {m.ci_hidden}, importance minimality "  # type: ignore[attr-defined]
+            f"{m.importance_minimality_coeff:g} at p={m.pnorm:g}, {app.spd.steps or m.steps} steps, batch {run.batch_size}; "  # type: ignore[attr-defined]
+            "evaluated with its causal importances as masks (L0: subcomponents with g > τ per input, summed over matrices).")
+
+
 def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: Comparison, wall: float,
              figures: list[Path]) -> str:  # fmt: skip
     results, rows = comparison.results, comparison.rows
@@ -229,6 +242,7 @@ def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: 
         "",
         apd_line,
         "",
+        *([_spd_line(app), ""] if app.spd.enabled else []),
         f"SAEs: {st.steps} steps, batch {st.batch_size}, Adam lr {st.lr:g}, "
         + (f"gradient norm clipped to {st.grad_clip_norm:g}" if st.grad_clip_norm is not None else "no gradient clipping")
         + f", b_dec from the geometric median; {data_line}. "

@@ -219,3 +219,15 @@ def test_load_run_gives_a_notebook_the_target_decomposition_run_and_metrics(tmp_
     text = repr(loaded.decomposition)
     assert text.startswith("Decomposition(APD, C=8 over 1 matrices [enc (2, 5)], tied {'dec': 'enc'}, step 20/20")
     assert "tensor(" not in text and len(text) < 200
+
+
+def test_an_spd_run_on_tms_with_identity_writes_its_metrics_and_figures(tmp_path):
+    app = OmegaConf.to_object(_compose("decompose", ["experiment=spd_tms_5_2_id", "steps=30", "n_eval=500", "batch_size=256"]))
+    result = run_decompose(app, tmp_path, progress=False)
+    m = result.metrics
+    for key in ["mmcs", "ml2r", "all_recovered", "ci_recon_mse", "l0", "l0/enc", "l0/hidden", "l0/dec", "n_alive/hidden",
+                "ci_thresholded_recon_mse", "id_recovered", "id_n_alive", "id_cos", "n_mechanisms", "mechanisms"]:  # fmt: skip
+        assert key in m, key
+    assert m["l0"] == pytest.approx(m["l0/enc"] + m["l0/hidden"] + m["l0/dec"])
+    figures = save_figures(result, app, tmp_path / "figures")
+    assert {p.name for p in figures} == {"tms_columns.png", "component_heatmaps.png", "mechanisms.png", "causal_importances.png"}
