@@ -185,7 +185,7 @@ class _Run:
                     opt: torch.optim.Optimizer, x: Tensor, step: int, capture: list[str]) -> dict[str, Tensor]:  # fmt: skip
         for group in opt.param_groups:
             group["lr"] = method.lr_at(step)
-        method.on_step_start(step, [InstanceView(
+        method.on_step_start(step, lambda: [InstanceView(
             A={n: a.data for n, a in factors.A.items()}, B={n: b.data for n, b in factors.B.items()},
             optimizer_states=[(p.data, opt.state[p]) for p in params.values() if p in opt.state])])  # fmt: skip
         losses = method.compiled_loss_terms() if method.config.compile else method.loss_terms
@@ -208,7 +208,7 @@ class _Run:
         for group in opt.param_groups:
             group["lr"] = method.lr_at(step)
         with torch.no_grad():
-            method.on_step_start(step, [self._instance(i, opt) for i in range(len(self.seeds))])
+            method.on_step_start(step, lambda: [self._instance(i, opt) for i in range(len(self.seeds))])
 
         def one_instance(p: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
             return functional_call(self.loss_module, {f"cm.{n}": v for n, v in p.items()}, (x, step))

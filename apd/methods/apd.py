@@ -6,7 +6,7 @@ the registered APD losses read the step context: faithfulness, minimality, simpl
 the unpenalised fine-tune), activation reconstruction, L_p sparsity.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -250,10 +250,10 @@ class APD(Method):
     def lr_at(self, step: int) -> float:
         return lr_for_step(step, self.config)
 
-    def on_step_start(self, step: int, instances: list[InstanceView]) -> None:
+    def on_step_start(self, step: int, instances: Callable[[], list[InstanceView]]) -> None:
         c = self.config
         if c.merge_threshold is not None and step == c.finetune_start:
-            for view in instances:
+            for view in instances():
                 merge_parallel_(view.A, view.B, c.merge_threshold, view.optimizer_states)
 
     def after_backward(self, factors: Factors) -> None:

@@ -10,7 +10,7 @@ seeds, with one checkpoint format; what a method saves is its component model's 
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -135,8 +135,9 @@ class Method(ABC):
         c = self.config
         return lr_at_step(step, c.steps, c.lr, c.lr_schedule, c.warmup_frac)
 
-    def on_step_start(self, step: int, instances: list[InstanceView]) -> None:
-        """Called before a step's forward pass with every instance's tensors (default: nothing)."""
+    def on_step_start(self, step: int, instances: Callable[[], list[InstanceView]]) -> None:
+        """Called before a step's forward pass; ``instances()`` gives every instance's tensors (built
+        only when called: most steps need none). Default: nothing."""
 
     def after_backward(self, factors: Factors) -> None:
         """Adjust gradients before clipping and the update (default: nothing)."""
