@@ -198,11 +198,22 @@ def test_your_own_model_from_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["l0"] == pytest.approx(2.0, abs=0.05) and metrics["faithfulness_loss"] < 1.0
-    missing = _decompose("target=module", "figures=false", f"hydra.run.dir={tmp_path / 'm'}")
-    assert missing.returncode == 2 and "target=module needs target.factory and target.data" in missing.stderr
-    wrong = _decompose("target=module", *MODULE_EXAMPLE[:1], "target.data=experiments.examples.mlp:batches",
-                       "target.decompose=[0]", "figures=false", f"hydra.run.dir={tmp_path / 'w'}")  # fmt: skip
-    assert wrong.returncode == 2 and "has no 'batches'" in wrong.stderr
+
+
+def test_module_target_errors_name_the_field_and_the_fix():
+    from apd.config import ConfigError
+    from apd.targets import ModuleTargetConfig
+
+    with pytest.raises(ConfigError, match="target=module needs target.factory and target.data"):
+        ModuleTargetConfig(decompose=["0"])
+    with pytest.raises(ConfigError, match="target.decompose"):
+        ModuleTargetConfig(factory="experiments.examples.mlp:trained_mlp", data="experiments.examples.mlp:batch")
+    wrong = ModuleTargetConfig(factory="experiments.examples.mlp:trained_mlp", data="experiments.examples.mlp:batches",
+                               decompose=["0"])  # fmt: skip
+    with pytest.raises(ConfigError, match="has no 'batches'; it has .*'batch'"):
+        wrong.batch(4, None)
+    with pytest.raises(ConfigError, match="cannot import 'no_such_package.models' \\(No module named 'no_such_package'\\)"):
+        ModuleTargetConfig(factory="no_such_package.models:make", data="experiments.examples.mlp:batch", decompose=["0"]).build()
 
 
 def test_load_run_gives_a_notebook_the_target_decomposition_run_and_metrics(tmp_path):

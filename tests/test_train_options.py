@@ -79,8 +79,8 @@ def test_finetune_removes_the_shrinkage(tms):
     """The Schatten penalty shrinks each recovered column (ML2R ≈ 0.9); without it for the last
     steps the active component grows back to the target's norm."""
     base = dict(TMS_CFG, init_scale=0.1, steps=3000, seed=0)
-    shrunk = decompose(tms, _data(1), APDConfig(**base), ["enc", "dec"], progress=False)
-    tuned = decompose(tms, _data(1), APDConfig(**base, finetune_frac=0.2), ["enc", "dec"], progress=False)
+    shrunk = decompose(tms, _data(1, 512), APDConfig(**base), ["enc", "dec"], progress=False)
+    tuned = decompose(tms, _data(1, 512), APDConfig(**base, finetune_frac=0.2), ["enc", "dec"], progress=False)
     before = tms_recovery(tms.W, shrunk.component_weights()["enc"])
     after = tms_recovery(tms.W, tuned.component_weights()["enc"])
     assert before["ml2r"] < 0.93 and after["ml2r"] > 0.98, (before, after)
