@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m pytest benchmarks --benchmark-json=bench.json
     python -m benchmarks.table bench.json          # prints the Markdown tables and ratios
+    python -m benchmarks.table bench.json --before old.json   # two versions' runs side by side
 
 Every ratio divides two numbers from the same json, i.e. measured side by side in one run.
 """
@@ -74,11 +75,31 @@ def tables(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The cases and ratios both runs measured, side by side: a code change's effect (run the two
+    versions back to back on the same machine)."""
+    b = {x["name"]: x for x in before["benchmarks"]}
+    a = {x["name"]: x for x in after["benchmarks"]}
+    lines = ["| case | before (mean) | after (mean) | after / before |", "|---|---|---|---|"]
+    for name in sorted(set(a) & set(b)):
+        mb, ma = b[name]["stats"]["mean"], a[name]["stats"]["mean"]
+        lines.append(f"| `{name}` | {_fmt(mb)} | {_fmt(ma)} | {ma / mb:.2f} |")
+    lines += ["", "| ratio | before | after |", "|---|---|---|"]
+    for label, num, den in RATIOS:
+        if num in a and den in a and num in b and den in b:
+            rb = b[num]["stats"]["mean"] / b[den]["stats"]["mean"]
+            ra = a[num]["stats"]["mean"] / a[den]["stats"]["mean"]
+            lines.append(f"| {label} | {rb:.1f}× | {ra:.1f}× |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", type=Path, help="the file written by pytest --benchmark-json")
+    parser.add_argument("--before", type=Path, help="a run of another version: print both side by side")
     args = parser.parse_args(argv)
-    print(tables(json.loads(args.json.read_text())))
+    after = json.loads(args.json.read_text())
+    print(tables(after) if args.before is None else before_after(json.loads(args.before.read_text()), after))
 
 
 if __name__ == "__main__":
