@@ -12,7 +12,7 @@ input (per position for sequences): how much it cannot be ablated there. One ste
    Δ-component W − Σ_c U_c V_cᵀ, under its own random mask, keeps the unmasked model exactly the
    target and the stochastic losses push Δ to be inert), stochastic reconstruction with masks
    m = g + (1 − g)·r, r ~ U(0, 1) (every layer masked, then one layer at a time), importance
-   minimality Σ_l Σ_c mean_x (g⁺)^p.
+   minimality Σ_l Σ_c mean_x (g⁺)^p, and the optional CI-masked reconstruction.
 
 Before step 0 a short faithfulness warm-up (goodfire-ai/spd's: AdamW on the factors alone) fits
 Σ_c U_c V_cᵀ to W. Evaluation masks are the causal importances g; L0 counts g > ``ci_threshold``.
