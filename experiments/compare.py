@@ -178,6 +178,11 @@ def _fmt(mean: float, std: float, decimals: int | str | None) -> str:
     return f"{mean:{spec}} ± {std:{spec}}"
 
 
+def _num(value: float, decimals: int) -> str:
+    """One number without a std ("–" for NaN, not applicable)."""
+    return "–" if math.isnan(value) else f"{value:.{decimals}f}"
+
+
 def _setting(a: dict[str, Any]) -> str:
     """``knob=value``; "–" for a row without a sparsity setting (the language model's neurons)."""
     return "–" if a["sparsity_knob"] == "none" else f"{a['sparsity_knob']}={a['sparsity']:g}"
@@ -409,7 +414,7 @@ def _lm_proxy_table(groups: list[dict[str, Any]], results: list[Trained]) -> lis
                 per_family.setdefault((r["method"], r["width"], _setting(r), d["family"]), []).append(d)
     for (method, width, setting, family), ds in per_family.items():
         mean = {c: statistics.fmean(d[c] for d in ds) for c, _, _ in _LM_PROXIES + [("n_live", "", 0)]}
-        cells = [_fmt(mean[c], 0.0, d).split(" ±")[0] for c, _, d in _LM_PROXIES]
+        cells = [_num(mean[c], d) for c, _, d in _LM_PROXIES]
         lines.append(f"| {method} w{width} {setting}: {family} | {len(ds)} | {mean['n_live']:.0f} | " + " | ".join(cells) + " |")
     return lines
 
@@ -429,12 +434,12 @@ def _lm_relation_table(summary: list[dict[str, Any]], tau: float) -> list[str]:
     if not summary:
         return ["(no SAE and no decomposition with rank-one subcomponents of both matrices to relate)"]
     lines = [f"| SAE | seed | decomposition | live latents | median out cos | frac out ≥ {tau:g} | mlp.down matched | "
-             "median neuron cos | median in cos | median top-token Jaccard |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "median neuron cos | median in cos | top-token Jaccard median / mean |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in summary:
         lines.append(f"| {s['sae_method']} w{s['sae_width']} {s['sae_sparsity']:g} | {s['sae_seed']} | {s['decomposition']} seed "
                      f"{s['decomposition_seed']} | {s['n_latents']} | {s['median_out_cos']:.3f} | {s['frac_out_above']:.3f} | "
-                     f"{s['components_matched']} of {s['components_live']} | {_fmt(s['median_neuron_cos'], 0, 3).split(' ±')[0]} | "
-                     f"{s['median_in_cos']:.3f} | {_fmt(s['median_top_jaccard'], 0, 3).split(' ±')[0]} |")  # fmt: skip
+                     f"{s['components_matched']} of {s['components_live']} | {_num(s['median_neuron_cos'], 3)} | "
+                     f"{_num(s['median_in_cos'], 3)} | {_num(s['median_top_jaccard'], 3)} / {_num(s['mean_top_jaccard'], 3)} |")  # fmt: skip
     return lines
 
 

@@ -546,19 +546,23 @@ def sae_component_relations(sae: LMTrained, dec: LMTrained, W_down: Float[Tensor
 
 
 def relation_summary(rows: list[dict[str, Any]], components_live: int, tau: float = 0.9) -> dict[str, Any]:
-    """One line of the SAE-component summary: medians of the best cosines and the Jaccard overlap,
-    the fraction of latents whose best output cosine is ≥ ``tau``, and how many distinct live
-    ``mlp.down`` subcomponents (of ``components_live``) are such a match."""
+    """One line of the SAE-component summary: medians of the best cosines and of the Jaccard overlap
+    (and its mean), the fraction of latents whose best output cosine is ≥ ``tau``, and how many
+    distinct live ``mlp.down`` subcomponents (of ``components_live``) are such a match."""
+
+    def values(col: str) -> list[float]:
+        return [r[col] for r in rows if not math.isnan(r[col])]
 
     def med(col: str) -> float:
-        vals = [r[col] for r in rows if not math.isnan(r[col])]
-        return statistics.median(vals) if vals else math.nan
+        return statistics.median(values(col)) if values(col) else math.nan
 
     close = [r for r in rows if not math.isnan(r["out_cos"]) and r["out_cos"] >= tau]
     first = rows[0] if rows else {}
+    jaccard = values("top_jaccard")
     return {k: first.get(k) for k in ("sae_method", "sae_width", "sae_sparsity", "sae_seed", "decomposition", "decomposition_seed")} | {
         "n_latents": len(rows), "median_out_cos": med("out_cos"), "frac_out_above": len(close) / len(rows) if rows else math.nan,
         "median_neuron_cos": med("neuron_cos"), "median_in_cos": med("in_cos"), "median_top_jaccard": med("top_jaccard"),
+        "mean_top_jaccard": statistics.fmean(jaccard) if jaccard else math.nan,
         "components_matched": len({r["out_component"] for r in close}), "components_live": components_live,
     }  # fmt: skip
 

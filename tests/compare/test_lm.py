@@ -5,9 +5,6 @@ SAE-component relations, densities and proxies on hand-made cases; and a shrunk 
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,7 +30,7 @@ from apd.compare import (
 from apd.decomposition import Decomposition
 from apd.lm_target import LMTargetConfig
 from apd.targets import get_target
-from tests.compare.presets import ROOT
+from tests.compare.presets import run_compare
 
 CALLERS = {"method", "architecture", "seed", "width", "sparsity_knob", "sparsity", "wall_seconds"}
 METRICS = set(LM_COLUMNS) - CALLERS
@@ -235,15 +232,8 @@ def test_reduced_lm_comparison_end_to_end(tmp_path):
               "saes.relu_l1.train={resample_steps:[6],resample_window:512,resample_sample_size:512}",
               "~saes.topk", "~saes.batchtopk", "saes.relu_l1.widths=[64]", "saes.relu_l1.sparsity_values=[1.0]",
               "saes.transcoder.widths=[32]", "saes.transcoder.sparsity_values=[4]"]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.compare", "experiment=compare_lm_1l", *shrink, f"hydra.run.dir={out}"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with (out / "comparison.csv").open() as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert reader.fieldnames == LM_COLUMNS
+    rows, columns = run_compare("compare_lm_1l", shrink, out)
+    assert columns == LM_COLUMNS
     assert [r["method"] for r in rows] == ["neurons", "apd", "apd", "spd", "spd", "relu_l1", "relu_l1", "transcoder", "transcoder"]
     for r in rows:
         v = {k: float(r[k]) for k in LM_COLUMNS if k not in ("method", "architecture", "sparsity_knob") and r[k] != ""}
