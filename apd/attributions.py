@@ -403,7 +403,7 @@ def activation_attributions(cm: ComponentModel, x: Tensor) -> Float[Tensor, "B *
     attr: Tensor | int = 0
     for n in cm.layer_names:
         layer = cm.layers[n]
-        attr = attr + layer.per_component_out(layer.component_acts(a_in[n])).pow(2).sum(-1)  # (B, *pos, C)
+        attr = attr + layer.per_component_sq_norm(layer.component_acts(a_in[n]))  # (B, *pos, C)
     assert isinstance(attr, Tensor)
     return attr
 

@@ -153,6 +153,15 @@ class Components(nn.Module, ABC):
     def per_component_out(self, inner: Float[Tensor, "... C m"]) -> Float[Tensor, "... C d_out"]:
         """P_c x for every component separately (used by the activation attribution)."""
 
+    def per_component_sq_norm(self, inner: Float[Tensor, "... C m"]) -> Float[Tensor, "... C"]:
+        """‖P_c x‖² for every component, from its inner activations z_c = A_c x without forming P_c x:
+        z_cᵀ (B_cᵀ B_c) z_c. The same numbers as ``per_component_out(inner).pow(2).sum(-1)`` in memory
+        [*lead, C] rather than [*lead, C, d_out] (a language model's tokens × C × 512 would not fit)."""
+        C, m = inner.shape[-2], inner.shape[-1]
+        maps = self.output_map().reshape(C, m, -1)  # (C, m, d_out)
+        gram = maps @ maps.transpose(1, 2)  # (C, m, m)
+        return torch.einsum("...cm,cmn,...cn->...c", inner, gram, inner)
+
     @abstractmethod
     def target_weight(self) -> Float[Tensor, "d_out d_in"]:
         """The frozen target matrix W of this use (h = W a + bias), in nn.Linear layout."""

@@ -4,14 +4,17 @@ Trains APD (the settings of the decompose preset named by ``apd_experiment``; or
 run dirs listed in ``apd.runs``) and every SAE grid of the preset over its seeds on the same shipped
 target, scores all of them on one evaluation batch (the comparison registered for the target's kind,
 ``apd.compare.comparison_for``: ``apd.compare.tms`` for TMS, ``apd.compare.resid`` for the 1-layer
-residual MLP) and writes into the run dir: ``comparison.csv`` (one row per model), ``comparison.md``
-(mean ± std over seeds, with a legend) and ``figures/``. APD runs land in ``apd/`` (a finished one
+residual MLP, ``apd.compare.lm`` for the language model) and writes into the run dir:
+``comparison.csv`` (one row per model), ``comparison.md`` (mean ± std over seeds, with a legend),
+one ``<name>.csv`` per further table of the comparison (the language model's seed consistency and
+SAE-component matches) and ``figures/``. APD runs land in ``apd/`` (a finished one
 is reloaded when the run dir is reused), SAEs in ``saes/``.
 """
 
 import csv
 import logging
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,9 @@ def compare_app(cfg: DictConfig, out: Path) -> Comparison:
     target_comparison = comparison_for(apd_run.target.kind)
     comparison = target_comparison.run(app, apd_run, out, log.info, spd_run=spd_run)
     write_csv(comparison.rows, out / "comparison.csv", target_comparison.columns)
+    for name, table in comparison.tables.items():
+        if table:
+            write_csv(table, out / f"{name}.csv", list(table[0]))
     figures = save_figures(comparison, app, out / "figures") if app.figures else []
     wall = time.perf_counter() - t0
     (out / "comparison.md").write_text(markdown(app, apd_run, comparison, wall, [p.relative_to(out) for p in figures]))
@@ -172,8 +178,14 @@ def _fmt(mean: float, std: float, decimals: int | str | None) -> str:
     return f"{mean:{spec}} ± {std:{spec}}"
 
 
+def _num(value: float, decimals: int) -> str:
+    """One number without a std ("–" for NaN, not applicable)."""
+    return "–" if math.isnan(value) else f"{value:.{decimals}f}"
+
+
 def _setting(a: dict[str, Any]) -> str:
-    return f"{a['sparsity_knob']}={a['sparsity']:g}"
+    """``knob=value``; "–" for a row without a sparsity setting (the language model's neurons)."""
+    return "–" if a["sparsity_knob"] == "none" else f"{a['sparsity_knob']}={a['sparsity']:g}"
 
 
 def _table(groups: list[dict[str, Any]], columns: list[tuple[str, str, int | str | None]]) -> list[str]:
@@ -200,6 +212,8 @@ def _spd_line(app: compare_schema.CompareApp) -> str:
 
 def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: Comparison, wall: float,
              figures: list[Path]) -> str:  # fmt: skip
+    if comparison.kind == "lm":
+        return lm_markdown(app, apd_run, comparison, wall, figures)
     results, rows = comparison.results, comparison.rows
     groups = summarise(rows)
     best_key = comparison_for(comparison.kind).best_key
@@ -335,6 +349,207 @@ def _identity_section(groups: list[dict[str, Any]], results: list[Trained], tran
                          f"{d['best_projector_feature']:.0f} | {d['projector_cos']:.3f} |")  # fmt: skip
         lines.append("")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison.md of the language model
+# ---------------------------------------------------------------------------------------------
+
+_LM_TABLE = [
+    ("l0", "L0 / token", 2), ("loss_recovered", "loss rec.", 3), ("loss_recovered_thresholded", "loss rec. g>τ", 3),
+    ("kl", "KL", 4), ("fvu", "FVU", 3), ("fvu_mlp_out", "FVU out", 3), ("n_live", "live", 0), ("n_dead", "dead", 0),
+    ("n_ultralow", "ultralow", 0), ("median_log10_density", "med. log10 dens.", 2), ("n_params", "params", None),
+    ("bits_per_token", "bits / token", 1), ("seed_cos_out", "seed cos out", 3), ("seed_cos_in", "seed cos in", 3),
+    ("wall_seconds", "s", None),
+]  # fmt: skip
+"""the columns of each family's table (apd.compare.lm.LM_COLUMNS)"""
+
+_LM_PROXIES = [(f"{p}_{s}", f"{label} {s}", 3) for p, label in (("top_token_frac", "top token"), ("top_bigram_frac", "top bigram"),
+               ("token_entropy", "entropy")) for s in ("median", "mean")]  # fmt: skip
+
+_LM_LEGEND = """Legend (full definitions: the docstring of `apd/compare/lm.py`). Every number is over the same N held-out tokens.
+- **neurons**: the MLP's own 512 ReLU neurons as a dictionary (loss recovered 1 by construction). SAE grids: `transcoder_*`
+  read the MLP input and predict its output; the others reconstruct the neurons and are spliced in through `mlp.down`.
+  `spd` / `apd`: decompositions of `mlp.up` and `mlp.down` under their evaluation masks, per token.
+- **L0 / token**: active units per token (SPD: subcomponents with g > τ, both matrices together).
+- **loss rec.**: (L_ablated − L) / (L_ablated − L_clean), next-token loss with the reconstruction spliced in, against
+  zero-ablating the MLP (Bricken et al.). **loss rec. g>τ**: SPD with binary masks. **KL**: target ‖ spliced, nats/token.
+- **FVU**: of what the model reconstructs (neuron SAE: neurons; others: the MLP output); **FVU out**: of the MLP output.
+- **live / dead / ultralow**: active somewhere / never / on fewer than ULTRALOW of the tokens; **med. log10 dens.**: median
+  over live units of log10 of the fraction of tokens they are active on.
+- **params**: SAE parameters; decompositions: components and causal-importance functions; neurons: the MLP.
+- **bits / token**: L0·(log₂ K + BITS) for SAEs and neurons; the mask bits L0·log₂ C per matrix for decompositions.
+- **seed cos out / in**: Hungarian-matched mean cosine of the live units' output (decoder rows; U_c) / input (encoder
+  columns; V_c) directions between seeds of the same setting (rank-one factors: |cos|).
+- **proxies** (no language-model judge; `apd.browser.extract`): over a unit's TOPK top-activating tokens, the share that are
+  its most common token (**top token**) or bigram (**top bigram**); **entropy**: bits of the token it is active on (all
+  active tokens). Median and mean over live units; 1 / 1 / 0 = fires on one token only.
+"""
+
+
+def _lm_family_tables(groups: list[dict[str, Any]], app: compare_schema.CompareApp) -> list[str]:
+    lines = []
+    for method in dict.fromkeys(a["method"] for a in groups):
+        members = [a for a in groups if a["method"] == method]
+        grid = app.saes.get(method)
+        kind = f"{grid.architecture}{', transcoder' if grid.transcoder else ''}" if grid else members[0].get("architecture", "")
+        cols = [c for c in _LM_TABLE if any(not math.isnan(a[c[0]]) for a in members)]
+        lines += [f"### {method} ({kind})", "", *_table(members, cols), ""]
+    return lines
+
+
+def _lm_budget_table(groups: list[dict[str, Any]]) -> list[str]:
+    """Per method, the most loss recovered by a setting whose mean description length fits each budget:
+    the decompositions' and the neurons' bits per token."""
+    budgets = sorted({round(a["bits_per_token"], 1) for a in groups if a["method"] in ("neurons", "spd", "apd")})
+    if not budgets:
+        return []
+    lines = ["| method | " + " | ".join(f"≤ {b:g} bits" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for method in dict.fromkeys(a["method"] for a in groups):
+        cells = []
+        for b in budgets:
+            fits = [a for a in groups if a["method"] == method and a["bits_per_token"] <= b + 0.05]
+            best = max(fits, key=lambda a: a["loss_recovered"], default=None)
+            cells.append("–" if best is None else f"{best['loss_recovered']:.3f} ({_setting(best)})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _lm_proxy_table(groups: list[dict[str, Any]], results: list[Trained]) -> list[str]:
+    lines = ["| units | n | live | " + " | ".join(h for _, h, _ in _LM_PROXIES) + " |", "|---|---|---|" + "---|" * len(_LM_PROXIES)]
+    for a in groups:
+        cells = [_fmt(a[c], a.get(f"{c}_std", 0.0), d) for c, _, d in _LM_PROXIES]
+        lines.append(f"| {a['method']} w{a['width']} {_setting(a)} | {a['n']} | {a['n_live']:.0f} | " + " | ".join(cells) + " |")
+    per_family: dict[tuple, list[dict[str, float]]] = {}
+    for t in results:
+        for d in t.details:
+            if "family" in d:
+                r = t.row
+                per_family.setdefault((r["method"], r["width"], _setting(r), d["family"]), []).append(d)
+    for (method, width, setting, family), ds in per_family.items():
+        mean = {c: statistics.fmean(d[c] for d in ds) for c, _, _ in _LM_PROXIES + [("n_live", "", 0)]}
+        cells = [_num(mean[c], d) for c, _, d in _LM_PROXIES]
+        lines.append(f"| {method} w{width} {setting}: {family} | {len(ds)} | {mean['n_live']:.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _lm_seed_table(table: list[dict[str, Any]], tau: float) -> list[str]:
+    if not table:
+        return ["(no setting was trained with more than one seed)"]
+    lines = [f"| method | width | setting | seeds | cos out | frac out ≥ {tau:g} | pairs out | cos in | frac in ≥ {tau:g} |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in table:
+        lines.append(f"| {r['method']} | {r['width']} | {_setting(r)} | {r['seed_a']}, {r['seed_b']} | {r['cos_out']:.3f} | "
+                     f"{r['frac_out_above']:.3f} | {r['n_out']:.0f} | {r['cos_in']:.3f} | {r['frac_in_above']:.3f} |")  # fmt: skip
+    return lines
+
+
+def _lm_relation_table(summary: list[dict[str, Any]], tau: float) -> list[str]:
+    if not summary:
+        return ["(no SAE and no decomposition with rank-one subcomponents of both matrices to relate)"]
+    lines = [f"| SAE | seed | decomposition | live latents | median out cos | frac out ≥ {tau:g} | mlp.down matched | "
+             "median neuron cos | median in cos | top-token Jaccard median / mean |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in summary:
+        lines.append(f"| {s['sae_method']} w{s['sae_width']} {s['sae_sparsity']:g} | {s['sae_seed']} | {s['decomposition']} seed "
+                     f"{s['decomposition_seed']} | {s['n_latents']} | {s['median_out_cos']:.3f} | {s['frac_out_above']:.3f} | "
+                     f"{s['components_matched']} of {s['components_live']} | {_num(s['median_neuron_cos'], 3)} | "
+                     f"{_num(s['median_in_cos'], 3)} | {_num(s['median_top_jaccard'], 3)} / {_num(s['mean_top_jaccard'], 3)} |")  # fmt: skip
+    return lines
+
+
+def _lm_bars(groups: list[dict[str, Any]], app: compare_schema.CompareApp) -> list[str]:
+    """Issue 14's bars: an SAE on the neurons with loss recovered ≥ 0.79 at L0 ≤ 20 and < 10% dead;
+    SPD ≥ 0.9 of the MLP's loss contribution under its causal importances."""
+    lines = []
+    for method, grid in app.saes.items():
+        if grid.transcoder:
+            continue
+        fits = [a for a in groups if a["method"] == method and a["l0"] <= 20]
+        best = max(fits, key=lambda a: a["loss_recovered"], default=None)
+        if best is None:
+            lines.append(f"- `{method}`: no setting reaches L0 ≤ 20.")
+            continue
+        dead = best["n_dead"] / best["width"]
+        ok = best["loss_recovered"] >= 0.79 and dead < 0.1
+        lines.append(f"- `{method}` ({_setting(best)}, L0 {best['l0']:.1f}): loss recovered {best['loss_recovered']:.3f}, dead "
+                     f"{100 * dead:.1f}% → {'meets' if ok else 'misses'} the bar (≥ 0.79 at L0 ≤ 20, dead < 10%).")  # fmt: skip
+    for a in groups:
+        if a["method"] == "spd":
+            ok = a["loss_recovered"] >= 0.9
+            lines.append(f"- `spd` ({_setting(a)}): loss recovered under its causal importances {a['loss_recovered']:.3f} "
+                         f"(thresholded g > τ: {a['loss_recovered_thresholded']:.3f}) at L0 {a['l0']:.1f} subcomponents per "
+                         f"token → {'meets' if ok else 'misses'} the bar (≥ 0.9).")  # fmt: skip
+    return lines
+
+
+def lm_markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: Comparison, wall: float,
+                figures: list[Path]) -> str:  # fmt: skip
+    """comparison.md of the language-model comparison (``apd.compare.lm``)."""
+    rows, results = comparison.rows, comparison.results
+    groups = summarise(rows)
+    st = app.sae_train
+    resampling = (f", dead latents resampled before steps {st.resample_steps} (silent for {st.resample_window} tokens; Bricken "
+                  "et al.'s procedure)" if st.resample_steps else "")  # fmt: skip
+    grids = "; ".join(f"`{n}` ({g.architecture}{', transcoder' if g.transcoder else ''}): width ∈ {g.widths}, {g.knob} ∈ "
+                      f"{g.sparsity_values}" + (f", {g.options}" if g.options else "") + (f", training {g.train}" if g.train else "")
+                      for n, g in app.saes.items())  # fmt: skip
+    lines = [
+        f"# SAEs, transcoders and parameter decompositions of the MLP of {apd_run.target.name}",
+        "",
+        f"Target: the shipped `{apd_run.target.name}` (`apd/toy_models/pretrained/{apd_run.target.name}.pt`). Seeds: {app.seeds}. "
+        f"Wall time of this invocation: {wall / 60:.1f} min; the models' own training + evaluation times sum to "
+        f"{sum(r['wall_seconds'] for r in rows if not math.isnan(r['wall_seconds'])) / 60:.1f} min.",
+        "",
+        f"SAEs: {st.steps} steps of {st.batch_size} tokens from training windows, Adam lr {st.lr:g}"
+        + (f", {st.warmup_steps} warm-up steps" if st.warmup_steps else "") + f"{resampling}. Grids (`training`: the grid's "
+        f"own training settings, e.g. resampling): {grids}.",
+        "",
+        *[f"- {note}" for note in comparison.notes],
+        "",
+        "## Results per model family (mean ± std over seeds)",
+        "",
+        *_lm_family_tables(groups, app),
+        "## Bars",
+        "",
+        *_lm_bars(groups, app),
+        "",
+        "## Loss recovered at matched description length",
+        "",
+        "Per method, the most loss recovered by a setting whose mean bits per token fit the budget (the decompositions' and the "
+        "neurons' own description lengths); figure `loss_vs_bits.png` shows every setting.",
+        "",
+        *_lm_budget_table(groups),
+        "",
+        f"## Monosemanticity proxies (over each unit's {app.proxy_top_k} top-activating tokens; mean ± std over seeds)",
+        "",
+        "Decompositions pooled over their matrices, then per matrix (first lines per family: the pooled row of the model).",
+        "",
+        *_lm_proxy_table(groups, results),
+        "",
+        "## Seed consistency",
+        "",
+        "Two seeds of one setting: live units matched one-to-one (Hungarian) by cosine of their output (decoder rows; SPD's "
+        "U_c per matrix, pooled) and input (encoder columns; V_c) directions. VPD reports 0.48–0.51 between two seeds.",
+        "",
+        *_lm_seed_table(comparison.tables.get("seed_consistency", []), app.tau),
+        "",
+        "## SAE latents against decomposition subcomponents",
+        "",
+        "Each SAE of the first seed against the first seed of each decomposition with rank-one subcomponents: per live latent its "
+        "best |cos| with a live `mlp.down` U_c in the MLP output space (**out**; neuron SAEs mapped through `mlp.down.weight`), "
+        "with a live `mlp.up` U_c in neuron space (**neuron**; neuron SAEs), and of its input direction with `mlp.down`'s V_c "
+        "(neuron SAEs) or `mlp.up`'s V_c (transcoders) (**in**); **mlp.down matched**: distinct live subcomponents that are "
+        f"some latent's out match with cos ≥ {app.tau:g}; **top-token Jaccard**: overlap of the latent's and its out match's top "
+        f"{app.proxy_top_k} token positions. Every latent: `sae_component_matches.csv`.",
+        "",
+        *_lm_relation_table(comparison.tables.get("sae_component_summary", []), app.tau),
+        "",
+        _LM_LEGEND.replace("BITS", f"{app.bits_per_value:g}").replace("ULTRALOW", f"{app.ultralow_density:g}")
+        .replace("TOPK", str(app.proxy_top_k)),
+    ]  # fmt: skip
+    if figures:
+        lines += ["## Figures", ""] + [f"- [`{p}`]({p})" for p in figures] + [""]
+    return "\n".join(lines) + "\n"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compare")

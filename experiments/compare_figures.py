@@ -23,11 +23,26 @@ _PANELS = [("mmcs", "MMCS (best cosine per feature)"), ("matched_mean_cos", "one
 _RESID_PANELS = _PANELS + [("n_features_dedicated", "features with a dedicated latent / component")]
 
 
+_LM_PANELS = [("loss_recovered", "loss recovered (vs zero-ablating the MLP)"), ("kl", "KL to the target (nats / token)")]
+_L0_AXIS = ("l0", "L0 (mean active latents / components per sample)")
+
+
 def save_figures(comparison: Comparison, cfg: CompareConfig, out_dir: Path) -> list[Path]:
     """Pareto views (MMCS, one-to-one cosine and loss recovered against L0; residual MLP: also the
     features with a dedicated latent / component), the learned directions against the ground truth
-    (2-D hidden layers), the transcoder width sweep, and for APD on +ID the identity figure."""
+    (2-D hidden layers), the transcoder width sweep, and for APD on +ID the identity figure. The
+    language model (no ground truth): loss recovered and KL against L0, loss recovered against bits
+    per token, and the log-density histograms."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if comparison.kind == "lm":
+        return [
+            pareto(comparison.results, set(), out_dir / "loss_vs_l0.png", _LM_PANELS, ("l0", "L0 (active units per token)"),
+                   "loss recovered and KL against L0 (markers: mean ± std over seeds; dots: seeds)"),
+            pareto(comparison.results, set(), out_dir / "loss_vs_bits.png", _LM_PANELS[:1],
+                   ("bits_per_token", "description length (bits per token)"),
+                   "loss recovered against description length (markers: mean ± std over seeds; dots: seeds)"),
+            density_histograms(comparison.results, out_dir / "log_density.png", comparison.data.n_tokens),
+        ]  # fmt: skip
     results, truth = comparison.results, comparison.data.truth
     resid = comparison.kind == "resid_mlp"
     transcoders = {name for name, g in cfg.saes.items() if g.transcoder}
@@ -59,33 +74,71 @@ def _methods(results: list[Trained], exclude: set[str] = frozenset()) -> list[st
     return list(dict.fromkeys(r.row["method"] for r in results if r.row["method"] not in exclude))
 
 
-def pareto(results: list[Trained], exclude: set[str], path: Path, panels: list[tuple[str, str]] = _PANELS) -> Path:
+def pareto(results: list[Trained], exclude: set[str], path: Path, panels: list[tuple[str, str]] = _PANELS,
+           x: tuple[str, str] = _L0_AXIS,
+           title: str = "Pareto view: recovery and loss recovered against L0 (markers: mean ± std over seeds; dots: seeds)") -> Path:  # fmt: skip
     """Per setting (method × width × sparsity): mean ± std over seeds, seeds as faint dots; one
-    panel per (column, label) against L0; the methods in ``exclude`` left out."""
+    panel per (column, label) against the ``x`` (column, label), L0 by default; the methods in
+    ``exclude`` left out."""
     rows = [r.row for r in results if r.row["method"] not in exclude]
     methods = _methods(results, exclude)
     colors = _colors(methods)
     widths = sorted({r["width"] for r in rows})
     marker = {w: _MARKERS[i % len(_MARKERS)] for i, w in enumerate(widths)}
     groups = summarise(rows)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 5))
+    x_col, x_label = x
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.4 * len(panels), 9.0), 5), squeeze=False)
+    axes = axes[0]
     for ax, (col, label) in zip(axes, panels):
         for r in rows:
-            ax.scatter(r["l0"], r[col], color=colors[r["method"]], marker=marker[r["width"]], alpha=0.25, s=14, lw=0)
+            ax.scatter(r[x_col], r[col], color=colors[r["method"]], marker=marker[r["width"]], alpha=0.25, s=14, lw=0)
         for a in groups:
-            ax.errorbar(a["l0"], a[col], xerr=a["l0_std"], yerr=a[f"{col}_std"], color=colors[a["method"]],
+            ax.errorbar(a[x_col], a[col], xerr=a[f"{x_col}_std"], yerr=a[f"{col}_std"], color=colors[a["method"]],
                         marker=marker[a["width"]], ms=7, capsize=2, lw=1, mec="k", mew=0.5)  # fmt: skip
-        ax.set(xlabel="L0 (mean active latents / components per sample)", ylabel=label, title=f"{label} vs L0")
+        ax.set(xlabel=x_label, ylabel=label, title=f"{label.split(' (')[0]} vs {x_label.split(' (')[0]}")
         ax.grid(alpha=0.3)
-        l0s = [r["l0"] for r in rows if r["l0"] > 0]
-        if l0s and max(l0s) / min(l0s) > 8:
+        xs = [r[x_col] for r in rows if r[x_col] > 0]
+        if xs and max(xs) / min(xs) > 8:
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
     handles += [plt.Line2D([], [], color="0.4", marker=marker[w], ls="", label=f"width {w}") for w in widths]
     axes[-1].legend(handles=handles, fontsize=8, loc="lower right")
-    fig.suptitle("Pareto view: recovery and loss recovered against L0 (markers: mean ± std over seeds; dots: seeds)")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def density_histograms(results: list[Trained], path: Path, n_tokens: int) -> Path:
+    """Bricken et al.'s view: per method one panel, the histogram of log10 of each live unit's
+    density on the evaluation tokens (one line per setting and family of units, first seed), the
+    dead units counted in the legend; the resolution 1/N marked."""
+    methods = _methods(results)
+    cols = min(len(methods), 4)
+    n_rows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 3.6 * n_rows), squeeze=False)
+    lo = math.log10(1 / n_tokens)
+    bins = torch.linspace(lo - 0.25, 0.0, 41).tolist()
+    for ax, method in zip(axes.flat, methods):
+        seen: set[tuple] = set()
+        for t in results:
+            r = t.row
+            setting = (r["width"], r["sparsity"])
+            if r["method"] != method or setting in seen or not getattr(t, "densities", None):
+                continue
+            seen.add(setting)
+            for family, density in t.densities.items():  # type: ignore[attr-defined]
+                live = density[density > 0]
+                label = f"w{r['width']} {r['sparsity_knob']}={r['sparsity']:g}" + (f" {family}" if len(t.densities) > 1 else "")  # type: ignore[attr-defined]
+                ax.hist(live.log10().tolist(), bins=bins, histtype="step", lw=1.4,
+                        label=f"{label} ({len(density) - len(live)} dead)")  # fmt: skip
+        ax.axvline(lo, color="0.5", ls=":", lw=1)
+        ax.set(xlabel="log10 density (fraction of tokens active)", ylabel="units", title=method)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.suptitle(f"Log-density histograms of live units on {n_tokens} evaluation tokens (dotted: 1/N, the resolution)", fontsize=9)
     return _save(fig, path)
 
 

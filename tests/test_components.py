@@ -39,6 +39,17 @@ def test_rank_budget_and_summed_weight():
     assert full.A.shape == (3, 6, 8)  # full rank m = min(d_in, d_out)
 
 
+@pytest.mark.parametrize("rank", [1, 2, None])
+def test_per_component_squared_norms_equal_the_norms_of_the_outputs(rank):
+    _, comp = _layer(d_out=6, d_in=8, C=3, rank=rank)
+    x = torch.randn(2, 5, 8)
+    inner = comp.component_acts(x)
+    P = comp.component_weights()  # (C, d_out, d_in)
+    by_hand = torch.einsum("cod,btd->btco", P, x).pow(2).sum(-1)  # ‖P_c x‖² per position
+    torch.testing.assert_close(comp.per_component_sq_norm(inner), by_hand)
+    torch.testing.assert_close(comp.per_component_sq_norm(inner), comp.per_component_out(inner).pow(2).sum(-1))
+
+
 def test_mask_broadcasts_over_sequence_dims():
     _, comp = _layer()
     x, s = torch.randn(2, 7, 4), torch.rand(2, 5)

@@ -1,7 +1,8 @@
 """Sparse-autoencoder baselines in activation space (SPEC §4), with SAELens names and shapes.
 
 Architectures (registry name -> class): "standard" (ReLU + L1, unit-norm decoder), "topk" (+ AuxK),
-"batchtopk", "jumprelu". Any of them becomes a transcoder by setting ``d_out`` in its config.
+"batchtopk", "jumprelu". Any of them becomes a transcoder by setting ``d_out`` in its config. Dead
+latents can be resampled during training (``SAETrainConfig.resample_steps``, Bricken et al. 2023).
 """
 
 from .activations import BatchTopK, TopK, jumprelu, step
@@ -10,6 +11,7 @@ from .batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 from .io import SAELoadError, load_sae, save_sae
 from .jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 from .registry import get_sae_class, register_sae, registered_architectures
+from .resampling import resample_dead_latents, resampling_probabilities
 from .standard import StandardSAE, StandardSAEConfig
 from .topk import TopKSAE, TopKSAEConfig, topk_aux_loss
 from .training import (
@@ -52,6 +54,8 @@ __all__ = [
     "geometric_median",
     "sae_lr_at_step",
     "train_sae",
+    "resample_dead_latents",
+    "resampling_probabilities",
     "SAELoadError",
     "save_sae",
     "load_sae",

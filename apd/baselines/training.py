@@ -4,7 +4,8 @@ Usual practice (Bricken et al. 2023, Gao et al. 2024, SAELens): b_dec starts at 
 (or mean) of a data sample of the reconstruction target, W_dec rows start small with W_enc = W_dec.T,
 Adam with a linear learning-rate warm-up, an optional warm-up of the sparsity coefficient, the
 gradient norm of all SAE parameters together clipped to 1.0 every step (SAELens's trainer does), and
-per-latent "tokens since last fired" counters that mark dead latents for the AuxK loss.
+per-latent "tokens since last fired" counters that mark dead latents for the AuxK loss, and
+optionally Bricken et al.'s resampling of dead latents at given steps (``apd.baselines.resampling``).
 
 Data is either a tensor ``[N, d_in]`` (autoencoder), a pair ``(inputs [N, d_in], targets
 [N, d_out])`` (transcoder), or a callable ``(batch_size, generator) -> tensor | pair`` that draws a
@@ -26,6 +27,7 @@ from torch import Tensor
 from apd.config import LRSchedule  # the same schedule choices as APD runs
 
 from .base import SAE, TrainStepInput
+from .resampling import resample_dead_latents
 
 __all__ = [
     "BDecInit",
@@ -77,13 +79,26 @@ class SAETrainConfig:
     """rows of data used to initialise b_dec"""
     dead_tokens_threshold: int = 10_000
     """a latent is dead once it has not fired on this many consecutive training samples"""
+    resample_steps: list[int] = field(default_factory=list)
+    """before each of these (0-based) steps, re-initialise the latents that have not fired on the last
+    ``resample_window`` training samples (Bricken et al. 2023; ``apd.baselines.resampling``); empty =
+    never. Bricken et al. resampled at 25k, 50k, 75k and 100k of their steps"""
+    resample_window: int = 100_000
+    """a latent is resampled when it has not fired on this many consecutive training samples (a
+    resampled latent's count restarts at 0, so it gets a full window before it can be resampled again)"""
+    resample_sample_size: int = 16_384
+    """fresh samples whose reconstruction losses pick the new directions"""
+    resample_encoder_scale: float = 0.2
+    """a resampled encoder column's norm, as a fraction of the live latents' mean encoder norm"""
 
     def __post_init__(self) -> None:
+        self.resample_steps = sorted({int(s) for s in self.resample_steps})
         if not isinstance(self.b_dec_init, BDecInit):
             self.b_dec_init = _enum(BDecInit, "b_dec_init", self.b_dec_init)
         if not isinstance(self.lr_schedule, LRSchedule):
             self.lr_schedule = _enum(LRSchedule, "lr_schedule", self.lr_schedule)
-        for name in ("steps", "batch_size", "init_sample_size", "dead_tokens_threshold"):
+        for name in ("steps", "batch_size", "init_sample_size", "dead_tokens_threshold", "resample_window",
+                     "resample_sample_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("warmup_steps", "sparsity_warmup_steps"):
@@ -96,6 +111,12 @@ class SAETrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        bad = [s for s in self.resample_steps if not 0 < s < self.steps]
+        if bad:
+            raise ValueError(f"resample_steps {bad} must lie in [1, steps={self.steps}): resampling happens before "
+                             "those steps, after at least one")  # fmt: skip
+        if not self.resample_encoder_scale > 0:
+            raise ValueError(f"resample_encoder_scale={self.resample_encoder_scale} must be > 0 (Bricken et al.: 0.2)")
 
 
 def _enum(cls: type[Enum], name: str, value: Any) -> Any:
@@ -167,6 +188,17 @@ class DeadLatentTracker:
     def dead(self) -> Bool[Tensor, " d_sae"]:
         return self.tokens_since_fired >= self.dead_tokens_threshold
 
+    def silent_for(self, n_tokens: int) -> Bool[Tensor, " d_sae"]:
+        """Latents that have not fired on the last ``n_tokens`` samples (none before that many are seen)."""
+        return self.tokens_since_fired >= n_tokens
+
+    @torch.no_grad()
+    def restart(self, latents: Int[Tensor, " n"]) -> None:
+        """Count ``latents`` as having just fired (after they were re-initialised)."""
+        latents = latents.to(self.tokens_since_fired.device)
+        self.tokens_since_fired[latents] = 0
+        self.steps_since_fired[latents] = 0
+
     @property
     def firing_frequency(self) -> Float[Tensor, " d_sae"]:
         """Fraction of the samples seen so far on which each latent fired."""
@@ -182,7 +214,8 @@ class TrainResult:
     losses: dict[str, Float[Tensor, " steps"]]
     """per-step named losses ("loss" is the total; "mse" plus "l1" / "aux" / "l0")"""
     metrics: dict[str, Float[Tensor, " steps"]]
-    """per-step metrics: "l0" (mean active latents), "n_dead", "lr"."""
+    """per-step metrics: "l0" (mean active latents), "n_dead", "lr", "n_resampled" (latents
+    re-initialised before the step)"""
     tracker: DeadLatentTracker
     seconds: float
     dead_latents: Bool[Tensor, " d_sae"] = field(init=False)
@@ -255,6 +288,19 @@ def _initialize_from_data(sae: SAE, cfg: SAETrainConfig, data: SAEData, generato
     sae.b_dec.copy_(center.to(sae.b_dec))
 
 
+def _resample(sae: SAE, cfg: SAETrainConfig, data: SAEData, optimizer: torch.optim.Optimizer,
+              tracker: DeadLatentTracker, generator: torch.Generator) -> int:  # fmt: skip
+    """Resample the latents silent for ``cfg.resample_window`` samples; returns how many."""
+    silent = tracker.silent_for(cfg.resample_window)
+    if not bool(silent.any()):
+        return 0
+    inputs, targets = _init_sample(data, cfg.resample_sample_size, generator)
+    _check_batch(sae, inputs, targets)
+    idx = resample_dead_latents(sae, optimizer, silent, inputs, targets, generator, cfg.resample_encoder_scale)
+    tracker.restart(idx)
+    return int(idx.numel())
+
+
 def train_sae(sae: SAE, data: SAEData, cfg: SAETrainConfig | None = None, /, **overrides: Any) -> TrainResult:
     """Train ``sae`` in place with Adam and return the per-step history.
 
@@ -269,11 +315,15 @@ def train_sae(sae: SAE, data: SAEData, cfg: SAETrainConfig | None = None, /, **o
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     tracker = DeadLatentTracker(sae.cfg.d_sae, cfg.dead_tokens_threshold, device=device)
     history: dict[str, list[Tensor]] = {}
-    metrics: dict[str, list[float]] = {"l0": [], "n_dead": [], "lr": []}
+    metrics: dict[str, list[float]] = {"l0": [], "n_dead": [], "lr": [], "n_resampled": []}
     batches = _batches(data, cfg.batch_size, generator)
     sae.train()
     start = time.perf_counter()
+    resample_at = set(cfg.resample_steps)
     for step_idx in range(cfg.steps):
+        n_resampled = 0
+        if step_idx in resample_at:
+            n_resampled = _resample(sae, cfg, data, optimizer, tracker, generator)
         inputs, targets = _split(next(batches))
         if step_idx == 0:
             _check_batch(sae, inputs, targets)
@@ -301,6 +351,7 @@ def train_sae(sae: SAE, data: SAEData, cfg: SAETrainConfig | None = None, /, **o
         metrics["l0"].append(float((out.feature_acts != 0).sum(dim=-1).float().mean()))
         metrics["n_dead"].append(float(tracker.dead.sum()))
         metrics["lr"].append(lr)
+        metrics["n_resampled"].append(float(n_resampled))
     seconds = time.perf_counter() - start
     sae.eval()
     return TrainResult(

@@ -11,6 +11,8 @@ The library side of ``python -m experiments.compare``; no Hydra, no plotting. On
 - :mod:`apd.compare.registry`: the comparison of each target kind (:func:`comparison_for`).
 - :mod:`apd.compare.tms` and :mod:`apd.compare.resid`: the targets' own activations, ground truth
   and scoring (TMS with its +ID identity; the 1-layer residual MLP), each registered by its kind.
+- :mod:`apd.compare.lm`: the language model (no ground truth): loss recovered, KL, densities,
+  description length, monosemanticity proxies, seed consistency and SAE-component relations.
 
 Generic modules never name a target's layers: the TMS module reads them off the model's attributes,
 the residual-MLP module from ``ResidMLP.mlp_pairs()``.
@@ -18,6 +20,31 @@ the residual-MLP module from ``ResidMLP.mlp_pairs()``.
 
 from apd.compare.aggregate import best_settings, summarise
 from apd.compare.config import DECOMPOSITION_KNOBS, SPARSITY_KNOBS, APDGrid, CompareConfig, SAEGrid
+from apd.compare.lm import (
+    LM_COLUMNS,
+    PROXIES,
+    LMActivations,
+    LMTrained,
+    UnitSet,
+    density_columns,
+    evaluate_decomposition_lm,
+    evaluate_neurons,
+    evaluate_sae_lm,
+    lm_activations,
+    lm_best_key,
+    lm_training_data,
+    logit_scores,
+    matched_cosine,
+    proxy_columns,
+    rank_one_directions,
+    relation_summary,
+    run_lm_comparison,
+    sae_component_relations,
+    seed_consistency,
+    splice_scores,
+    top_positions,
+    unit_proxies,
+)
 from apd.compare.registry import COMPARISONS, TargetComparison, check_target_kind, comparison_for, register_comparison
 from apd.compare.resid import (
     RESID_COLUMNS,
@@ -62,6 +89,7 @@ from apd.compare.scoring import (
     n_dead_components,
     nan_identity,
     output_loss_recovered,
+    sae_eval_mode,
     score_sae,
 )
 from apd.compare.tms import (
@@ -85,7 +113,7 @@ __all__ = [
     "Comparison", "evaluation_target", "decomposition_fields", "run_decomposition", "load_decomposition_run",
     "decomposition_results", "train_sae_cell", "sae_results", "row_logger",
     # scoring
-    "COLUMNS", "nan_identity", "Trained", "SAESite", "score_sae", "feature_splitting", "component_feature_splitting",
+    "COLUMNS", "nan_identity", "Trained", "SAESite", "sae_eval_mode", "score_sae", "feature_splitting", "component_feature_splitting",
     "column_cosines", "decomposition_recovery_row", "output_loss_recovered", "decomposition_n_params", "component_bits",
     "live_components", "n_dead_components", "mask_bits",
     # aggregate
@@ -99,4 +127,9 @@ __all__ = [
     "RESID_COLUMNS", "ResidActivations", "resid_hidden", "resid_activations", "resid_site", "resid_training_data",
     "serving_columns", "latent_contributions", "unit_shrinkage", "evaluate_sae_resid", "component_outputs",
     "read_cosines", "evaluate_decomposition_resid", "run_resid_comparison", "resid_best_key",
+    # language model
+    "LM_COLUMNS", "PROXIES", "LMActivations", "UnitSet", "LMTrained", "lm_activations", "lm_training_data", "logit_scores",
+    "splice_scores", "density_columns", "unit_proxies", "proxy_columns", "top_positions", "evaluate_neurons",
+    "evaluate_sae_lm", "rank_one_directions", "evaluate_decomposition_lm", "matched_cosine", "seed_consistency",
+    "sae_component_relations", "relation_summary", "lm_best_key", "run_lm_comparison",
 ]  # fmt: skip

@@ -134,7 +134,7 @@ class CompareConfig:
     sae_train: SAETrainConfig = field(default_factory=SAETrainConfig)
     """training config shared by every SAE (``seed`` is set per run)"""
     n_eval: int = 10_000
-    """evaluation samples, the same for every model"""
+    """evaluation samples, the same for every model (language model: held-out windows of seq_len tokens)"""
     eval_seed: int = 12_345
     bits_per_value: float = 8.0
     """b: bits to encode one active SAE latent's value in the description length"""
@@ -145,6 +145,13 @@ class CompareConfig:
     serve_threshold: float = 0.04
     """residual MLP: a component (latent) serves feature i when its contribution to output i on
     x = e_i exceeds this (APD: max over neurons of |NC_c(i)|, SPEC §3.2)"""
+    ultralow_density: float = 1e-4
+    """language model: a live unit active on fewer than this fraction of the evaluation tokens is
+    "ultralow density" (Bricken et al. used 1e-6 over far more tokens; the evaluation resolves
+    1/(n_eval·seq_len))"""
+    proxy_top_k: int = 50
+    """language model: top-activating tokens per unit that the monosemanticity proxies and the
+    SAE-component token overlap read"""
     save_models: bool = True
 
     def __post_init__(self) -> None:
@@ -157,3 +164,6 @@ class CompareConfig:
             raise ValueError(f"tau={self.tau}, negligible={self.negligible}: both must lie in (0, 1)")
         if self.serve_threshold <= 0:
             raise ValueError(f"serve_threshold={self.serve_threshold}: must be > 0 (the paper uses 0.04)")
+        if not 0 < self.ultralow_density < 1 or self.proxy_top_k < 1:
+            raise ValueError(f"ultralow_density={self.ultralow_density}, proxy_top_k={self.proxy_top_k}: the density must "
+                             "lie in (0, 1) and proxy_top_k be >= 1")  # fmt: skip

@@ -74,8 +74,7 @@ Only 1-layer targets (:func:`run_resid_comparison` refuses others: there is one 
 """
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +107,7 @@ from apd.compare.scoring import (
     n_dead_components,
     nan_identity,
     output_loss_recovered,
+    sae_eval_mode,
     score_sae,
 )
 from apd.decomposition import Decomposition
@@ -230,16 +230,6 @@ def resid_training_data(target: ResidMLP, target_cfg: TargetConfig, transcoder: 
     return draw
 
 
-@contextmanager
-def _eval_mode(sae: SAE) -> Iterator[SAE]:
-    was_training = sae.training
-    sae.eval()
-    try:
-        yield sae
-    finally:
-        sae.train(was_training)
-
-
 def serving_columns(classes: ComponentClasses) -> dict[str, float]:
     """The dedicated / mono / duo / poly columns of :func:`apd.metrics.resid_mlp.classify_components`."""
     return {"n_features_dedicated": float(classes["n_features_with_dedicated_component"]),
@@ -252,7 +242,7 @@ def latent_contributions(
 ) -> Float[Tensor, "d_sae n"]:
     """f_ℓ(e_i) · W_U[i] · (latent ℓ's write into the residual stream): what latent ℓ alone adds to
     output i on x = e_i. ``write`` maps a reconstruction into the residual stream (None: it is there)."""
-    with _eval_mode(sae):
+    with sae_eval_mode(sae):
         acts = sae.encode(onehot_in.to(sae.W_enc))  # (n, d_sae)
     W_dec = sae.W_dec.detach()
     resid = W_dec if write is None else W_dec @ write.T.to(W_dec)  # (d_sae, d_embed)
@@ -277,7 +267,7 @@ def evaluate_sae_resid(
     fields and wall time are the caller's."""
     site = resid_site(target, data, transcoder)
     trained = score_sae(sae, site, bits_per_value=bits_per_value, tau=tau)
-    with _eval_mode(sae):
+    with sae_eval_mode(sae):
         out = site.downstream(sae(site.inputs))
     enc = recovery_scores(site.onehot_in, sae.W_enc.detach().T, taus=(tau,), live=trained.arrows_live)
     contributions = latent_contributions(sae, site.onehot_in, target.W_E, _writes(target, transcoder))

@@ -59,6 +59,9 @@ class Comparison:
     """SAE grids kept out of the main table and Pareto figure (TMS: the transcoders, a side study)"""
     notes: list[str] = field(default_factory=list)
     """lines for comparison.md (e.g. which finished decomposition runs were loaded)"""
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """further tables across models, by name (the language model's seed consistency and SAE-component
+    matches); ``python -m experiments.compare`` writes each to ``<name>.csv``"""
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -192,7 +195,8 @@ def train_sae_cell(
 ) -> Trained:
     """Train one SAE (one grid cell, one seed) on fresh batches from ``data``, score it with
     ``score`` and fill in the row's method fields and wall time. With ``save_dir`` the SAE is saved
-    there with its training config and time (``training.json``); an SAE already saved there with
+    there with its training config, time, final losses and L0, and the latents resampled (as [step,
+    count] pairs) (``training.json``); an SAE already saved there with
     the same SAE and training configs is reloaded, not retrained (its wall time: the saved one +
     this evaluation)."""
     t0 = time.perf_counter()
@@ -203,11 +207,14 @@ def train_sae_cell(
     sae, seconds = _saved_sae(save_dir, sae_cfg, record) if save_dir is not None else (None, 0.0)
     if sae is None:
         sae = sae_cls(sae_cfg)
-        train_sae(sae, data, train)
+        result = train_sae(sae, data, train)
         seconds = time.perf_counter() - t0
         if save_dir is not None:
+            resampled = [[i, int(n)] for i, n in enumerate(result.metrics["n_resampled"].tolist()) if n]
             save_sae(sae, save_dir)
-            (save_dir / "training.json").write_text(json.dumps(record | {"seconds": seconds}, indent=2) + "\n")
+            (save_dir / "training.json").write_text(json.dumps(record | {
+                "seconds": seconds, "final_losses": result.final_losses, "final_l0": float(result.metrics["l0"][-1]),
+                "n_resampled": sum(n for _, n in resampled), "resampled": resampled}, indent=2) + "\n")  # fmt: skip
     t1 = time.perf_counter()
     trained = score(sae)
     trained.row = {"method": name, "architecture": grid.architecture, "seed": seed, "width": width,
@@ -244,15 +251,23 @@ def sae_results(
                     done(train(name, grid, width, value, seed, save))
 
 
-def row_logger(results: list[Trained], log: Callable[[str], None]) -> Callable[[Trained], None]:
+_LOGGED = {"l0": "l0", "mmcs": "mmcs", "matched": "matched_mean_cos", "shrink": "shrinkage", "fvu": "fvu",
+           "lossrec": "loss_recovered"}  # fmt: skip
+
+
+def row_logger(
+    results: list[Trained], log: Callable[[str], None], logged: dict[str, str] | None = None
+) -> Callable[[Trained], None]:
     """A ``done`` callback for :func:`decomposition_results` / :func:`sae_results`: log a one-line
-    summary of the row, append the model to ``results``."""
+    summary of the row (``logged``: label -> column, default the ground-truth comparisons'), append
+    the model to ``results``."""
+    columns = _LOGGED if logged is None else logged
 
     def done(t: Trained) -> None:
         r = t.row
+        values = " ".join(f"{label}={r[col]:.3f}" for label, col in columns.items())
         log(f"{r['method']:>12} width={r['width']:<3} {r['sparsity_knob']}={r['sparsity']:<7.4g} seed={r['seed']}: "
-            f"l0={r['l0']:.3f} mmcs={r['mmcs']:.3f} matched={r['matched_mean_cos']:.3f} "
-            f"shrink={r['shrinkage']:.3f} fvu={r['fvu']:.3f} lossrec={r['loss_recovered']:.3f} ({r['wall_seconds']:.1f}s)")  # fmt: skip
+            f"{values} ({r['wall_seconds']:.1f}s)")  # fmt: skip
         results.append(t)
 
     return done

@@ -11,7 +11,8 @@ per-module causal importances); every function here takes either. The target mod
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "nan_identity",
     "Trained",
     "SAESite",
+    "sae_eval_mode",
     "score_sae",
     "feature_splitting",
     "component_feature_splitting",
@@ -101,6 +103,18 @@ class SAESite:
     """per feature, the SAE's input on the one-feature input x = e_j"""
     downstream: Callable[[Tensor], Tensor]
     """reconstruction of this batch ↦ the model's output with it spliced in"""
+
+
+@contextmanager
+def sae_eval_mode(sae: SAE) -> Iterator[SAE]:
+    """``sae`` in eval mode inside the block (a BatchTopK SAE then uses its inference threshold),
+    its previous mode restored after."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        yield sae
+    finally:
+        sae.train(was_training)
 
 
 @torch.no_grad()

@@ -104,7 +104,8 @@ def test_tensor_dataset_and_history():
     sae = StandardSAE(StandardSAEConfig(d_in=D, d_sae=8, l1_coeff=0.01))
     result = train_sae(sae, data, SAETrainConfig(steps=30, batch_size=64, lr=1e-2, sparsity_warmup_steps=10))
     assert set(result.losses) == {"loss", "mse", "l1"}
-    assert set(result.metrics) == {"l0", "n_dead", "lr"}
+    assert set(result.metrics) == {"l0", "n_dead", "lr", "n_resampled"}
+    assert result.metrics["n_resampled"].sum() == 0  # resampling is off by default
     assert torch.allclose(result.losses["loss"], result.losses["mse"] + result.losses["l1"])
     assert result.losses["mse"][-5:].mean() < result.losses["mse"][:5].mean()
     assert result.firing_frequency.shape == (8,) and result.dead_latents.dtype == torch.bool

@@ -32,9 +32,10 @@ def test_grids_check_their_fields():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_compare_preset_composes_and_names_a_decompose_preset_of_its_target(preset):
     app = OmegaConf.to_object(compose("compare", [f"experiment={preset}"]))
-    assert isinstance(app, compare_schema.CompareApp) and len(app.seeds) >= 5
-    assert all(isinstance(g, SAEGrid) for g in app.saes.values()) and app.saes
     decompose = OmegaConf.to_object(compose("decompose", [f"experiment={app.apd_experiment}"]))
+    # >= 5 seeds on the toys; the language model's comparison trains two of everything (seed consistency)
+    assert isinstance(app, compare_schema.CompareApp) and len(app.seeds) >= (2 if decompose.target.kind == "lm" else 5)
+    assert all(isinstance(g, SAEGrid) for g in app.saes.values()) and app.saes
     assert preset == f"compare_{decompose.target.name}"
     assert app.sae_train.steps > 0
 

@@ -2,11 +2,7 @@
 residual-MLP comparison metric on hand-built cases with known answers, reuse of finished APD runs,
 and a reduced comparison end to end."""
 
-import csv
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,7 +29,7 @@ from apd.experiment import DecomposeRun
 from apd.targets import ResidMLPTargetConfig
 from apd.toy_models.resid_mlp import ResidMLP, ResidMLPConfig, resid_mlp_batch
 from experiments import compare_schema
-from tests.compare.presets import ROOT
+from tests.compare.presets import ROOT, run_compare
 
 IN, OUT = "layers.0.mlp_in", "layers.0.mlp_out"
 N, D = 4, 6  # features (= neurons) and residual width of the hand-built target
@@ -240,15 +236,8 @@ def test_reduced_resid_mlp_comparison_end_to_end(tmp_path):
               "sae_train.steps=40", "sae_train.batch_size=256",
               "saes.transcoder_batchtopk.widths=[100,130]", "saes.transcoder_batchtopk.sparsity_values=[1.28]",
               "saes.sae_batchtopk.widths=[100]", "saes.sae_batchtopk.sparsity_values=[1.28]"]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.compare", "experiment=compare_resid_mlp_1", *shrink, f"hydra.run.dir={out}"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with (out / "comparison.csv").open() as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert reader.fieldnames == RESID_COLUMNS
+    rows, columns = run_compare("compare_resid_mlp_1", shrink, out)
+    assert columns == RESID_COLUMNS
     methods = [r["method"] for r in rows]
     assert methods[:2] == ["apd", "spd"] and len(rows) == 1 + 1 + 2 + 1
     assert {"transcoder_batchtopk", "sae_batchtopk"} <= set(methods)

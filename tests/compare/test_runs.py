@@ -12,6 +12,7 @@ from apd.baselines import SAETrainConfig
 from apd.compare import (
     COMPARISONS,
     COLUMNS,
+    LM_COLUMNS,
     RESID_COLUMNS,
     SAEGrid,
     TargetComparison,
@@ -20,6 +21,7 @@ from apd.compare import (
     decomposition_fields,
     register_comparison,
     run_comparison,
+    run_lm_comparison,
     run_resid_comparison,
     train_sae_cell,
 )
@@ -65,8 +67,9 @@ def test_a_decompositions_method_fields_come_from_the_decomposition():
 def test_comparisons_are_registered_by_target_kind():
     assert comparison_for("tms").run is run_comparison and comparison_for("tms").columns == COLUMNS
     assert comparison_for("resid_mlp").run is run_resid_comparison and comparison_for("resid_mlp").columns == RESID_COLUMNS
-    with pytest.raises(ValueError, match="registered kinds: \\['resid_mlp', 'tms'\\]"):
+    assert comparison_for("lm").run is run_lm_comparison and comparison_for("lm").columns == LM_COLUMNS
+    with pytest.raises(ValueError, match="registered kinds: \\['lm', 'resid_mlp', 'tms'\\]"):
         comparison_for("module")
     with pytest.raises(ValueError, match="already registered"):
         register_comparison(TargetComparison(kind="tms", run=run_comparison, columns=COLUMNS, best_key=lambda a: ()))
-    assert sorted(COMPARISONS) == ["resid_mlp", "tms"]
+    assert sorted(COMPARISONS) == ["lm", "resid_mlp", "tms"]

@@ -1,11 +1,7 @@
 """apd.compare.tms and `python -m experiments.compare` on TMS: every comparison metric on hand-built
 cases where the answer is known, and reduced TMS 5-2 (+ID) comparisons end to end."""
 
-import csv
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -32,7 +28,7 @@ from apd.metrics.tms import tms_recovery
 from apd.targets import TMSTargetConfig, get_target
 from apd.toy_models.tms import TMS, TMSConfig, tms_batch
 from experiments import compare_schema
-from tests.compare.presets import ROOT, compose
+from tests.compare.presets import compose, run_compare
 
 
 def _tms(W: torch.Tensor) -> TMS:
@@ -244,13 +240,7 @@ def test_reduced_tms_5_2_comparison_end_to_end(tmp_path):
     shrink = ["seeds=[0,1]", "apd.steps=150", "apd.topks=[0.211]", "spd.steps=60", "sae_train.steps=150", "n_eval=2000"]
     for name, value in [("relu_l1", 0.3), ("topk", 1), ("batchtopk", 0.25), ("jumprelu", 0.1)]:
         shrink += [f"saes.{name}.widths=[5]", f"saes.{name}.sparsity_values=[{value}]"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.compare", "experiment=compare_tms_5_2", *shrink, f"hydra.run.dir={out}"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with (out / "comparison.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    rows, columns = run_compare("compare_tms_5_2", shrink, out)
     required = ["method", "seed", "width", "l0", "mmcs", "mmcs_learned", "matched_mean_cos", "n_recovered_0.9",
                 "n_recovered_0.99", "shrinkage", "fvu", "loss_recovered", "n_dead", "n_params", "bits_per_datapoint",
                 "wall_seconds", "sparsity_knob", "sparsity"]  # fmt: skip
