@@ -69,6 +69,11 @@ def compare_app(cfg: DictConfig, out: Path) -> Comparison:
     figures = save_figures(comparison, app, out / "figures") if app.figures else []
     wall = time.perf_counter() - t0
     (out / "comparison.md").write_text(markdown(app, apd_run, comparison, wall, [p.relative_to(out) for p in figures]))
+    if comparison.kind == "lm" and app.browser:
+        from experiments import browse
+
+        index = browse.build(out, log=log.info)
+        log.info(f"feature browser: {index}")
     return comparison
 
 

@@ -21,6 +21,8 @@ class CompareApp(CompareConfig):
     threads: int = 1
     """torch intra-op threads"""
     figures: bool = True
+    browser: bool = True
+    """language model: also write the feature browser of the comparison (RUN_DIR/browser/index.html)"""
 
 
 def register() -> None:

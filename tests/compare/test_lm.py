@@ -261,3 +261,6 @@ def test_reduced_lm_comparison_end_to_end(tmp_path):
         assert section in md, section
     for name in ["loss_vs_l0.png", "loss_vs_bits.png", "log_density.png"]:
         assert (out / "figures" / name).stat().st_size > 10_000
+    index = (out / "browser" / "index.html").read_text()  # the comparison ends with its feature browser
+    for family in ("neurons", "spd", "apd", "relu_l1", "transcoder"):
+        assert family in index, family
