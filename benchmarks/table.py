@@ -31,9 +31,9 @@ RATIOS = [
      "test_step[tms_40_10]", "test_step_compiled"),
     ("baseline step, residual MLP full rank / toolkit step, residual MLP rank 1 (the preset)",
      "test_step_baseline[resid_mlp_1_full_rank]", "test_step[resid_mlp_1_rank_1]"),
-    ("SPD step, straightforward (masked weights materialised) / toolkit: TMS 40-10, C 100",
+    ("SPD step, straightforward (masked weights materialised) / toolkit: TMS 40-10, C 200, batch 512",
      "test_spd_step_baseline[tms_40_10]", "test_spd_step[tms_40_10]"),
-    ("SPD step, straightforward / toolkit: residual MLP 1-layer, C 100",
+    ("SPD step, straightforward / toolkit: residual MLP 1-layer, C 100, batch 1024",
      "test_spd_step_baseline[resid_mlp_1]", "test_spd_step[resid_mlp_1]"),
 ]  # fmt: skip
 PER_SEED = [("TMS 5-2, one seed at a time (decompose)", "test_seeds_one_at_a_time"),

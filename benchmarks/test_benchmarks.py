@@ -217,7 +217,7 @@ def test_seeds_one_at_a_time(benchmark):
 
 
 SPD_CASES = {  # the spd_* presets' methods at their batch sizes
-    "tms_40_10": (dict(C=100, importance_minimality_coeff=1e-4, pnorm=2.0), 1024),
+    "tms_40_10": (dict(C=200, importance_minimality_coeff=2e-4, pnorm=2.0), 512),
     "resid_mlp_1": (dict(C=100, importance_minimality_coeff=1e-5, pnorm=2.0), 1024),
 }
 

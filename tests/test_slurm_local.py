@@ -200,7 +200,8 @@ def test_a_two_task_allocation_runs_one_process_per_task(slurm_env):
 
 @two_cpus
 def test_a_two_task_data_parallel_job(slurm_env, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", *DATA_PARALLEL_JOB, "-m", *DATA_PARALLEL_LAUNCHER,
+    module, *overrides = DATA_PARALLEL_JOB  # Hydra's -m goes before the overrides (argparse stops at them)
+    proc = subprocess.run([sys.executable, "-m", module, "-m", *overrides, *DATA_PARALLEL_LAUNCHER,
                            f"hydra.sweep.dir={tmp_path}"],
                           cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
