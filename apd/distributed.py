@@ -178,3 +178,12 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
+
+
+def shutdown() -> None:
+    """Destroy the process group (a no-op without one). Every rank calls it when its part of the run is
+    done: a rank that exits with the group still alive may be aborted (SIGABRT) by gloo's teardown at
+    interpreter exit, which turns a finished run into a failed job. No barrier: after an error on one
+    rank the others must not wait for it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

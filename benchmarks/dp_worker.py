@@ -15,7 +15,7 @@ import time
 import torch
 
 from apd import SPDConfig
-from apd.distributed import init_from_env, is_main, rank_and_world, shard
+from apd.distributed import init_from_env, is_main, rank_and_world, shard, shutdown
 from apd.lm_target import LMTargetConfig
 from apd.methods import method_for
 from apd.optim import make_optimizer
@@ -49,4 +49,7 @@ def main(steps: int, windows: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    try:
+        main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    finally:
+        shutdown()

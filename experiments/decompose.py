@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from apd.config import ConfigError
-from apd.distributed import broadcast_object, init_from_env, is_main, rank_and_world
+from apd.distributed import broadcast_object, init_from_env, is_main, rank_and_world, shutdown
 from apd.experiment import check_run_dir, cpu_share, run_decompose, run_decompose_seeds, seed_run_dir
 from experiments import schema  # noqa: F401  (registers the config schemas)
 from experiments.figures import save_figures
@@ -110,6 +110,13 @@ def _parallel_jobs() -> int | None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="decompose")
 def main(cfg: DictConfig) -> float:
     init_from_env()  # several tasks of one SLURM job step: one data-parallel run (torchrun: done in launch())
+    try:
+        return _main(cfg)
+    finally:
+        shutdown()  # a data-parallel run's process group (no-op for one process)
+
+
+def _main(cfg: DictConfig) -> float:
     out = Path(HydraConfig.get().runtime.output_dir)
     if not is_main():  # the other ranks train and write nothing
         return _other_rank(cfg, out)

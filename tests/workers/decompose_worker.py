@@ -12,7 +12,7 @@ import sys
 import torch
 
 from apd import APDConfig, SPDConfig, decompose
-from apd.distributed import init_from_env, is_main
+from apd.distributed import init_from_env, is_main, shutdown
 from apd.targets import PRETRAINED_DIR, load_target
 
 
@@ -31,4 +31,7 @@ def main(method: str, steps: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    try:
+        main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    finally:
+        shutdown()
