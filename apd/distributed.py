@@ -180,10 +180,28 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Destroy the process group (a no-op without one). Every rank calls it when its part of the run is
-    done: a rank that exits with the group still alive may be aborted (SIGABRT) by gloo's teardown at
-    interpreter exit, which turns a finished run into a failed job. No barrier: after an error on one
-    rank the others must not wait for it."""
+
+def shutdown(barrier: bool = True) -> None:
+    """End a data-parallel run's process group (a no-op without one): wait for every rank
+    (``barrier``; pass False after an error, when another rank may never get there), then destroy
+    the group while the interpreter is fully alive. A rank that leaves the group to the interpreter's
+    teardown can be aborted there by gloo's threads (SIGABRT), turning a finished run into a failed job."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def exit_now(code: int = 0) -> None:
+    """Leave the process at once, after flushing the output, without the interpreter's teardown:
+    what a torchrun worker does after :func:`shutdown`, so that no C++ thread of the process group
+    outlives the interpreter (SIGABRT)."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

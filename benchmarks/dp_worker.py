@@ -15,7 +15,7 @@ import time
 import torch
 
 from apd import SPDConfig
-from apd.distributed import init_from_env, is_main, rank_and_world, shard, shutdown
+from apd.distributed import exit_now, init_from_env, is_main, rank_and_world, shard, shutdown
 from apd.lm_target import LMTargetConfig
 from apd.methods import method_for
 from apd.optim import make_optimizer
@@ -44,12 +44,13 @@ def main(steps: int, windows: int, out: str) -> None:
     seconds = time.perf_counter() - start
     tokens = steps * batches[0].numel()  # this process's tokens
     if is_main():
-        json.dump({"world_size": world, "windows_per_rank": batches[0].shape[0], "seconds": seconds,
-                   "tokens_per_second_per_process": tokens / seconds}, open(out, "w"))  # fmt: skip
+        result = {"world_size": world, "windows_per_rank": batches[0].shape[0], "seconds": seconds,
+                  "tokens_per_second_per_process": tokens / seconds}  # fmt: skip
+        with open(out, "w") as f:  # closed here: the process leaves through os._exit
+            json.dump(result, f)
 
 
 if __name__ == "__main__":
-    try:
-        main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
-    finally:
-        shutdown()
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    shutdown()
+    exit_now(0)

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from apd.config import ConfigError
-from apd.distributed import broadcast_object, init_from_env, is_main, rank_and_world, shutdown
+from apd.distributed import broadcast_object, exit_now, init_from_env, is_main, rank_and_world, shutdown
 from apd.experiment import check_run_dir, cpu_share, run_decompose, run_decompose_seeds, seed_run_dir
 from experiments import schema  # noqa: F401  (registers the config schemas)
 from experiments.figures import save_figures
@@ -110,10 +110,13 @@ def _parallel_jobs() -> int | None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="decompose")
 def main(cfg: DictConfig) -> float:
     init_from_env()  # several tasks of one SLURM job step: one data-parallel run (torchrun: done in launch())
+    finished = False
     try:
-        return _main(cfg)
+        result = _main(cfg)
+        finished = True
+        return result
     finally:
-        shutdown()  # a data-parallel run's process group (no-op for one process)
+        shutdown(barrier=finished)  # a data-parallel run's ranks leave together (no-op for one process)
 
 
 def _main(cfg: DictConfig) -> float:
@@ -170,6 +173,8 @@ def launch() -> None:
             sys.argv.append(f"hydra.run.dir=outputs/decompose/${{hydra:runtime.choices.experiment}}/{stamp}")
         if not is_main():
             sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        main()
+        exit_now(0)  # the run is done and its process group destroyed: skip the interpreter's teardown
     main()
 
 

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from apd import APDConfig, SPDConfig, decompose
-from apd.distributed import init_from_env, is_main, shutdown
+from apd.distributed import exit_now, init_from_env, is_main, shutdown
 from apd.targets import PRETRAINED_DIR, load_target
 
 
@@ -31,7 +31,6 @@ def main(method: str, steps: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
-    finally:
-        shutdown()
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    shutdown()
+    exit_now(0)
