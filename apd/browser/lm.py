@@ -239,6 +239,31 @@ def lm_run_kind(run_dir: str | Path) -> str | None:
     return None
 
 
+def _finished_runs_of_comparison(d: Path) -> list[Path]:
+    """The decompose run dirs a comparison scored from outside its own folder (``spd.runs``,
+    ``apd.runs`` of its ``config.yaml``), resolved as written (absolute, or relative to the current
+    directory), then relative to the comparison's parent; missing ones are left out."""
+    cfg_file = d / "config.yaml"
+    if not cfg_file.is_file():
+        return []
+    from omegaconf import OmegaConf  # a dependency of hydra-core; only comparison dirs need it
+
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(cfg_file))
+    except Exception:  # not a comparison's config: nothing to add
+        return []
+    found: list[Path] = []
+    for key in ("spd", "apd"):
+        section = cfg.get(key) if isinstance(cfg, dict) else None
+        entries = (section.get("runs") or []) if isinstance(section, dict) else []
+        for entry in entries:
+            for cand in (Path(entry), d.parent / entry):
+                if (cand / RUN_FILE).is_file() and cand.resolve() not in [f.resolve() for f in found]:
+                    found.append(cand)
+                    break
+    return found
+
+
 def _seed_of(path: Path, run: dict[str, Any]) -> int:
     m = _SEED_DIR.fullmatch(path.name)
     return int(m.group(1)) if m else int(run.get("seed", 0))
@@ -296,11 +321,24 @@ def find_lm_run(run_dir: str | Path, config: LMBrowserConfig | None = None) -> L
                 raise LMRunError(f"{rd} decomposes {run.get('target', {}).get('name', '?')!r}, not the language model")
             group = str(rel.parent) if _SEED_DIR.fullmatch(rd.name) else str(rel)
             groups.setdefault(group, []).append((_seed_of(rd, run), _family_name(str(rel).replace("/", ".")), rd))
+    for rd in _finished_runs_of_comparison(d):  # runs a comparison scored from elsewhere (spd.runs, apd.runs)
+        run = _read_run_json(rd / RUN_FILE)
+        if run.get("target", {}).get("kind") != "lm":
+            raise LMRunError(f"{rd} decomposes {run.get('target', {}).get('name', '?')!r}, not the language model")
+        if not (rd / FILE_NAME).is_file():
+            skipped.append(f"{rd} (unfinished: no {FILE_NAME})")
+            continue
+        method, seed = str(run.get("method", "run")), _seed_of(rd, run)
+        members = groups.setdefault(f"runs:{method}", [])
+        name = _family_name(f"{method}.seed{seed}")
+        if any(n == name for _, n, _ in members):  # two runs of one seed: tell them apart by their folder
+            name = _family_name(f"{method}.seed{seed}.{rd.name}")
+        members.append((seed, name, rd))
     decs = []
     for members in groups.values():
         members.sort()
         keep = members if cfg.all_seeds else members[:1]
-        skipped += [f"{p.relative_to(d)} (all_seeds=False)" for _, _, p in members[len(keep):]]
+        skipped += [f"{p.relative_to(d) if p.is_relative_to(d) else p} (all_seeds=False)" for _, _, p in members[len(keep):]]
         decs += [(name, p) for _, name, p in keep]
     sae_groups: dict[str, list[tuple[int, Path]]] = {}
     for cfg_file in sorted((d / "saes").glob(f"*/{CONFIG_FILENAME}")) if (d / "saes").is_dir() else []:

@@ -330,3 +330,22 @@ def test_contexts_line_up_on_their_centre_token(runs, built):
     newline = data.vocab.index("\n")
     unit = next(u for u in fam.units if any(newline in c.tokens[: c.center] for c in u.top_contexts))
     assert re.search('<b class="ws"[^>]*>\u21b5</b>', render_unit(data, fam, unit))
+
+
+def test_a_comparison_that_scored_runs_from_elsewhere_browses_them(runs, tmp_path):
+    """`compare ... 'spd.runs=[...]'` leaves the SPD runs where they were: the layout reads them from the
+    comparison's config.yaml (absolute paths, or relative to the comparison's parent)."""
+    spd, cmp = runs
+    other = tmp_path / "compare2"
+    shutil.copytree(cmp / "apd", other / "apd")
+    shutil.copytree(spd, tmp_path / "spd_elsewhere")
+    (other / "config.yaml").write_text(OmegaConf.to_yaml({"spd": {"runs": [str(spd), "spd_elsewhere", "missing"]},
+                                                           "apd": {"runs": []}}))  # fmt: skip
+    layout = find_lm_run(other)
+    names = [name for name, _ in layout.decompositions]
+    assert names[0].startswith("apd.") and names[1:] == ["spd.seed0"]  # one family per method: the lowest seed
+    assert [p.resolve() for _, p in layout.decompositions[1:]] == [spd.resolve()]
+    assert any("spd_elsewhere" in line for line in layout.skipped)  # its second seed-0 copy: all_seeds=False
+    everything = find_lm_run(other, LMBrowserConfig(all_seeds=True))
+    assert sorted(p.resolve() for n, p in everything.decompositions if n.startswith("spd")) == sorted(
+        [spd.resolve(), (tmp_path / "spd_elsewhere").resolve()])
