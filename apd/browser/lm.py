@@ -212,7 +212,7 @@ class LMRunLayout:
         out = {}
         for f in files:
             st = f.stat()
-            out[str(f.relative_to(self.run_dir))] = [st.st_size, st.st_mtime_ns]
+            out[_shown(f, self.run_dir)] = [st.st_size, st.st_mtime_ns]
         return out
 
 
@@ -237,6 +237,11 @@ def lm_run_kind(run_dir: str | Path) -> str | None:
     if any((d / sub).is_dir() for sub in ("saes", "spd", "apd")):
         return "comparison"
     return None
+
+
+def _shown(path: Path, run_dir: Path) -> str:
+    """``path`` relative to ``run_dir`` where it lies inside it, else as it is (a run scored from elsewhere)."""
+    return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
 
 
 def _finished_runs_of_comparison(d: Path) -> list[Path]:
@@ -338,7 +343,7 @@ def find_lm_run(run_dir: str | Path, config: LMBrowserConfig | None = None) -> L
     for members in groups.values():
         members.sort()
         keep = members if cfg.all_seeds else members[:1]
-        skipped += [f"{p.relative_to(d) if p.is_relative_to(d) else p} (all_seeds=False)" for _, _, p in members[len(keep):]]
+        skipped += [f"{_shown(p, d)} (all_seeds=False)" for _, _, p in members[len(keep):]]
         decs += [(name, p) for _, name, p in keep]
     sae_groups: dict[str, list[tuple[int, Path]]] = {}
     for cfg_file in sorted((d / "saes").glob(f"*/{CONFIG_FILENAME}")) if (d / "saes").is_dir() else []:
@@ -698,7 +703,7 @@ def load_lm_units(layout: LMRunLayout, config: LMBrowserConfig | None = None) ->
     model = model.to(cfg.device).eval()
     sources: list[_Source] = [_Neurons(model)]
     for prefix, art in runs:
-        where = str(art.run_dir.relative_to(layout.run_dir)) if art.run_dir != layout.run_dir else layout.run_dir.name
+        where = _shown(art.run_dir, layout.run_dir) if art.run_dir != layout.run_dir else layout.run_dir.name
         if art.decomposition.method == "spd":
             sources.append(_SPD(prefix, art, model, cfg.spd_activation, cfg.device, where))
         elif art.decomposition.method == "apd":

@@ -346,6 +346,9 @@ def test_a_comparison_that_scored_runs_from_elsewhere_browses_them(runs, tmp_pat
     assert names[0].startswith("apd.") and names[1:] == ["spd.seed0"]  # one family per method: the lowest seed
     assert [p.resolve() for _, p in layout.decompositions[1:]] == [spd.resolve()]
     assert any("spd_elsewhere" in line for line in layout.skipped)  # its second seed-0 copy: all_seeds=False
+    assert str(spd / "run.json") in layout.inputs()  # the staleness check covers the files read from elsewhere
     everything = find_lm_run(other, LMBrowserConfig(all_seeds=True))
     assert sorted(p.resolve() for n, p in everything.decompositions if n.startswith("spd")) == sorted(
         [spd.resolve(), (tmp_path / "spd_elsewhere").resolve()])
+    units = load_lm_units(layout, LMBrowserConfig(n_windows=2))  # the units of a run from elsewhere load
+    assert any(f.name.startswith("spd.seed0") for f in units.families)
