@@ -17,8 +17,8 @@ def test_units_that_always_fire_together_merge_and_those_that_fire_apart_do_not(
     groups = find_mechanisms(active)
     assert groups == [[0, 1], [2], [3], [4]]
     # merging saved bits: 4 groups instead of 5 live units
-    before = description_bits(active, [[k] for k in range(5)], [{k} for k in range(5)])
-    after = description_bits(active, groups, [{0, 1}, {2}, {3}, {4}])
+    before = description_bits(active, [[k] for k in range(5)], [{k} for k in range(5)], alpha=1.0)
+    after = description_bits(active, groups, [{0, 1}, {2}, {3}, {4}], alpha=1.0)
     assert after < before
     # by hand: 5 live units, each active input pays log2(5 + 1) + 1 bits; 0, 1 fire on 20 inputs, 2-4 on 5 each
     assert before == (20 * 2 * (math.log2(6) + 1) + 3 * 5 * (math.log2(6) + 1)) / 20
@@ -26,14 +26,48 @@ def test_units_that_always_fire_together_merge_and_those_that_fire_apart_do_not(
 
 
 def test_a_rare_unit_is_not_folded_into_a_frequent_one_and_overlap_chains():
-    # unit 1 fires on a tenth of the inputs where unit 0 fires; 2 and 3 overlap on 19 of 20 inputs
+    # unit 1 fires on a tenth of the inputs where unit 0 fires; 2 and 3 overlap on 19 of 21 inputs
     active = torch.zeros(100, 4, dtype=torch.bool)
     active[:, 0] = True
-    active[:10, 1] = True
+    active[50:60, 1] = True
     active[:20, 2] = True
     active[1:21, 3] = True
-    assert find_mechanisms(active, threshold=0.9) == [[2, 3], [0], [1]]
-    assert find_mechanisms(active, threshold=0.95) == [[0], [1], [2], [3]]
+    assert find_mechanisms(active) == [[2, 3], [0], [1]]
+    # by hand, alpha = 3: folding 1 into 0 saves 10 names (log2 4 bits each) and shrinks the other
+    # 140 names from log2 5 to log2 4 bits, but costs 3 bits on the 90 inputs where 0 fires alone
+    saving = 150 * math.log2(5) - 140 * math.log2(4)
+    assert saving < 3 * 90
+
+
+def test_units_that_never_fire_together_stay_apart_where_names_alone_would_pay_for_joining_them():
+    # 40 units, each on its own 1/40 of the inputs: with cheap pieces, every merge shortens every name
+    active = torch.zeros(400, 40, dtype=torch.bool)
+    for k in range(40):
+        active[10 * k : 10 * (k + 1), k] = True
+    assert len(find_mechanisms(active, alpha=0.5, min_overlap=0.0)) < 40
+    assert find_mechanisms(active, alpha=0.5) == [[k] for k in range(40)]
+
+
+def test_the_identity_and_each_features_two_uses_of_a_tied_matrix_come_out_as_mechanisms():
+    # TMS + ID by hand: feature f on its own inputs uses enc:f and dec:f (one tied piece); the identity's
+    # two pieces id:0, id:1 each fire on 4 of the 5 features' inputs; dec fires on a few extra inputs
+    rows = []
+    for f in range(5):
+        for r in range(20):
+            row = {"enc": [0.0] * 5, "dec": [0.0] * 5, "id": [0.0, 0.0]}
+            row["enc"][f] = 1.0 if r < 18 else 0.0
+            row["dec"][f] = 1.0
+            row["id"] = [float(f != 4), float(f != 0)]
+            rows.append(row)
+    rows += [{"enc": [0.0] * 5, "dec": [0.0] * 5, "id": [0.0, 0.0]}] * 400  # no feature: nothing fires
+    masks = {k: torch.tensor([r[k] for r in rows]) for k in ("enc", "id", "dec")}
+    mechs, summary = mechanisms_from_masks(masks, tau=0.5, tied={"dec": "enc"})
+    got = sorted((sorted(m.members), m.rank) for m in mechs)
+    assert got == sorted([(["id:0", "id:1"], 2)] + [(sorted([f"enc:{f}", f"dec:{f}"]), 1) for f in range(5)])
+    identity = next(m for m in mechs if m.layers == ["id"])
+    assert abs(identity.frequency - 100 / 500) < 1e-6
+    assert summary["n_mechanisms"] == 6 and summary["n_live_units"] == 12
+    assert summary["mechanism_bits"] < summary["mechanism_bits_unmerged"]
 
 
 def test_the_two_uses_of_a_tied_matrix_share_their_pieces():

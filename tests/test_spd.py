@@ -11,7 +11,7 @@ from apd import ComponentModel, ConfigError, ModuleSelectionError, SPDConfig, de
 from apd.ci_functions import MLPCI, SharedMLPCI, VectorMLPCI
 from apd.losses.importance_minimality import importance_minimality_loss
 from apd.methods import method_for
-from apd.methods.spd import annealed_p, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from apd.methods.spd import annealed_p, lower_leaky_hard_sigmoid, minimality_scale, upper_leaky_hard_sigmoid
 from apd.train import loss_terms
 
 
@@ -120,6 +120,21 @@ def test_p_annealing():
     assert annealed_p(SPDConfig(pnorm=1.5), 10) == 1.5
 
 
+def test_importance_minimality_decays_to_zero_at_the_end():
+    cfg = SPDConfig(steps=101, importance_minimality_decay_start_frac=0.8)
+    assert [minimality_scale(cfg, s) for s in (0, 80, 90, 95, 100)] == pytest.approx([1.0, 1.0, 0.5, 0.25, 0.0])
+    assert minimality_scale(SPDConfig(steps=10), 9) == 1.0  # default: no decay
+    # the loss term is scaled, the coefficient that multiplies it is not
+    torch.manual_seed(3)
+    cfg = SPDConfig(C=3, steps=11, importance_minimality_decay_start_frac=0.0, faithfulness_warmup_steps=0)
+    method = method_for(cfg)
+    cm = method.build(_mlp(), ["0"])
+    x = torch.randn(8, 5)
+    full, half = method.loss_terms(cm, x, 0), method.loss_terms(cm, x, 5)
+    assert half["importance_minimality"].item() == pytest.approx(0.5 * full["importance_minimality"].item(), rel=1e-6)
+    assert method.loss_terms(cm, x, 10)["importance_minimality"].item() == 0.0
+
+
 def test_ci_masks_from_the_component_model():
     cm = method_for(SPDConfig(C=3)).build(_mlp(), ["0", "2"])
     x = torch.randn(6, 5)
@@ -136,6 +151,7 @@ def test_ci_masks_from_the_component_model():
         ({"importance_minimality_coeff": -1.0}, "importance_minimality_coeff"),
         ({"pnorm": 0.0}, r"pnorm=0.0"),
         ({"pnorm": 3.0}, r"\(0, 2\]"),
+        ({"importance_minimality_decay_start_frac": 1.5}, "importance_minimality_decay_start_frac=1.5"),
         ({"ci_threshold": 1.0}, "ci_threshold"),
         ({"stochastic_recon_coeff": None, "stochastic_recon_layerwise_coeff": None}, "every reconstruction loss is off"),
         ({"delta_component": False}, "faithfulness_coeff"),

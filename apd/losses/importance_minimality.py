@@ -43,8 +43,10 @@ def importance_minimality_loss(
 
 @register_loss("importance_minimality", methods=("spd",), order=30)
 def _importance_minimality(ctx) -> Tensor:  # noqa: ANN001  (apd.methods.spd.SPDStep)
-    from apd.methods.spd import annealed_p
+    from apd.methods.spd import annealed_p, minimality_scale
 
     c = ctx.config
-    return importance_minimality_loss(ctx.ci_upper, annealed_p(c, ctx.step), c.importance_minimality_eps,
+    loss = importance_minimality_loss(ctx.ci_upper, annealed_p(c, ctx.step), c.importance_minimality_eps,
                                       c.importance_minimality_beta)  # fmt: skip
+    scale = minimality_scale(c, ctx.step)
+    return loss if scale == 1.0 else loss * scale

@@ -41,7 +41,8 @@ from apd.config import LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, StepContext
 
-__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "annealed_p"]
+__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "annealed_p",
+           "minimality_scale"]
 
 
 class Sampling(str, Enum):
@@ -131,6 +132,10 @@ class SPDConfig(MethodConfig):
     """anneal p linearly to this value (None: no annealing) between the two fractions below"""
     pnorm_anneal_start_frac: float = 0.0
     pnorm_anneal_end_frac: float = 1.0
+    importance_minimality_decay_start_frac: float = 1.0
+    """from this fraction of the run on, the importance-minimality coefficient falls linearly to 0 at the
+    last step (1: never). Lets the needed subcomponents' CIs reach 1 at the end, so that they are not
+    lengthened to make up for the stochastic masks' mean (1 + g)/2 < 1"""
     importance_minimality_eps: float = 1e-12
     """added to g⁺ inside the power (the gradient of x^p blows up at 0 for p < 1)"""
     importance_minimality_beta: float = 0.0
@@ -166,6 +171,9 @@ class SPDConfig(MethodConfig):
         need(0 <= self.pnorm_anneal_start_frac <= self.pnorm_anneal_end_frac <= 1,
              f"SPDConfig.pnorm_anneal_start_frac={self.pnorm_anneal_start_frac}, pnorm_anneal_end_frac={self.pnorm_anneal_end_frac}: "
              "need 0 <= start <= end <= 1")  # fmt: skip
+        need(0 <= self.importance_minimality_decay_start_frac <= 1,
+             f"SPDConfig.importance_minimality_decay_start_frac={self.importance_minimality_decay_start_frac}: "
+             "must lie in [0, 1] (1: no decay)")  # fmt: skip
         need(self.importance_minimality_eps >= 0, f"SPDConfig.importance_minimality_eps={self.importance_minimality_eps}: must be >= 0")
         need(self.importance_minimality_beta >= 0, f"SPDConfig.importance_minimality_beta={self.importance_minimality_beta}: must be >= 0")
         need(self.n_mask_samples >= 1, f"SPDConfig.n_mask_samples={self.n_mask_samples}: must be >= 1")
@@ -181,6 +189,16 @@ class SPDConfig(MethodConfig):
         need(self.delta_component or self.coefficient("faithfulness") > 0,
              "SPDConfig: delta_component=False and faithfulness_coeff off: nothing keeps Σ_c U_c V_cᵀ equal to the weights; "
              "set faithfulness_coeff (e.g. 1.0) or delta_component=True")  # fmt: skip
+
+
+def minimality_scale(config: SPDConfig, step: int) -> float:
+    """The factor on the importance-minimality coefficient at ``step``: 1, then linear to 0 at the last
+    step from ``importance_minimality_decay_start_frac`` of the run on."""
+    start = config.importance_minimality_decay_start_frac
+    frac = step / max(config.steps - 1, 1)
+    if start >= 1 or frac <= start:
+        return 1.0
+    return max(0.0, (1 - frac) / (1 - start))
 
 
 def annealed_p(config: SPDConfig, step: int) -> float:

@@ -341,8 +341,9 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
     """A run's residual-MLP numbers for SPD (SPEC §3.2, §5.5), from its subcomponents: per feature a
     dedicated W_in subcomponent (NC through the decomposed W_out, as APD's), the NC slope of those
     subcomponents (shrinkage), scrubbed vs anti-scrubbed output MSE, the label MSEs of the
-    CI-masked model, and whether each layer's W_out is one mechanism (the rank of its largest group
-    of co-active subcomponents, ``apd.mechanisms``)."""
+    CI-masked model, and whether each layer's W_out is one mechanism (``apd.mechanisms`` on every
+    layer at once: how many of its live subcomponents the mechanism holding most of them has, that
+    count's share of them, and how many mechanisms its subcomponents fall in)."""
     from apd.mechanisms import mechanisms_from_masks
 
     cfg, cm, dec = target.config, ctx.cm, ctx.dec
@@ -366,10 +367,13 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
     mses.pop("mse_topk_vs_target")
     out |= mses
     masks = ctx.eval_masks(x)
-    for _, w_out in pairs:
-        mechs, _ = mechanisms_from_masks({w_out: masks[w_out]}, ctx.method.config.ci_threshold)
-        out[f"w_out_mechanism_rank/{w_out}"] = float(mechs[0].rank) if mechs else 0.0
-        out[f"w_out_n_mechanisms/{w_out}"] = float(len(mechs))
+    mechs, _ = mechanisms_from_masks(masks, ctx.method.config.ci_threshold, cm.tied_names)
+    for _, w_out in pairs:  # the mechanism holding most of this W_out's live subcomponents
+        per = [sum(m.startswith(f"{w_out}:") for m in mech.members) for mech in mechs]
+        live = sum(per)
+        out[f"w_out_mechanism_rank/{w_out}"] = float(max(per, default=0))
+        out[f"w_out_mechanism_share/{w_out}"] = max(per, default=0) / live if live else 0.0
+        out[f"w_out_n_mechanisms/{w_out}"] = float(sum(p > 0 for p in per))
     return out
 
 
