@@ -33,7 +33,7 @@ from apd.targets import TargetConfig, TMSTargetConfig, get_target, target_from_d
 from apd.train import decompose, decompose_seeds
 
 __all__ = ["DecomposeRun", "RunResult", "RunArtifacts", "RunDirError", "run_decompose", "run_decompose_seeds",
-           "seed_run_dir", "load_run", "check_run_dir", "cpu_share", "RUN_FILE"]  # fmt: skip
+           "seed_run_dir", "load_run", "reevaluate", "check_run_dir", "cpu_share", "RUN_FILE"]  # fmt: skip
 
 RUN_FILE = "run.json"
 
@@ -301,6 +301,31 @@ def run_decompose_seeds(
 def _checkpoint_step(checkpoint: Path) -> int:
     """The step a checkpoint was written at (0 if there is none)."""
     return int(safe_load(checkpoint)["step"]) if checkpoint.is_file() else 0
+
+
+_RUN_FACTS = ("wall_seconds", "torch_threads", "target_train_loss", "world_size", "batch_size_per_rank")
+"""metrics.json entries that describe how the run went, not the decomposition: kept by reevaluate"""
+
+
+def reevaluate(run_dir: str | Path) -> dict[str, Any]:
+    """Score a finished run's decomposition again with this version of the metrics (same evaluation
+    inputs: the run's ``n_eval`` and seed) and rewrite its ``metrics.json``; the previous file is kept
+    as ``metrics.prev.json``. For a multi-seed run dir, pass each ``seed_<s>/``. Returns the metrics."""
+    d = Path(run_dir)
+    n_seeds = json.loads((d / RUN_FILE).read_text()).get("n_seeds", 1) if (d / RUN_FILE).is_file() else 1
+    if n_seeds > 1:
+        raise ConfigError(f"{d} trained {n_seeds} seeds at once: re-evaluate each of its seed_<s>/ run dirs")
+    art = load_run(d)
+    if not (art.run_dir / FILE_NAME).is_file():
+        raise ConfigError(f"{art.run_dir} has no {FILE_NAME}: the run has not finished (resume it with the same command)")
+    torch.set_num_threads(art.run.threads or cpu_share())
+    old = art.metrics
+    metrics = _metrics(art.decomposition, art.target, art.run, {k: old[k] for k in _RUN_FACTS if k in old})
+    path = art.run_dir / "metrics.json"
+    if path.is_file():
+        (art.run_dir / "metrics.prev.json").write_text(path.read_text())
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
 
 def _truncate_log(out: Path, step: int | None = None) -> None:

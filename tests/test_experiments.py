@@ -243,3 +243,22 @@ def test_an_spd_run_on_tms_with_identity_writes_its_metrics_and_figures(tmp_path
     assert m["l0"] == pytest.approx(m["l0/enc"] + m["l0/hidden"] + m["l0/dec"])
     figures = save_figures(result, app, tmp_path / "figures")
     assert {p.name for p in figures} == {"tms_columns.png", "component_heatmaps.png", "mechanisms.png", "causal_importances.png"}
+
+
+def test_evaluate_rescores_a_finished_run_and_keeps_the_old_metrics(tmp_path, capsys):
+    from experiments import evaluate
+
+    run = DecomposeRun(target=TMSTargetConfig(name="tms_5_2"), steps=20, batch_size=256, n_eval=500)
+    first = run_decompose(run, tmp_path / "run", progress=False).metrics
+    stale = {**first, "mmcs": -1.0, "n_mechanisms": 99.0}  # as if written by an older version of the metrics
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(stale))
+    assert evaluate.main([str(tmp_path / "run")]) == 0
+    again = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "run" / "metrics.prev.json").read_text()) == stale
+    # the same decomposition on the same evaluation inputs: the same numbers, run facts kept
+    assert again["mmcs"] == pytest.approx(first["mmcs"]) and again["n_mechanisms"] == first["n_mechanisms"]
+    assert again["wall_seconds"] == first["wall_seconds"]
+    assert f"{tmp_path / 'run'}: mmcs" in capsys.readouterr().out
+    # not a run dir: one line, status 1
+    assert evaluate.main([str(tmp_path)]) == 1
+    assert "holds no run.json" in capsys.readouterr().err
