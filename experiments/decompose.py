@@ -77,14 +77,22 @@ def _decompose_seeds_app(cfg: DictConfig, app: schema.DecomposeApp, out: Path) -
     for s, result in zip(seeds, results):
         if app.figures:
             save_figures(result, dataclasses.replace(app, seed=s, n_seeds=1), seed_run_dir(out, s) / "figures")
-    keys = [k for k, v in results[0].metrics.items() if isinstance(v, (int, float))]
-    summary = {k: sum(r.metrics[k] for r in results) / len(results) for k in keys}
-    summary["success_rate"] = summary.get("all_recovered", summary.get("n_features_with_dedicated_component", 0.0))
-    summary["wall_seconds"] = sum(r.metrics["wall_seconds"] for r in results)
-    summary["n_seeds"] = float(len(results))
+    summary = seeds_summary([r.metrics for r in results])
     (out / "metrics_seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
     for s, r in zip(seeds, results):
         print(f"seed {s}: " + ", ".join(f"{k}={r.metrics[k]:.4g}" for k in _HEADLINE if k in r.metrics))
+    return summary
+
+
+def seeds_summary(per_seed: list[dict]) -> dict[str, float]:
+    """``metrics_seeds.json`` of a multi-seed run: each number's mean over the seeds, the
+    ``success_rate`` (mean ``all_recovered``, or dedicated features on the residual MLP), the summed
+    ``wall_seconds`` and ``n_seeds``."""
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float))]
+    summary = {k: sum(m[k] for m in per_seed) / len(per_seed) for k in keys}
+    summary["success_rate"] = summary.get("all_recovered", summary.get("n_features_with_dedicated_component", 0.0))
+    summary["wall_seconds"] = sum(m["wall_seconds"] for m in per_seed)
+    summary["n_seeds"] = float(len(per_seed))
     return summary
 
 

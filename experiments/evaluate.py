@@ -19,7 +19,8 @@ from apd.config import ConfigError
 from apd.experiment import RUN_FILE, RunResult, load_run, reevaluate, seed_run_dir
 
 
-def _run_dirs(d: Path) -> list[Path]:
+def _seed_dirs(d: Path) -> list[Path]:
+    """The run dirs that ``d`` stands for: itself, or a multi-seed run's ``seed_<s>/`` dirs."""
     if not (d / RUN_FILE).is_file():
         raise ConfigError(f"{d} holds no {RUN_FILE}: pass a run dir written by python -m experiments.decompose")
     run = json.loads((d / RUN_FILE).read_text())
@@ -33,15 +34,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--figures", action="store_true", help="also redraw the run's figures/")
     args = parser.parse_args(argv)
     try:
-        for d in [r for arg in args.run_dirs for r in _run_dirs(arg)]:
-            metrics = reevaluate(d)
-            shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
-            print(f"{d}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-            if args.figures:
-                from experiments.figures import save_figures
+        for arg in args.run_dirs:
+            dirs = _seed_dirs(arg)
+            per_seed = []
+            for d in dirs:
+                per_seed.append(metrics := reevaluate(d))
+                shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
+                print(f"{d}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+                if args.figures:
+                    from experiments.figures import save_figures
 
-                art = load_run(d)
-                save_figures(RunResult(metrics, art.decomposition, art.target), art.run, d / "figures")
+                    art = load_run(d)
+                    save_figures(RunResult(metrics, art.decomposition, art.target), art.run, d / "figures")
+            if dirs != [arg]:  # a multi-seed run: its means over the seeds
+                from experiments.decompose import seeds_summary
+
+                (arg / "metrics_seeds.json").write_text(json.dumps(seeds_summary(per_seed), indent=2) + "\n")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
