@@ -83,36 +83,37 @@ def find_mechanisms(
     pieces = [{k} for k in range(active.shape[1])] if pieces is None else list(pieces)
     universe = sorted(set().union(*(pieces[k] for k in alive)), key=repr)
     index = {p: i for i, p in enumerate(universe)}
-    acts = active[:, alive].double()
+    acts = active[:, alive].float()  # 0/1: float32 counts are exact up to 2^24 inputs
     inc = torch.zeros(len(alive), len(universe), dtype=torch.float64)  # group x piece incidence
     for g, k in enumerate(alive):
         inc[g, [index[p] for p in pieces[k]]] = 1.0
-    groups = [[k] for k in alive]
-    co = acts.T @ acts
-    n = co.diagonal().clone()
+    groups: list[list[int]] = [[k] for k in alive]
+    co = (acts.T @ acts).double()  # inputs where both fire
+    shared = inc @ inc.T  # pieces both hold
+    live = torch.ones(len(alive), dtype=torch.bool)  # merged-away groups stay in place, switched off
     upper = torch.ones(len(alive), len(alive), dtype=torch.bool).triu(1)
-    while len(groups) > 1:
-        K = len(groups)
-        rank = inc.sum(1)
-        union_rank = rank[:, None] + rank[None, :] - inc @ inc.T
+    for K in range(len(alive), 1, -1):
+        n = co.diagonal() * live
+        rank = shared.diagonal()
+        union_rank = rank[:, None] + rank[None, :] - shared
         n_union = n[:, None] + n[None, :] - co
         total = n.sum()
         delta = (total - co) * math.log2(K) - total * math.log2(K + 1)
-        delta = delta + alpha * (n_union * union_rank - (n * rank)[:, None] - (n * rank)[None, :])
-        eligible = (co >= min_overlap * torch.minimum(n[:, None], n[None, :])) & upper[:K, :K]
+        delta += alpha * (n_union * union_rank - (n * rank)[:, None] - (n * rank)[None, :])
+        eligible = upper & live[:, None] & live[None, :] & (co >= min_overlap * torch.minimum(n[:, None], n[None, :]))
         delta = torch.where(eligible, delta, torch.inf)
-        i, j = divmod(int(delta.argmin()), K)
+        i, j = divmod(int(delta.argmin()), len(alive))
         if not delta[i, j] < -1e-9:
             break
         acts[:, i] = torch.maximum(acts[:, i], acts[:, j])
         inc[i] = torch.maximum(inc[i], inc[j])
-        groups[i] = groups[i] + groups[j]
-        keep = [g for g in range(K) if g != j]
-        acts, inc, groups, co = acts[:, keep], inc[keep], [groups[g] for g in keep], co[keep][:, keep]
-        i = i if i < j else i - 1
-        col = acts.T @ acts[:, i]
+        groups[i] += groups[j]
+        live[j] = False
+        col = (acts.T @ acts[:, i]).double()
         co[i], co[:, i] = col, col
-        n = co.diagonal().clone()
+        col = inc @ inc[i]
+        shared[i], shared[:, i] = col, col
+    groups = [g for g, on in zip(groups, live.tolist()) if on]
     return _sorted(groups)
 
 
