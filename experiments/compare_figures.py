@@ -104,7 +104,7 @@ def pareto(results: list[Trained], exclude: set[str], path: Path, panels: list[t
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
     handles += [plt.Line2D([], [], color="0.4", marker=marker[w], ls="", label=f"width {w}") for w in widths]
-    axes[-1].legend(handles=handles, fontsize=8, loc="lower right")
+    axes[-1].legend(handles=handles, fontsize=8, loc="best")  # "best" keeps it off the points
     fig.suptitle(title)
     return _save(fig, path)
 
