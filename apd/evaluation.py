@@ -7,7 +7,7 @@ co-active units, ``apd.mechanisms``), and then asks the target config for its gr
 (``TargetConfig.evaluate``) through an :class:`EvalContext`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +17,7 @@ from apd.component_model import ComponentModel, Masks
 from apd.decomposition import Decomposition
 from apd.losses import faithfulness_loss
 from apd.losses.distance import output_distance
-from apd.mechanisms import mechanism_summary, mechanisms_from_masks
+from apd.mechanisms import Mechanism, mechanism_summary, mechanisms_from_masks
 from apd.methods import Method, method_for
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ class EvalContext:
     n_eval: int
     seed: int
     device: torch.device
+    mechanisms: list[Mechanism] = field(default_factory=list)
+    """the run's mechanisms (``apd.mechanisms``) on the generic evaluation batch, set before the
+    target's metrics run"""
 
     def eval_masks(self, x: Tensor) -> Masks:
         with torch.no_grad():
@@ -76,6 +79,6 @@ def evaluate(
             generic[f"{method.eval_mask_name}_recon_kl"] = output_distance(out, masked, target_config.output_loss()).item()
         generic |= method.eval_metrics(cm, x, masks, out)
         ranks = {n: cm.layers[n].m for n in cm.matrix_names}
-        mechs, summary = mechanisms_from_masks(masks, method.active_threshold(), cm.tied_names, ranks=ranks)
-        generic |= summary | {"mechanisms": mechanism_summary(mechs)}
+        ctx.mechanisms, summary = mechanisms_from_masks(masks, method.active_threshold(), cm.tied_names, ranks=ranks)
+        generic |= summary | {"mechanisms": mechanism_summary(ctx.mechanisms)}
     return target_config.evaluate(ctx) | generic

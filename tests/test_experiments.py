@@ -147,6 +147,8 @@ def test_an_spd_run_on_the_residual_mlp_reports_its_w_out_mechanism(tmp_path):
     for w_out in ["layers.0.mlp_out", "layers.1.mlp_out"]:  # the mechanism holding most of its live subcomponents
         assert m[f"w_out_mechanism_rank/{w_out}"] >= 1 and 0 < m[f"w_out_mechanism_share/{w_out}"] <= 1
         assert 1 <= m[f"w_out_n_mechanisms/{w_out}"] <= m["n_mechanisms"]
+    # a feature's mechanism has a W_in piece per layer: each layer's own slope, and the sum's
+    assert {"nc_slope", "nc_slope/layers.0.mlp_in", "nc_slope/layers.1.mlp_in"} <= m.keys()
 
 
 @pytest.mark.slow

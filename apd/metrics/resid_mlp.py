@@ -29,6 +29,7 @@ __all__ = [
     "ComponentClasses",
     "classify_components",
     "feature_to_component",
+    "matched_neuron_contributions",
     "nc_slope",
     "top1_onehot_mse",
     "scrub_antiscrub_mse",
@@ -134,17 +135,40 @@ def feature_to_component(
     return torch.where(best_value > threshold, best, torch.full_like(best, -1))
 
 
+def matched_neuron_contributions(
+    nc_components: Float[Tensor, "C n_features d_mlp"],
+    groups: Int[Tensor, " C"] | None = None,
+) -> Float[Tensor, "n_features d_mlp"]:
+    """Per feature i, NC_{c*(i)}(i) of the component of largest max-over-neurons |NC|.
+
+    With ``groups`` (a group id per component: SPD's W_in subcomponents by layer), c*(i) is chosen in
+    each group and the chosen NCs are summed: a feature's pieces in every layer, its mechanism (a
+    subcomponent's NC is zero outside its layer's neurons, so the sum is their concatenation).
+    """
+    n = torch.arange(nc_components.shape[1], device=nc_components.device)
+    strength = nc_components.abs().amax(dim=-1)  # [C, n_features]
+    if groups is None:
+        return nc_components[strength.argmax(dim=0), n]
+    matched = torch.zeros_like(nc_components[0])
+    for g in groups.unique():
+        in_group = (groups == g)[:, None]
+        best = strength.masked_fill(~in_group, -1.0).argmax(dim=0)
+        matched += nc_components[best, n]
+    return matched
+
+
 def nc_slope(
     nc_target: Float[Tensor, "n_features d_mlp"],
     nc_components: Float[Tensor, "C n_features d_mlp"],
+    groups: Int[Tensor, " C"] | None = None,
 ) -> float:
-    """Least-squares slope through the origin of NC_{c*(i)}(i) against NC_target(i).
+    """Least-squares slope through the origin of the matched NC(i) against NC_target(i).
 
-    c*(i) is the component with the largest |NC| for feature i; the fit pools every (feature,
-    neuron) pair. 1.0 means no shrinkage; NaN if the target has no neuron contributions.
+    The match is :func:`matched_neuron_contributions` (the component of largest |NC| for feature i,
+    or with ``groups`` one per group, summed); the fit pools every (feature, neuron) pair. 1.0 means
+    no shrinkage; NaN if the target has no neuron contributions.
     """
-    best = nc_components.abs().amax(dim=-1).argmax(dim=0)  # [n_features]
-    matched = nc_components[best, torch.arange(nc_target.shape[0])]  # [n_features, d_mlp]
+    matched = matched_neuron_contributions(nc_components, groups)
     return float((matched * nc_target).sum() / (nc_target * nc_target).sum())
 
 
@@ -341,11 +365,12 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
     """A run's residual-MLP numbers for SPD (SPEC §3.2, §5.5), from its subcomponents: per feature a
     dedicated W_in subcomponent (NC through the decomposed W_out, as APD's), the NC slope of those
     subcomponents (shrinkage), scrubbed vs anti-scrubbed output MSE, the label MSEs of the
-    CI-masked model, and whether each layer's W_out is one mechanism (``apd.mechanisms`` on every
-    layer at once: how many of its live subcomponents the mechanism holding most of them has, that
-    count's share of them, and how many mechanisms its subcomponents fall in)."""
-    from apd.mechanisms import mechanisms_from_masks
-
+    CI-masked model, and whether each layer's W_out is one mechanism (the run's mechanisms,
+    ``ctx.mechanisms``, grouped over every layer at once: how many of its live subcomponents the
+    mechanism holding most of them has, that count's share of them, and how many mechanisms its
+    subcomponents fall in). With several layers a feature's mechanism has a W_in piece per layer:
+    ``nc_slope`` sums the best-matching subcomponent of each layer, ``nc_slope/<W_in>`` is each
+    layer's own slope on its neurons."""
     cfg, cm, dec = target.config, ctx.cm, ctx.dec
     pairs = target.mlp_pairs()
     nc_c, units = spd_neuron_contributions(target.W_E, dec.component_weights(), pairs)
@@ -356,18 +381,24 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
     scrubbed, anti = scrub_antiscrub_mse_per_module(target, ctx.masked_forward, feature_unit, cm.C_per_module(),
                                                     cfg.n_features, 100, g)  # fmt: skip
     x = resid_mlp_batch(cfg.n_features, ctx.n_eval, cfg.feature_probability, g, target.W_E.device)
+    w_ins = [w_in for w_in, _ in pairs]
+    layer_of = torch.tensor([w_ins.index(m) for m, _ in units], device=nc_c.device)
+    nc_t = target_neuron_contributions(target)
     out = {
         "n_features_with_dedicated_component": classes["n_features_with_dedicated_component"],
         "n_mono": classes["n_mono"], "n_duo": classes["n_duo"], "n_poly": classes["n_poly"], "n_dead": classes["n_dead"],
-        "nc_slope": nc_slope(target_neuron_contributions(target), nc_c),
+        "nc_slope": nc_slope(nc_t, nc_c, layer_of),
         "scrubbed_mse": scrubbed.nanmean().item(), "antiscrubbed_mse": anti.nanmean().item(),
     }  # fmt: skip
+    if len(pairs) > 1:
+        ends = torch.tensor([layer.mlp_in.out_features for layer in target.layers]).cumsum(0).tolist()
+        for layer, (w_in, a, b) in enumerate(zip(w_ins, [0, *ends], ends, strict=False)):
+            out[f"nc_slope/{w_in}"] = nc_slope(nc_t[:, a:b], nc_c[layer_of == layer][:, :, a:b])
     mses = label_mses(target, monosemantic, ctx.eval_forward, x, resid_mlp_labels(x))
     out["mse_spd_ci_vs_labels"] = mses.pop("mse_topk_vs_labels")
     mses.pop("mse_topk_vs_target")
     out |= mses
-    masks = ctx.eval_masks(x)
-    mechs, _ = mechanisms_from_masks(masks, ctx.method.config.ci_threshold, cm.tied_names)
+    mechs = ctx.mechanisms
     for _, w_out in pairs:  # the mechanism holding most of this W_out's live subcomponents
         per = [sum(m.startswith(f"{w_out}:") for m in mech.members) for mech in mechs]
         live = sum(per)

@@ -8,10 +8,12 @@ from apd.metrics.resid_mlp import (
     component_neuron_contributions,
     feature_to_component,
     label_mses,
+    matched_neuron_contributions,
     nc_slope,
     neuron_contributions,
     resid_mlp_metrics,
     scrub_antiscrub_mse,
+    spd_neuron_contributions,
     target_neuron_contributions,
     top1_onehot_mse,
 )
@@ -195,6 +197,37 @@ def test_nc_slope_measures_shrinkage(baseline: ResidMLP) -> None:
     nc_c = torch.tensor([[[0.5, 0.0], [0.0, 0.1]], [[0.1, 0.0], [0.0, 3.0]]])
     # matched: feature 0 -> comp 0 [0.5, 0], feature 1 -> comp 1 [0, 3]; slope = (0.5 + 6) / 5
     assert nc_slope(nc_t, nc_c) == pytest.approx(1.3)
+
+
+def test_nc_slope_with_groups_sums_the_best_piece_of_each_layer() -> None:
+    # by hand: one feature on neurons 0-1 (layer 0) and 2-3 (layer 1)
+    nc_t = torch.tensor([[1.0, 1.0, 2.0, 0.0]])
+    nc_c = torch.tensor([[[1.0, 1.0, 0.0, 0.0]], [[0.1, 0.0, 0.0, 0.0]], [[0.0, 0.0, 2.0, 0.0]], [[0.0, 0.0, 0.0, 0.5]]])
+    groups = torch.tensor([0, 0, 1, 1])
+    assert matched_neuron_contributions(nc_c, groups).tolist() == [[1.0, 1.0, 2.0, 0.0]]
+    assert nc_slope(nc_t, nc_c, groups) == pytest.approx(1.0)
+    assert nc_slope(nc_t, nc_c) == pytest.approx(4 / 6)  # one piece alone: layer 1's share only
+
+
+def test_spd_nc_slope_of_an_exact_two_layer_decomposition_is_one() -> None:
+    """SPD-style pieces of a 2-layer residual MLP with an orthonormal embedding: per layer, W_in
+    split into one rank-1 piece per feature (W_in e_i e_iᵀ), read through the whole W_out. Each
+    feature's two pieces together give the target's NC exactly; the best single piece does not."""
+    torch.manual_seed(0)
+    model = ResidMLP(ResidMLPConfig(n_features=6, d_embed=6, d_mlp=8, n_layers=2))
+    model.W_E.copy_(torch.linalg.qr(torch.randn(6, 6))[0])  # the pieces sum to W_in
+    weights = {}
+    for w_in, w_out in model.mlp_pairs():
+        W_in = model.get_submodule(w_in).weight.detach()
+        weights[w_in] = torch.stack([torch.outer(W_in @ e, e) for e in model.W_E.T])  # [6, d_mlp_l, d_embed]
+        weights[w_out] = model.get_submodule(w_out).weight.detach()[None]
+    assert torch.allclose(weights["layers.1.mlp_in"].sum(0), model.layers[1].mlp_in.weight, atol=1e-5)
+    nc_c, units = spd_neuron_contributions(model.W_E, weights, model.mlp_pairs())
+    layer_of = torch.tensor([0 if m == "layers.0.mlp_in" else 1 for m, _ in units])
+    nc_t = target_neuron_contributions(model)
+    assert nc_slope(nc_t, nc_c, layer_of) == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(matched_neuron_contributions(nc_c, layer_of), nc_t, atol=1e-6)
+    assert nc_slope(nc_t, nc_c) < 0.9
 
 
 # --- output-level metrics -----------------------------------------------------------------------
