@@ -33,7 +33,7 @@ from apd.targets import TargetConfig, TMSTargetConfig, get_target, target_from_d
 from apd.train import decompose, decompose_seeds
 
 __all__ = ["DecomposeRun", "RunResult", "RunArtifacts", "RunDirError", "run_decompose", "run_decompose_seeds",
-           "seed_run_dir", "load_run", "reevaluate", "check_run_dir", "cpu_share", "RUN_FILE"]  # fmt: skip
+           "seed_run_dir", "seed_run_dirs", "load_run", "reevaluate", "check_run_dir", "cpu_share", "RUN_FILE"]  # fmt: skip
 
 RUN_FILE = "run.json"
 
@@ -244,6 +244,17 @@ def seed_run_dir(out_dir: str | Path, seed: int) -> Path:
     return Path(out_dir) / f"seed_{seed}"
 
 
+def seed_run_dirs(run_dir: str | Path) -> list[Path]:
+    """The run dirs that ``run_dir`` stands for: itself, or a multi-seed run's ``seed_<s>/`` dirs."""
+    d = Path(run_dir)
+    if not (d / RUN_FILE).is_file():
+        raise ConfigError(f"{d} holds no {RUN_FILE}: pass a run dir written by apd.experiment.run_decompose "
+                          "or python -m experiments.decompose")  # fmt: skip
+    run = json.loads((d / RUN_FILE).read_text())
+    n = run.get("n_seeds", 1)
+    return [seed_run_dir(d, run["seed"] + s) for s in range(n)] if n > 1 else [d]
+
+
 def run_decompose_seeds(
     run: DecomposeRun, out_dir: str | Path, callback: Callable[[int, int, dict[str, float]], None] | None = None,
     progress: bool = True,
@@ -312,9 +323,8 @@ def reevaluate(run_dir: str | Path) -> dict[str, Any]:
     inputs: the run's ``n_eval`` and seed) and rewrite its ``metrics.json``; the previous file is kept
     as ``metrics.prev.json``. For a multi-seed run dir, pass each ``seed_<s>/``. Returns the metrics."""
     d = Path(run_dir)
-    n_seeds = json.loads((d / RUN_FILE).read_text()).get("n_seeds", 1) if (d / RUN_FILE).is_file() else 1
-    if n_seeds > 1:
-        raise ConfigError(f"{d} trained {n_seeds} seeds at once: re-evaluate each of its seed_<s>/ run dirs")
+    if len(dirs := seed_run_dirs(d)) > 1:
+        raise ConfigError(f"{d} trained {len(dirs)} seeds at once: re-evaluate each of its seed_<s>/ run dirs")
     art = load_run(d)
     if not (art.run_dir / FILE_NAME).is_file():
         raise ConfigError(f"{art.run_dir} has no {FILE_NAME}: the run has not finished (resume it with the same command)")

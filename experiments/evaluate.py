@@ -16,16 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from apd.config import ConfigError
-from apd.experiment import RUN_FILE, RunResult, load_run, reevaluate, seed_run_dir
-
-
-def _seed_dirs(d: Path) -> list[Path]:
-    """The run dirs that ``d`` stands for: itself, or a multi-seed run's ``seed_<s>/`` dirs."""
-    if not (d / RUN_FILE).is_file():
-        raise ConfigError(f"{d} holds no {RUN_FILE}: pass a run dir written by python -m experiments.decompose")
-    run = json.loads((d / RUN_FILE).read_text())
-    n = run.get("n_seeds", 1)
-    return [seed_run_dir(d, run["seed"] + s) for s in range(n)] if n > 1 else [d]
+from apd.experiment import RunResult, load_run, reevaluate, seed_run_dirs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         for arg in args.run_dirs:
-            dirs = _seed_dirs(arg)
+            dirs = seed_run_dirs(arg)
             per_seed = []
             for d in dirs:
                 per_seed.append(metrics := reevaluate(d))

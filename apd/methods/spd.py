@@ -191,14 +191,20 @@ class SPDConfig(MethodConfig):
              "set faithfulness_coeff (e.g. 1.0) or delta_component=True")  # fmt: skip
 
 
+def _linear_ramp(frac: float, start: float, end: float, a: float, b: float) -> float:
+    """``a`` up to the run fraction ``start``, ``b`` from ``end`` on, linear in between."""
+    if frac <= start:
+        return a
+    if frac >= end or end == start:
+        return b
+    return a + (b - a) * (frac - start) / (end - start)
+
+
 def minimality_scale(config: SPDConfig, step: int) -> float:
     """The factor on the importance-minimality coefficient at ``step``: 1, then linear to 0 at the last
     step from ``importance_minimality_decay_start_frac`` of the run on."""
-    start = config.importance_minimality_decay_start_frac
     frac = step / max(config.steps - 1, 1)
-    if start >= 1 or frac <= start:
-        return 1.0
-    return max(0.0, (1 - frac) / (1 - start))
+    return _linear_ramp(frac, config.importance_minimality_decay_start_frac, 1.0, 1.0, 0.0)
 
 
 def annealed_p(config: SPDConfig, step: int) -> float:
@@ -206,13 +212,8 @@ def annealed_p(config: SPDConfig, step: int) -> float:
     start and end fractions of the run)."""
     if config.pnorm_final is None:
         return config.pnorm
-    frac = step / config.steps
-    start, end = config.pnorm_anneal_start_frac, config.pnorm_anneal_end_frac
-    if frac <= start:
-        return config.pnorm
-    if frac >= end or end == start:
-        return config.pnorm_final
-    return config.pnorm + (config.pnorm_final - config.pnorm) * (frac - start) / (end - start)
+    return _linear_ramp(step / config.steps, config.pnorm_anneal_start_frac, config.pnorm_anneal_end_frac,
+                        config.pnorm, config.pnorm_final)  # fmt: skip
 
 
 @dataclass
