@@ -252,7 +252,7 @@ def test_reduced_resid_mlp_comparison_end_to_end(tmp_path):
         assert not any(k.startswith("id_") for k in v), r  # no identity: empty cells
     apd, spd = rows[0], rows[1]
     assert apd["sparsity_knob"] == "topk" and float(apd["l0"]) == pytest.approx(1.28, abs=1e-3) and apd["width"] == "130"
-    assert spd["sparsity_knob"] == "importance_minimality_coeff" and spd["width"] == "100"
+    assert spd["sparsity_knob"] == "importance_minimality_coeff" and spd["width"] == "120"  # the spd_resid_mlp_1 preset's C
     md = (out / "comparison.md").read_text()
     assert "Residual-MLP quantities" in md and "monosemantic baseline" in md and "| apd | 130 | topk=1.28 | 1 |" in md
     for name in ["pareto_l0.png", "transcoder_sweep.png"]:
