@@ -125,25 +125,24 @@ def resid_mlp_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> li
     groups = None
     if dec.method == "spd":  # a feature's W_in pieces, one per layer (its mechanism)
         nc_c, units = rm.spd_neuron_contributions(W_E, dec.component_weights(), target.mlp_pairs())
-        nc_c = nc_c.cpu()
-        w_ins = [w_in for w_in, _ in target.mlp_pairs()]
-        groups = torch.tensor([w_ins.index(m) for m, _ in units])
+        nc_c, groups = nc_c.cpu(), rm.spd_unit_layers(units, target.mlp_pairs())
     else:
         nc_c = rm.component_neuron_contributions(W_E, dec.component_weights(), target.mlp_pairs()).cpu()
     best = nc_c.abs().amax(-1).argmax(0)  # (n_features,)
     matched = rm.matched_neuron_contributions(nc_c, groups)
-    what = "best W_in subcomponent per layer" if groups is not None and len(w_ins) > 1 else "component"
+    per_layer = len(target.mlp_pairs()) > 1 and groups is not None
+    what = "best W_in subcomponent per layer" if per_layer else "best-matching component"
     paths: list[Path] = []
 
     fig, axes = plt.subplots(2, 5, figsize=(14, 5), sharey=True)
     for i, ax in enumerate(axes.flat):
         ax.bar(range(nc_t.shape[1]), nc_t[i], color="0.6", label="target")
         ax.plot(range(nc_t.shape[1]), matched[i], "r.", ms=4, label=what)
-        ax.set_title(f"feature {i} (component {best[i].item()})" if what == "component" else f"feature {i}", fontsize=9)
+        ax.set_title(f"feature {i}" if per_layer else f"feature {i} (component {best[i].item()})", fontsize=9)
         ax.set_xlabel("neuron")
     axes[0][0].set_ylabel("contribution")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Neuron contributions: target (bars) vs {what if what != 'component' else 'best-matching component'} (dots)")
+    fig.suptitle(f"Neuron contributions: target (bars) vs {what} (dots)")
     _save(fig, out_dir / "neuron_contributions.png", paths)
     if dec.method != "apd":
         return paths

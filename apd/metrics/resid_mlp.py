@@ -37,6 +37,7 @@ __all__ = [
     "resid_mlp_metrics",
     "resid_mlp_run_metrics",
     "spd_neuron_contributions",
+    "spd_unit_layers",
     "scrub_antiscrub_mse_per_module",
     "resid_mlp_spd_metrics",
 ]
@@ -329,6 +330,13 @@ def spd_neuron_contributions(
     return torch.cat(blocks).detach(), units
 
 
+def spd_unit_layers(units: Sequence[tuple[str, int]], pairs: Sequence[tuple[str, str]]) -> Int[Tensor, " U"]:
+    """The layer index of each (W_in module, index) unit of :func:`spd_neuron_contributions`: the
+    ``groups`` that :func:`nc_slope` needs to match a feature's piece in every layer."""
+    w_ins = [w_in for w_in, _ in pairs]
+    return torch.tensor([w_ins.index(m) for m, _ in units])
+
+
 def scrub_antiscrub_mse_per_module(
     target_model: nn.Module,
     masked_forward: Callable[[Tensor, dict[str, Tensor]], Tensor],
@@ -381,8 +389,7 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
     scrubbed, anti = scrub_antiscrub_mse_per_module(target, ctx.masked_forward, feature_unit, cm.C_per_module(),
                                                     cfg.n_features, 100, g)  # fmt: skip
     x = resid_mlp_batch(cfg.n_features, ctx.n_eval, cfg.feature_probability, g, target.W_E.device)
-    w_ins = [w_in for w_in, _ in pairs]
-    layer_of = torch.tensor([w_ins.index(m) for m, _ in units], device=nc_c.device)
+    layer_of = spd_unit_layers(units, pairs).to(nc_c.device)
     nc_t = target_neuron_contributions(target)
     out = {
         "n_features_with_dedicated_component": classes["n_features_with_dedicated_component"],
@@ -392,7 +399,7 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
     }  # fmt: skip
     if len(pairs) > 1:
         ends = torch.tensor([layer.mlp_in.out_features for layer in target.layers]).cumsum(0).tolist()
-        for layer, (w_in, a, b) in enumerate(zip(w_ins, [0, *ends], ends, strict=False)):
+        for layer, ((w_in, _), a, b) in enumerate(zip(pairs, [0, *ends], ends, strict=False)):
             out[f"nc_slope/{w_in}"] = nc_slope(nc_t[:, a:b], nc_c[layer_of == layer][:, :, a:b])
     mses = label_mses(target, monosemantic, ctx.eval_forward, x, resid_mlp_labels(x))
     out["mse_spd_ci_vs_labels"] = mses.pop("mse_topk_vs_labels")

@@ -14,6 +14,7 @@ from apd.metrics.resid_mlp import (
     resid_mlp_metrics,
     scrub_antiscrub_mse,
     spd_neuron_contributions,
+    spd_unit_layers,
     target_neuron_contributions,
     top1_onehot_mse,
 )
@@ -223,7 +224,8 @@ def test_spd_nc_slope_of_an_exact_two_layer_decomposition_is_one() -> None:
         weights[w_out] = model.get_submodule(w_out).weight.detach()[None]
     assert torch.allclose(weights["layers.1.mlp_in"].sum(0), model.layers[1].mlp_in.weight, atol=1e-5)
     nc_c, units = spd_neuron_contributions(model.W_E, weights, model.mlp_pairs())
-    layer_of = torch.tensor([0 if m == "layers.0.mlp_in" else 1 for m, _ in units])
+    layer_of = spd_unit_layers(units, model.mlp_pairs())
+    assert layer_of.tolist() == [0] * 6 + [1] * 6
     nc_t = target_neuron_contributions(model)
     assert nc_slope(nc_t, nc_c, layer_of) == pytest.approx(1.0, abs=1e-5)
     assert torch.allclose(matched_neuron_contributions(nc_c, layer_of), nc_t, atol=1e-6)
