@@ -139,12 +139,12 @@ Legend (APD's definition where it differs from the SAEs'):
 _RESID_TABLE = [
     ("n_features_dedicated", "dedicated", 1), ("n_mono", "mono", 1), ("n_duo", "duo", 1), ("n_poly", "poly", 1),
     ("mmcs_enc", "MMCS enc", 3), ("matched_mean_cos_enc", "1-1 cos enc", 3),
-    ("mse_vs_target", "MSE vs target", ".2e"), ("mse_vs_labels", "MSE vs labels", ".2e"),
+    ("mse_vs_target", "MSE vs target", ".2e"), ("mse_vs_labels", "MSE vs labels", ".2e"), ("fvu_read", "FVU W_U", 3),
 ]  # fmt: skip
 """the residual-MLP columns (apd.compare.resid)"""
 
-_RESID_BEST = ("l0", "matched_mean_cos", "n_features_dedicated", "shrinkage", "fvu", "loss_recovered", "mse_vs_target",
-               "bits_per_datapoint")  # fmt: skip
+_RESID_BEST = ("l0", "matched_mean_cos", "n_features_dedicated", "shrinkage", "fvu", "fvu_read", "loss_recovered",
+               "mse_vs_target", "bits_per_datapoint")  # fmt: skip
 
 _RESID_LEGEND = """Legend (full definitions: the docstring of `apd/compare/resid.py`). Ground truth per feature i, on x = e_i: its MLP
 input W_E[:, i], its MLP output t_i = W_out ReLU(W_in W_E[:, i]), its neurons a_i = ReLU(W_in W_E[:, i]) and its neuron
@@ -170,6 +170,9 @@ contributions NC(i) = (W_U[i] W_out) ⊙ (W_in W_E[:, i]) (SPEC §3.2).
 - **MMCS enc**, **1-1 cos enc**: the read side: encoder columns vs the feature's input (transcoder W_E[:, i], neuron SAE
   a_i); APD ‖P_c^in ŵ_i‖ / ‖P_c^in‖_F (|cos(A_c, W_E[:, i])| for rank 1).
 - **MSE vs target / labels**: output MSE of the spliced (APD: top-k) model against the target's output / the labels.
+- **FVU W_U**: FVU of the MLP output as the unembedding reads it, W_U · (MLP output), reconstruction spliced in: the
+  same for every model. **FVU** also counts the d_embed − n directions W_U ignores, where a decomposition trained on
+  the outputs may be wrong at no cost.
 """
 
 

@@ -47,6 +47,11 @@ standing for any decomposition, its top-k for its method's evaluation masks):
   output of the top-k forward pass; a transcoder is trained on exactly this MSE, APD only on the
   outputs and the neurons, so its error may sit in directions no output reads); neuron SAE: of the
   neurons a.
+- ``fvu_read``: every model alike: of the MLP's output as the unembedding reads it, W_U · (MLP
+  output) in R^{n_features}, with the reconstruction spliced in (SAE: its write into the residual
+  stream; APD: the masked MLP output). ``fvu`` counts the whole R^{d_embed}, of which W_U sees only
+  n_features directions: a decomposition trained on the outputs may leave its MLP output wrong in
+  the others (SPD on ``resid_mlp_1``: ``fvu`` 1.67, ``fvu_read`` 0.025) at no cost to any output.
 - ``loss_recovered``: 1 − MSE(spliced output, target output) / MSE(output with the MLP
   zero-ablated, W_U r, target output). SAEs: their reconstruction spliced in; APD: the top-k model.
 - ``n_dead``: latents / components never active on the evaluation batch (per-module masks: summed
@@ -146,7 +151,7 @@ __all__ = [
 
 RESID_COLUMNS = COLUMNS + [
     "mmcs_enc", "matched_mean_cos_enc", "n_features_dedicated", "n_mono", "n_duo", "n_poly",
-    "mse_vs_target", "mse_vs_labels",
+    "mse_vs_target", "mse_vs_labels", "fvu_read",
 ]  # fmt: skip
 """Columns of a residual-MLP comparison row: the TMS ones, then the residual-MLP ones (module docstring)."""
 
@@ -164,6 +169,8 @@ class ResidActivations:
     """W_out acts: the MLP's output (what a transcoder predicts)"""
     out: Float[Tensor, "N n_features"]
     """the target's output W_U (r + mlp_out)"""
+    ablated_out: Float[Tensor, "N n_features"]
+    """W_U r: the output with the MLP zero-ablated"""
     labels: Float[Tensor, "N n_features"]
     """y = x + ReLU(x)"""
     onehot_r: Float[Tensor, "n_features d_embed"]
@@ -191,7 +198,8 @@ def resid_activations(target: ResidMLP, x: Float[Tensor, "N n_features"]) -> Res
     _check_one_layer(target)
     r, a, mlp_out = resid_hidden(target, x)
     onehot_r, onehot_a, truth = resid_hidden(target, torch.eye(target.config.n_features, device=x.device))
-    return ResidActivations(x=x, r=r, acts=a, mlp_out=mlp_out, out=(r + mlp_out) @ target.W_E, labels=resid_mlp_labels(x),
+    return ResidActivations(x=x, r=r, acts=a, mlp_out=mlp_out, out=(r + mlp_out) @ target.W_E, ablated_out=r @ target.W_E,
+                            labels=resid_mlp_labels(x),
                             onehot_r=onehot_r, onehot_acts=onehot_a, truth=truth,
                             gain=(truth * target.W_E.T).sum(dim=1))  # fmt: skip
 
@@ -276,13 +284,17 @@ def evaluate_sae_resid(
         "shrinkage": unit_shrinkage(contributions, matched, data.gain),
         "mmcs_enc": enc.mmcs, "matched_mean_cos_enc": enc.matched_mean_cos,
         **serving_columns(classify_components(contributions[:, :, None].cpu(), serve_threshold)),
-        **_output_mses(out, data),
+        **_output_columns(out, data),
     }  # fmt: skip
     return trained
 
 
-def _output_mses(out: Tensor, data: ResidActivations) -> dict[str, float]:
-    return {"mse_vs_target": F.mse_loss(out, data.out).item(), "mse_vs_labels": F.mse_loss(out, data.labels).item()}
+def _output_columns(out: Tensor, data: ResidActivations) -> dict[str, float]:
+    """``mse_vs_target``, ``mse_vs_labels`` and ``fvu_read`` of the spliced model's output ``out``
+    = W_U (r + MLP output'): W_U r is shared with the target's output, so out − W_U r is the
+    reconstructed MLP output as W_U reads it."""
+    return {"mse_vs_target": F.mse_loss(out, data.out).item(), "mse_vs_labels": F.mse_loss(out, data.labels).item(),
+            "fvu_read": fraction_variance_unexplained(data.out - data.ablated_out, out - data.ablated_out)}  # fmt: skip
 
 
 def component_outputs(
@@ -335,13 +347,13 @@ def evaluate_decomposition_resid(
     _, matched_reads = hungarian_match(reads)
     row |= {
         "fvu": fraction_variance_unexplained(data.mlp_out, acts[w_out]),
-        "loss_recovered": output_loss_recovered(out_masked, data.out, data.r @ target.W_E).score,
+        "loss_recovered": output_loss_recovered(out_masked, data.out, data.ablated_out).score,
         "n_dead": n_dead_components(masks, active),
         "n_params": float(decomposition_n_params(dec)), "bits_per_datapoint": mask_bits(masks, active),
         **nan_identity(),
         "mmcs_enc": reads.max(dim=1).values.mean().item(), "matched_mean_cos_enc": matched_reads.mean().item(),
         **serving_columns(classify_components(nc, serve_threshold)),
-        **_output_mses(out_masked, data),
+        **_output_columns(out_masked, data),
     }  # fmt: skip
     return Trained(row=row, arrows=W_E.new_zeros(0, W_E.shape[0]), arrows_live=live.new_zeros(0))
 
@@ -392,7 +404,7 @@ def run_resid_comparison(
 @torch.no_grad()
 def _baseline_note(target: ResidMLP, data: ResidActivations) -> str:
     m = label_mses(target, monosemantic_baseline(target.config), None, data.x, data.labels)
-    ablated = F.mse_loss(data.r @ target.W_E, data.out).item()
+    ablated = F.mse_loss(data.ablated_out, data.out).item()
     return (f"Reference output MSEs on the evaluation batch: target vs labels {m['mse_target_vs_labels']:.3g}; "
             f"monosemantic baseline (features 0..{target.config.d_mlp - 1} computed by one neuron each, SPEC §2.2) vs labels "
             f"{m['mse_monosemantic_vs_labels']:.3g} and vs the target {m['mse_monosemantic_vs_target']:.3g}; "

@@ -97,6 +97,21 @@ def test_half_a_decoder_shrinks_by_half_and_recovers_three_quarters_of_the_loss(
     assert zero["loss_recovered"] == pytest.approx(0, abs=1e-12) and zero["n_features_dedicated"] == 0
 
 
+def test_fvu_read_ignores_what_a_reconstruction_writes_where_the_unembedding_does_not_look():
+    target = _perfect_target()
+    data = _data(target)
+    W_E = target.W_E.detach()
+    hidden = torch.zeros(D, N)
+    hidden[N] = 1.0  # every latent also writes e_N, orthogonal to every W_E[:, i]: W_U never reads it
+    row = evaluate_sae_resid(_sae(W_E, (W_E + hidden).T, transcoder=True), target, data, transcoder=True).row
+    assert row["fvu"] > 0.5 and row["fvu_read"] == pytest.approx(0, abs=1e-12) and row["loss_recovered"] == pytest.approx(1)
+    # half the decoder: W_U · (MLP output) is y = ReLU(x), the spliced one y / 2, so FVU = Σ‖y/2‖² / Σ‖y − ȳ‖²
+    half = evaluate_sae_resid(_sae(W_E, 0.5 * W_E.T, transcoder=True), target, data, transcoder=True).row
+    y = data.x.clamp_min(0).double()
+    assert half["fvu_read"] == pytest.approx(((y / 2).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item(), rel=1e-6)
+    assert half["fvu_read"] == pytest.approx(half["fvu"], rel=1e-6)  # W_E orthonormal: the MLP writes only where W_U reads
+
+
 def test_a_latent_serving_two_features_is_a_duo_not_dedicated():
     target = _perfect_target()
     W_E = target.W_E.detach()
@@ -135,9 +150,11 @@ def test_the_identity_sae_on_the_neurons_is_perfect():
 # ------------------------------------------------------------------------------------ APD
 
 
-def _neuron_decomposition(target: ResidMLP, merge: bool = False) -> Decomposition:
+def _neuron_decomposition(target: ResidMLP, merge: bool = False, hidden_write: float = 0.0) -> Decomposition:
     """One component per neuron (the ground truth of the perfect target), all-on masks; with
-    ``merge``, neurons 0 and 1 share component 0 (its two ranks) and one component fewer."""
+    ``merge``, neurons 0 and 1 share component 0 (its two ranks) and one component fewer; with
+    ``hidden_write``, every component's W_out part also writes that much along e_N, a residual
+    direction W_U does not read."""
     W_in, W_out = target.layers[0].mlp_in.weight.detach(), target.layers[0].mlp_out.weight.detach()
     groups = [[0, 1]] + [[k] for k in range(2, N)] if merge else [[k] for k in range(N)]
     C, m = len(groups), 2 if merge else 1
@@ -147,6 +164,7 @@ def _neuron_decomposition(target: ResidMLP, merge: bool = False) -> Decompositio
         for r, k in enumerate(neurons):
             A_in[c, r], B_in[c, k, r] = W_in[k], 1.0  # P_c^in = Σ e_k W_in[k]
             A_out[c, r, k], B_out[c, :, r] = 1.0, W_out[:, k]  # P_c^out = Σ W_out[:, k] e_kᵀ
+            B_out[c, N, r] += hidden_write
     return Decomposition.from_factors(APDConfig(C=C, rank=m, topk=float(C), batch_topk=True), {IN: A_in, OUT: A_out},
                          {IN: B_in, OUT: B_out}, {IN: W_in.clone(), OUT: W_out.clone()})  # fmt: skip
 
@@ -157,6 +175,7 @@ def test_apd_components_equal_to_the_neurons_score_perfectly():
     assert set(row) == METRICS
     assert row["l0"] == N and row["n_dead"] == 0  # all-on masks (topk = C)
     assert row["loss_recovered"] == pytest.approx(1) and row["fvu"] == pytest.approx(0, abs=1e-10)
+    assert row["fvu_read"] == pytest.approx(0, abs=1e-10)
     assert row["mse_vs_target"] == pytest.approx(0, abs=1e-10) and row["mse_vs_labels"] == pytest.approx(0, abs=1e-10)
     assert row["mmcs"] == pytest.approx(1) and row["matched_mean_cos"] == pytest.approx(1) and row["all_recovered"] == 1
     assert row["mmcs_learned"] == pytest.approx(1) and row["shrinkage"] == pytest.approx(1)
@@ -164,6 +183,13 @@ def test_apd_components_equal_to_the_neurons_score_perfectly():
     assert row["n_features_dedicated"] == N and row["n_mono"] == N and row["n_duo"] == 0
     assert row["latents_per_feature"] == 1 and row["n_duplicate_pairs"] == 0
     assert row["n_params"] == N * 1 * (D + N) * 2 and row["bits_per_datapoint"] == pytest.approx(N * math.log2(N))
+
+
+def test_an_mlp_output_wrong_only_where_the_unembedding_does_not_look_has_fvu_but_no_fvu_read():
+    target = _perfect_target()
+    row = evaluate_decomposition_resid(_neuron_decomposition(target, hidden_write=1.0), target, _data(target)).row
+    assert row["fvu"] > 0.5 and row["fvu_read"] == pytest.approx(0, abs=1e-10)
+    assert row["loss_recovered"] == pytest.approx(1) and row["mse_vs_target"] == pytest.approx(0, abs=1e-10)
 
 
 def test_an_apd_component_holding_two_neurons_fools_mmcs_but_not_dedicated_or_matched():
@@ -248,6 +274,7 @@ def test_reduced_resid_mlp_comparison_end_to_end(tmp_path):
         assert 0 <= v["n_recovered_0.99"] <= v["n_recovered_0.9"] <= 100 and v["n_dead"] >= 0, r
         assert v["loss_recovered"] <= 1 + 1e-6 and v["shrinkage"] >= 0 and v["wall_seconds"] > 0, r
         assert 0 <= v["n_features_dedicated"] <= 100 and v["mse_vs_target"] >= 0 and v["mse_vs_labels"] > 0, r
+        assert v["fvu_read"] >= 0, r
         assert v["n_mono"] + v["n_duo"] + v["n_poly"] <= v["width"], r  # SPD: its W_in subcomponents
         assert not any(k.startswith("id_") for k in v), r  # no identity: empty cells
     apd, spd = rows[0], rows[1]
