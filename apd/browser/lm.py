@@ -8,7 +8,8 @@ A run dir of the language model is either
 - a **comparison run dir** (``python -m experiments.compare experiment=compare_lm_1l``): SAEs in
   ``saes/<label>_w<width>_<knob><value>_seed<s>/`` (``apd.baselines.load_sae``), decompositions
   in ``spd/.../seed<s>/`` and ``apd/.../seed<s>/`` (decompose run dirs). Whatever is present is
-  used; by default the lowest seed of each SAE grid cell and of each decomposition setting
+  used, except SAE folders its ``comparison.csv`` does not list (left by an earlier grid run into the
+  same dir); by default the lowest seed of each SAE grid cell and of each decomposition setting
   (``LMBrowserConfig.all_seeds`` takes every seed).
 
 :func:`write_lm_browser_data` reads ``n_windows`` evenly spaced, non-overlapping windows of the
@@ -47,6 +48,8 @@ pre-activations P_{c,up} x), else the 128-d residual stream (neurons: ``W_down``
 ``W_down U_c``; APD: w_c); and the Pearson correlation of the activations on the tokens read.
 """
 
+import contextlib
+import csv
 import fnmatch
 import json
 import re
@@ -269,6 +272,25 @@ def _finished_runs_of_comparison(d: Path) -> list[Path]:
     return found
 
 
+def _saes_of_comparison(d: Path) -> set[str] | None:
+    """The ``saes/`` folder names of the SAEs a comparison scored (its ``comparison.csv`` rows:
+    ``<method>_w<width>_<knob><value>_seed<s>``, as :func:`apd.compare.runs.sae_results` names them),
+    or None without a ``comparison.csv`` (every SAE folder is taken)."""
+    csv_file = d / "comparison.csv"
+    if not csv_file.is_file():
+        return None
+    with csv_file.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"method", "width", "sparsity_knob", "sparsity", "seed"} <= set(reader.fieldnames or []):
+            return None
+        rows = list(reader)
+    names = set()
+    for r in rows:
+        with contextlib.suppress(KeyError, ValueError):
+            names.add(f"{r['method']}_w{int(float(r['width']))}_{r['sparsity_knob']}{float(r['sparsity']):g}_seed{int(float(r['seed']))}")
+    return names
+
+
 def _seed_of(path: Path, run: dict[str, Any]) -> int:
     m = _SEED_DIR.fullmatch(path.name)
     return int(m.group(1)) if m else int(run.get("seed", 0))
@@ -346,9 +368,13 @@ def find_lm_run(run_dir: str | Path, config: LMBrowserConfig | None = None) -> L
         skipped += [f"{_shown(p, d)} (all_seeds=False)" for _, _, p in members[len(keep):]]
         decs += [(name, p) for _, name, p in keep]
     sae_groups: dict[str, list[tuple[int, Path]]] = {}
+    scored = _saes_of_comparison(d)
     for cfg_file in sorted((d / "saes").glob(f"*/{CONFIG_FILENAME}")) if (d / "saes").is_dir() else []:
         sd = cfg_file.parent
         if not any(fnmatch.fnmatchcase(sd.name, p) for p in cfg.sae_patterns):
+            continue
+        if scored is not None and sd.name not in scored:  # e.g. a grid cell of an earlier run into this dir
+            skipped.append(f"saes/{sd.name} (not in comparison.csv: left from an earlier grid)")
             continue
         if not (sd / WEIGHTS_FILENAME).is_file():
             skipped.append(f"saes/{sd.name} (no {WEIGHTS_FILENAME})")

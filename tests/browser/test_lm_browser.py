@@ -44,6 +44,7 @@ C = 24
 PROMPT = "Ham.\nTo be, or not to be"
 SAE = "sae_topk_w64_k4"
 TRANSCODER = "transcoder_standard_w32_l1_coeff0.001"
+STALE = "sae_topk_w64_k8"  # an SAE folder of an earlier grid: comparison.csv does not list it
 
 
 def _spd_run(out: Path) -> None:
@@ -75,7 +76,10 @@ def runs(tmp_path_factory):
         save_sae(TopKSAE(TopKSAEConfig(d_in=512, d_sae=64, k=4), g), cmp / "saes" / f"{SAE}_seed{seed}")
     tc = StandardSAEConfig(d_in=128, d_out=128, d_sae=32, apply_b_dec_to_input=False, l1_coeff=1e-3)
     save_sae(StandardSAE(tc, g), cmp / "saes" / f"{TRANSCODER}_seed0")
-    (cmp / "comparison.csv").write_text("method\n")
+    save_sae(TopKSAE(TopKSAEConfig(d_in=512, d_sae=64, k=8), g), cmp / "saes" / f"{STALE}_seed0")  # not in the csv
+    (cmp / "comparison.csv").write_text("method,architecture,seed,width,sparsity_knob,sparsity,l0\n"
+                                        "sae_topk,topk,0,64,k,4.0,4\nsae_topk,topk,1,64,k,4.0,4\n"
+                                        "transcoder_standard,standard,0,32,l1_coeff,0.001,3.5\n")  # fmt: skip
     return spd, cmp
 
 
@@ -114,6 +118,7 @@ def test_families_and_unit_counts(runs, built):
         (f"{TRANSCODER}_seed0", "transcoder feature", 32),
     ]
     assert f"saes/{SAE}_seed1 (all_seeds=False)" in data.meta["left out"]
+    assert f"saes/{STALE}_seed0 (not in comparison.csv: left from an earlier grid)" in data.meta["left out"]
     every = find_lm_run(cmp, LMBrowserConfig(all_seeds=True))
     assert [n for n, _ in every.saes] == [f"{SAE}_seed0", f"{SAE}_seed1", f"{TRANSCODER}_seed0"]
     assert [n for n, _ in find_lm_run(cmp, LMBrowserConfig(sae_patterns=("transcoder_*",))).saes] == [f"{TRANSCODER}_seed0"]
