@@ -76,6 +76,7 @@ from apd.browser.extract import (
     extract_browser_data,
     top_matches,
 )
+from apd.compare.runs import sae_dir_name
 from apd.config import ConfigError
 from apd.decomposition import FILE_NAME, CheckpointError
 from apd.experiment import RUN_FILE, RunArtifacts, load_run
@@ -273,9 +274,8 @@ def _finished_runs_of_comparison(d: Path) -> list[Path]:
 
 
 def _saes_of_comparison(d: Path) -> set[str] | None:
-    """The ``saes/`` folder names of the SAEs a comparison scored (its ``comparison.csv`` rows:
-    ``<method>_w<width>_<knob><value>_seed<s>``, as :func:`apd.compare.runs.sae_results` names them),
-    or None without a ``comparison.csv`` (every SAE folder is taken)."""
+    """The ``saes/`` folder names (:func:`apd.compare.runs.sae_dir_name`) of the SAEs a comparison
+    scored, its ``comparison.csv`` rows; None without one (every SAE folder is taken)."""
     csv_file = d / "comparison.csv"
     if not csv_file.is_file():
         return None
@@ -287,7 +287,8 @@ def _saes_of_comparison(d: Path) -> set[str] | None:
     names = set()
     for r in rows:
         with contextlib.suppress(KeyError, ValueError):
-            names.add(f"{r['method']}_w{int(float(r['width']))}_{r['sparsity_knob']}{float(r['sparsity']):g}_seed{int(float(r['seed']))}")
+            names.add(sae_dir_name(r["method"], int(float(r["width"])), r["sparsity_knob"], float(r["sparsity"]),
+                                   int(float(r["seed"]))))  # fmt: skip
     return names
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "run_decomposition",
     "load_decomposition_run",
     "decomposition_results",
+    "sae_dir_name",
     "train_sae_cell",
     "sae_results",
     "row_logger",
@@ -237,6 +238,11 @@ def _saved_sae(save_dir: Path, sae_cfg: SAEConfig, record: dict[str, Any]) -> tu
     return sae, float(saved["seconds"])
 
 
+def sae_dir_name(name: str, width: int, knob: str, value: float, seed: int) -> str:
+    """The ``saes/`` folder of one SAE grid cell and seed: ``<name>_w<width>_<knob><value>_seed<seed>``."""
+    return f"{name}_w{width}_{knob}{value:g}_seed{seed}"
+
+
 def sae_results(
     cfg: CompareConfig, out: Path, train: Callable[[str, SAEGrid, int, float, int, Path | None], Trained],
     done: Callable[[Trained], None],
@@ -247,7 +253,7 @@ def sae_results(
         for width in grid.widths:
             for value in grid.sparsity_values:
                 for seed in cfg.seeds:
-                    save = out / "saes" / f"{name}_w{width}_{grid.knob}{value:g}_seed{seed}" if cfg.save_models else None
+                    save = out / "saes" / sae_dir_name(name, width, grid.knob, value, seed) if cfg.save_models else None
                     done(train(name, grid, width, value, seed, save))
 
 
