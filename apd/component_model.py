@@ -311,12 +311,20 @@ class ComponentModel(nn.Module):
         weight_delta_masks: Mapping[str, Tensor] | None = None,
         shift: Mapping[str, Tensor] | None = None,
         replace: Mapping[str, Tensor] | None = None,
+        inner_acts: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """``shift`` maps layer names to tensors added to those layers' outputs; ``replace`` maps
         layer names to tensors used as those layers' outputs in place of computing them;
-        ``weight_delta_masks`` maps layer names to the [*lead] mask of their Δ-component (with ``masks``)."""
+        ``weight_delta_masks`` maps layer names to the [*lead] mask of their Δ-component (with ``masks``);
+        ``inner_acts`` maps layer names to their inner activations [*lead, C, m] on the input they will
+        receive in this pass (``layers[n].component_acts(a)``), so that they are not computed again: only
+        valid where that input is what the caller says (e.g. the target's own, when no decomposed layer
+        before it is masked)."""
         overrides: dict[str, Tensor] = {f"{name}.shift": v for name, v in (shift or {}).items()}
         overrides |= {f"{name}.replace": v for name, v in (replace or {}).items()}
+        if inner_acts:
+            self._check_names("inner_acts", inner_acts)
+            overrides |= {f"{name}.inner": v for name, v in inner_acts.items()}
         overrides |= self._per_layer("mask", masks)
         overrides |= self._per_layer("delta", delta)
         if weight_delta_masks:

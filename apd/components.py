@@ -27,6 +27,9 @@ position of its sample.
 - ``replace`` [*lead, d_out]: the output is this tensor whatever the input (no bias added; shift
   still is). It cuts the graph at the layer: derivatives with respect to one layer's output then
   follow only the paths that pass through no other decomposed layer.
+- ``inner`` [*lead, C, m]: the inner activations A_c x of this very input, computed earlier (SPD's
+  step computes them once for the causal-importance functions); used in place of recomputing them.
+  The caller vouches that they belong to the input the layer receives; only the shape is checked.
 
 ``delta`` makes attributions exact one-liners: ∂f/∂t_c at t = 0 is Σ_l ⟨∂f/∂h_l, P_{c,l} a_l⟩
 (the gradient attribution), and t = -e_c gives f(x; θ* - P_c) (the ablation attribution).
@@ -120,13 +123,14 @@ class Components(nn.Module, ABC):
     weight_delta_mask: Tensor | None
     shift: Tensor | None
     replace: Tensor | None
+    inner: Tensor | None
 
     kind: str = "base"
 
     def __init__(self, bias: Tensor | None):
         super().__init__()
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        for name in ("mask", "delta", "weight_delta_mask", "shift", "replace"):
+        for name in ("mask", "delta", "weight_delta_mask", "shift", "replace", "inner"):
             self.register_buffer(name, None, persistent=False)
 
     @property
@@ -174,6 +178,16 @@ class Components(nn.Module, ABC):
         """The leading dimensions of an input: one mask row per such position."""
         return x.shape[:-1]
 
+    def _inner_acts(self, x: Tensor) -> Float[Tensor, "... C m"]:
+        """``component_acts(x)``, or the precomputed ``inner`` buffer when the caller set it."""
+        if self.inner is None:
+            return self.component_acts(x)
+        want = (*self.lead_shape(x), self.C, self.m)
+        if tuple(self.inner.shape) != want:
+            raise ValueError(f"precomputed inner activations have shape {tuple(self.inner.shape)} but this layer's input "
+                             f"needs [*lead, C, m] = {want}; pass the component_acts of the input the layer receives")  # fmt: skip
+        return self.inner
+
     def forward(self, x: Tensor) -> Float[Tensor, "... d_out"]:
         if self.replace is not None:
             return self.replace if self.shift is None else self.replace + self.shift
@@ -181,10 +195,10 @@ class Components(nn.Module, ABC):
         if mask is None:
             y = self.target_forward(x)
             if delta is not None:
-                inner = self.component_acts(x)
+                inner = self._inner_acts(x)
                 y = y + self.combine(inner * _mask_for(delta, inner, "delta"))
         else:
-            inner = self.component_acts(x)
+            inner = self._inner_acts(x)
             s = _mask_for(mask, inner, "mask")
             if self.weight_delta_mask is not None:  # Σ s_c P_c x + w (W x − Σ P_c x)
                 w = self.weight_delta_mask

@@ -219,13 +219,14 @@ def test_seeds_one_at_a_time(benchmark):
 SPD_CASES = {  # the spd_* presets' methods at their batch sizes
     "tms_40_10": (dict(C=200, importance_minimality_coeff=2e-4, pnorm=2.0), 512),
     "resid_mlp_1": (dict(C=100, importance_minimality_coeff=1e-5, pnorm=2.0), 1024),
+    "resid_mlp_3": (dict(C=200, importance_minimality_coeff=1e-5, pnorm=2.0), 1024),
 }
 
 
-def _spd_setup(case: str):
+def _spd_setup(case: str, **extra):
     kwargs, batch = SPD_CASES[case]
     model, tcfg = _target(case)
-    method = method_for(SPDConfig(**kwargs, device=str(DEVICE)))
+    method = method_for(SPDConfig(**kwargs, **extra, device=str(DEVICE)))
     cm = method.build(model.to(DEVICE), tcfg.modules())
     opt = make_optimizer("adam", cm.trainable_parameters().values(), 1e-3)
     x = tcfg.batch(size(batch, 32), torch.Generator().manual_seed(0)).to(DEVICE)
@@ -239,6 +240,41 @@ def test_spd_step(benchmark, case):
     step = iter(range(10**9))
     benchmark(_synced(lambda: train_step(cm, opt, x, method, next(step))))
     benchmark.extra_info["peak_mib"] = _peak_mib(lambda: train_step(cm, opt, x, method, 0))
+
+
+@pytest.mark.parametrize("case", ["resid_mlp_1", "resid_mlp_3"])
+@pytest.mark.benchmark(group="spd_step")
+def test_spd_step_recomputed_inner(benchmark, case, monkeypatch):
+    """The toolkit's step with the reuse of the target pass's inner activations V_cᵀ a switched off:
+    every masked forward computes them again (as before 2026-12-02)."""
+    from apd.methods.spd import SPDStep
+
+    cm, method, opt, x = _spd_setup(case)
+    torch.manual_seed(1)
+    ours = method.loss_terms(cm, x, 0)["total"].item()
+    monkeypatch.setattr(SPDStep, "inner_acts", lambda self, masked: {})
+    torch.manual_seed(1)
+    assert method.loss_terms(cm, x, 0)["total"].item() == pytest.approx(ours, rel=1e-5)
+    step = iter(range(10**9))
+    benchmark(_synced(lambda: train_step(cm, opt, x, method, next(step))))
+
+
+@pytest.mark.parametrize("case", ["resid_mlp_1", "resid_mlp_3"])
+@pytest.mark.benchmark(group="spd_step")
+def test_spd_step_compiled_ci(benchmark, case):
+    """The toolkit's step with ``compile_ci=True`` (the CI MLPs through torch.compile), timed after the
+    compiling warm-up call (its duration in extra_info)."""
+    import time
+
+    if SMOKE:
+        pytest.skip("compiling takes 10-30 s; compile_ci runs in tests/test_spd.py::test_compiled_ci_functions_match_eager")
+    cm, method, opt, x = _spd_setup(case, compile_ci=True)
+    start = time.perf_counter()
+    _synced(lambda: train_step(cm, opt, x, method, 0))()
+    compile_seconds = time.perf_counter() - start
+    step = iter(range(1, 10**9))
+    benchmark(_synced(lambda: train_step(cm, opt, x, method, next(step))))
+    benchmark.extra_info["compile_seconds"] = compile_seconds
 
 
 @pytest.mark.parametrize("case", list(SPD_CASES))

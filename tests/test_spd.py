@@ -73,6 +73,67 @@ def test_delta_component_makes_the_unmasked_model_the_target_whatever_the_compon
         torch.testing.assert_close(cm(x, masks=ones, weight_delta_masks={n: torch.zeros(6) for n in cm.layer_names}), without)
 
 
+class _Twice(nn.Module):
+    """One Linear applied twice: its second call reads what its first wrote."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.sq, self.out = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.sq(torch.relu(self.sq(self.inp(x)))))
+
+
+def test_precomputed_inner_activations_are_used_only_where_a_layer_reads_the_targets_input():
+    model = _mlp()
+    method = method_for(SPDConfig(C=3))
+    cm = method.build(model, ["0", "2"])
+    x = torch.randn(6, 5)
+    ctx = method.step_context(cm, x, 0)
+    assert set(ctx.inner_acts(["0", "2"])) == {"0"}  # all masked: only the first layer sees the target's input
+    assert set(ctx.inner_acts(["2"])) == {"2"}  # masked alone: its input is the target's
+    masks = {n: torch.rand(6, 3) for n in cm.layer_names}
+    for masked in (["0", "2"], ["2"]):
+        m = {n: masks[n] for n in masked}
+        reused = cm(x, masks=m, inner_acts=ctx.inner_acts(masked))
+        torch.testing.assert_close(reused, cm(x, masks=m))
+        (g_reused,) = torch.autograd.grad(reused.sum(), cm.layers[masked[-1]].A, retain_graph=True)
+        (g_fresh,) = torch.autograd.grad(cm(x, masks=m).sum(), cm.layers[masked[-1]].A)
+        torch.testing.assert_close(g_reused, g_fresh)
+    # inner activations of the wrong input shape are refused with the fix
+    with pytest.raises(ValueError, match=r"precomputed inner activations have shape \(2, 3, 1\).*\(6, 3, 1\)"):
+        cm(x, masks=masks, inner_acts={"0": ctx.inner["0"][:2]})
+    # a layer called twice reads its own output the second time: never reused
+    cm2 = method.build(_Twice(), ["inp", "sq", "out"])
+    ctx2 = method.step_context(cm2, x, 0)
+    assert ctx2.call_order == ("inp", "sq", "out") and ctx2.called_once == {"inp", "out"}
+    assert ctx2.inner_acts(["sq"]) == {} and set(ctx2.inner_acts(["out"])) == {"out"}
+    assert set(ctx2.inner_acts(["inp", "sq", "out"])) == {"inp"}
+
+
+def test_the_loss_terms_do_not_change_when_inner_activations_are_reused(monkeypatch):
+    """Same random draws with and without the reuse: the same losses and the same gradients."""
+    from apd.methods.spd import SPDStep
+
+    method = method_for(SPDConfig(C=3, ci_masked_recon_coeff=1.0))
+    cm = method.build(_Twice(), ["inp", "sq", "out"])
+    x = torch.randn(8, 5)
+
+    def run():
+        torch.manual_seed(3)
+        terms = method.loss_terms(cm, x, 0)
+        grads = torch.autograd.grad(terms["total"], list(cm.trainable_parameters().values()))
+        return {k: v.item() for k, v in terms.items()}, grads
+
+    reused, g_reused = run()
+    monkeypatch.setattr(SPDStep, "inner_acts", lambda self, masked: {})
+    fresh, g_fresh = run()
+    assert reused == pytest.approx(fresh, rel=1e-6)
+    for a, b in zip(g_reused, g_fresh):
+        torch.testing.assert_close(a, b)
+
+
 def test_losses_by_hand_on_a_one_matrix_model():
     torch.manual_seed(1)
     lin = nn.Linear(3, 2, bias=False)
@@ -201,6 +262,20 @@ def test_seeds_at_once_equal_single_runs_fed_the_same_batches():
         for n, p in single.params.items():
             torch.testing.assert_close(decs[i].params[n], p, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(decs[0].params["ci_fns.0.layers.net.0.W"], decs[1].params["ci_fns.0.layers.net.0.W"])
+
+
+def test_compiled_ci_functions_match_eager():
+    """compile_ci=True runs the CI functions through torch.compile: the same training trajectory."""
+    batches = [torch.randn(32, 5, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    decs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg = SPDConfig(C=3, steps=6, lr=1e-2, log_every=1, compile_ci=compiled, faithfulness_warmup_steps=2)
+        decs.append(decompose(_mlp(), batches, cfg, ["0", "2"], progress=False))
+    eager, compiled = decs
+    assert eager.history[-1]["total"] == pytest.approx(compiled.history[-1]["total"], rel=1e-4)
+    for n, p in eager.params.items():
+        torch.testing.assert_close(compiled.params[n], p, rtol=1e-4, atol=1e-6)
 
 
 def test_resume_after_a_crash_is_exact(tmp_path):

@@ -26,7 +26,8 @@ reconstruction loss is small (e.g. < 1e-3 of the output's variance) at the small
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
@@ -226,6 +227,22 @@ class SPDStep(StepContext):
     """g per layer use, [*lead, C] (lower-leaky: in [0, 1])"""
     ci_upper: dict[str, Tensor]
     """g⁺ per layer use (upper-leaky) for the minimality loss"""
+    inner: dict[str, Tensor] = field(default_factory=dict)
+    """each layer use's inner activations V_cᵀ a on the target's input a (what the CI functions read)"""
+    call_order: tuple[str, ...] = ()
+    """the layer uses in the order of their first call in the target pass"""
+    called_once: frozenset[str] = frozenset()
+    """the layer uses that the target pass calls exactly once"""
+
+    def inner_acts(self, masked: Collection[str]) -> dict[str, Tensor]:
+        """The inner activations a masked forward can take from the target pass instead of recomputing
+        them: those of the first masked layer use in call order, if it is called once (every layer
+        before it runs at its target weights, so it receives the target's input). With one layer
+        masked (the layerwise loss) that is the layer itself; with all masked, the first one."""
+        for n in self.call_order:
+            if n in masked:
+                return {n: self.inner[n]} if n in self.called_once and n in self.inner else {}
+        return {}
 
     def stochastic_masks(self) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """One draw of m = g + (1 − g)·r per layer, and the Δ-components' masks r_Δ [*lead] (or None)."""
@@ -274,21 +291,35 @@ class SPD(Method):
         cm.set_ci_fns(fns)
         return cm.to(next(iter(cm.target_weights().values())).device)
 
-    def causal_importances(self, cm: ComponentModel, a_in: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(g, g⁺) per layer use from the layers' inputs ``a_in``."""
+    def causal_importances(self, cm: ComponentModel, a_in: Mapping[str, Tensor],
+                           inner: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:  # fmt: skip
+        """(g, g⁺) per layer use from the layers' inputs ``a_in`` (and their inner activations, when
+        already computed)."""
         alpha = self.config.leaky_alpha
         lower, upper = {}, {}
         for n in cm.layer_names:
-            pre = cm.ci_fn(n)(cm.layers[n].component_acts(a_in[n]), a_in[n])
+            acts = inner[n] if inner is not None else cm.layers[n].component_acts(a_in[n])
+            pre = cm.ci_fn(n)(acts, a_in[n])
             lower[n] = lower_leaky_hard_sigmoid(pre, alpha)
             upper[n] = upper_leaky_hard_sigmoid(pre, alpha)
         return lower, upper
 
     def step_context(self, cm: ComponentModel, x: Tensor, step: int, capture: Sequence[str] = ()) -> SPDStep:
-        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True) as a_in:
-            target_out = cm(x)
-        ci, ci_upper = self.causal_importances(cm, a_in)
-        return SPDStep(cm=cm, x=x, config=self.config, step=step, target_out=target_out, ci=ci, ci_upper=ci_upper)
+        calls: list[str] = []
+        hooks = [cm.layers[n].register_forward_pre_hook(lambda mod, args, n=n: calls.append(n)) for n in cm.layer_names]
+        try:
+            with torch.no_grad(), cm.capture(cm.layer_names, inputs=True) as a_in:
+                target_out = cm(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        # computed once with their graph: the CI functions read them, and the masked forwards reuse them
+        # where a layer receives the target's input (SPDStep.inner_acts)
+        inner = {n: cm.layers[n].component_acts(a_in[n]) for n in cm.layer_names}
+        ci, ci_upper = self.causal_importances(cm, a_in, inner)
+        counts = Counter(calls)
+        return SPDStep(cm=cm, x=x, config=self.config, step=step, target_out=target_out, ci=ci, ci_upper=ci_upper,
+                       inner=inner, call_order=tuple(counts), called_once=frozenset(n for n, k in counts.items() if k == 1))  # fmt: skip
 
     def warmup(self, factors: Factors, target_weights: Mapping[str, Tensor]) -> None:
         """The faithfulness warm-up: ``faithfulness_warmup_steps`` AdamW steps on ‖W − Σ_c B_c A_c‖²/N
