@@ -376,23 +376,26 @@ class ComponentModel(nn.Module):
 
     @contextlib.contextmanager
     def capture(
-        self, names: Sequence[str], inputs: bool = False, require_grad: bool = False
+        self, names: Sequence[str], inputs: bool = False, require_grad: bool = False, calls: list[str] | None = None
     ) -> Iterator[dict[str, Tensor]]:
-        """Record the outputs (or inputs) of the named modules during the calls inside the block.
+        """Record the outputs (or inputs) of the named modules during the calls inside the block (a
+        module called twice: its last call).
 
         ``require_grad`` makes each recorded output a graph node even though the target is frozen,
-        so that gradients with respect to it can be taken.
+        so that gradients with respect to it can be taken. ``calls``, when given, gets each named
+        module's name appended at every call, in call order.
 
         Hooks live only for the block; the training step uses it only where a loss or attribution
         needs hidden activations, so the plain masked forward stays hook-free.
         """
-        with cm_capture(self, names, inputs, require_grad) as cache:
+        with cm_capture(self, names, inputs, require_grad, calls) as cache:
             yield cache
 
 
 @contextlib.contextmanager
 def cm_capture(
-    cm: ComponentModel, names: Sequence[str], inputs: bool = False, require_grad: bool = False
+    cm: ComponentModel, names: Sequence[str], inputs: bool = False, require_grad: bool = False,
+    calls: list[str] | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """``ComponentModel.capture`` (see there)."""
     named = dict(cm.model.named_modules())
@@ -406,6 +409,8 @@ def cm_capture(
             if require_grad and not out.requires_grad:
                 out = out.detach().requires_grad_(True)
             cache[name] = args[0] if inputs else out
+            if calls is not None:
+                calls.append(name)
             return out
 
         handles.append(named[name].register_forward_hook(hook))

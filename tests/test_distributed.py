@@ -42,7 +42,7 @@ def test_two_processes_give_the_components_of_one(tmp_path, method):
     assert [h["total"] for h in two["history"]] == pytest.approx([h["total"] for h in one["history"]], rel=1e-4)
 
 
-STEPS = 600  # the kill lands right after the first checkpoint (step 25): hundreds of steps to spare
+STEPS = 300  # the kill lands right after the first checkpoint (step 25): 275 steps to spare
 ARGS = ["experiment=spd_tms_5_2", f"steps={STEPS}", "batch_size=256", "method.checkpoint_every=25", "method.log_every=50",
         "figures=false", "n_eval=1000"]  # fmt: skip
 

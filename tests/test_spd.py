@@ -110,6 +110,13 @@ def test_precomputed_inner_activations_are_used_only_where_a_layer_reads_the_tar
     assert ctx2.call_order == ("inp", "sq", "out") and ctx2.called_once == {"inp", "out"}
     assert ctx2.inner_acts(["sq"]) == {} and set(ctx2.inner_acts(["out"])) == {"out"}
     assert set(ctx2.inner_acts(["inp", "sq", "out"])) == {"inp"}
+    calls: list[str] = []  # what the step context learns them from: the capture's record of every call
+    with torch.no_grad(), cm2.capture(["out", "sq", "inp"], inputs=True, calls=calls) as a_in:
+        cm2(x)
+    assert calls == ["inp", "sq", "sq", "out"]
+    with torch.no_grad():
+        second_input = torch.relu(cm2.layers["sq"](cm2.layers["inp"](x)))
+    torch.testing.assert_close(a_in["sq"], second_input)  # a layer called twice: its last call's input
 
 
 def test_the_loss_terms_do_not_change_when_inner_activations_are_reused(monkeypatch):

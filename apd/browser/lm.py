@@ -285,8 +285,8 @@ def _saes_of_comparison(d: Path) -> set[str] | None:
             return None
         rows = list(reader)
     names = set()
-    for r in rows:
-        with contextlib.suppress(KeyError, ValueError):
+    for r in rows:  # rows without an SAE's numbers (neurons and decompositions: empty width; a short row: None) are not SAEs
+        with contextlib.suppress(TypeError, ValueError):
             names.add(sae_dir_name(r["method"], int(float(r["width"])), r["sparsity_knob"], float(r["sparsity"]),
                                    int(float(r["seed"]))))  # fmt: skip
     return names

@@ -305,14 +305,9 @@ class SPD(Method):
         return lower, upper
 
     def step_context(self, cm: ComponentModel, x: Tensor, step: int, capture: Sequence[str] = ()) -> SPDStep:
-        calls: list[str] = []
-        hooks = [cm.layers[n].register_forward_pre_hook(lambda mod, args, n=n: calls.append(n)) for n in cm.layer_names]
-        try:
-            with torch.no_grad(), cm.capture(cm.layer_names, inputs=True) as a_in:
-                target_out = cm(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        calls: list[str] = []  # the layer uses in call order (decomposed layers are leaf modules)
+        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True, calls=calls) as a_in:
+            target_out = cm(x)
         # computed once with their graph: the CI functions read them, and the masked forwards reuse them
         # where a layer receives the target's input (SPDStep.inner_acts)
         inner = {n: cm.layers[n].component_acts(a_in[n]) for n in cm.layer_names}

@@ -357,3 +357,17 @@ def test_a_comparison_that_scored_runs_from_elsewhere_browses_them(runs, tmp_pat
         [spd.resolve(), (tmp_path / "spd_elsewhere").resolve()])
     units = load_lm_units(layout, LMBrowserConfig(n_windows=2))  # the units of a run from elsewhere load
     assert any(f.name.startswith("spd.seed0") for f in units.families)
+
+
+def test_the_comparison_csv_names_only_its_sae_rows(tmp_path):
+    """The SAE folders a comparison scored come from its csv rows with SAE numbers; the neurons' and
+    decompositions' rows (empty width) and a short row are not SAEs."""
+    from apd.browser.lm import _saes_of_comparison
+
+    assert _saes_of_comparison(tmp_path) is None  # no csv: every SAE folder is taken
+    (tmp_path / "comparison.csv").write_text("method,width,sparsity_knob,sparsity,seed\n"
+                                             "sae_topk,64,k,4.0,0\nneurons,,,,0\nspd,,,,1\nsae_topk,64,k\n"
+                                             "relu_l1,4096,l1_coeff,1.2,1\n")  # fmt: skip
+    assert _saes_of_comparison(tmp_path) == {"sae_topk_w64_k4_seed0", "relu_l1_w4096_l1_coeff1.2_seed1"}
+    (tmp_path / "comparison.csv").write_text("method,l0\nneurons,44\n")  # not a comparison's csv
+    assert _saes_of_comparison(tmp_path) is None
