@@ -357,14 +357,9 @@ class ComponentModel(nn.Module):
         """Run the target once on ``x`` and raise ``ModuleSelectionError`` for every decomposed layer
         whose forward is never called (its parent reads the weight directly, or the layer is unused):
         components there would be silently ignored."""
-        called: set[str] = set()
-        handles = [layer.register_forward_pre_hook(lambda mod, args, n=n: called.add(n)) for n, layer in self.layers.items()]
-        try:
-            with torch.no_grad():
-                self(x)
-        finally:
-            for h in handles:
-                h.remove()
+        called: list[str] = []
+        with torch.no_grad(), cm_capture(self, self.layer_names, calls=called):
+            self(x)
         missing = [n for n in self.layer_names if n not in called]
         if missing:
             raise ModuleSelectionError(

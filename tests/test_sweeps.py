@@ -83,7 +83,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_components(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (killed / "decomposition.pt").exists(), "the run finished before it could be killed"
-    assert not list(killed.glob(".checkpoint.pt.*")) or True  # a temp file may be left; the checkpoint is whole
+    # a temporary file may be left beside it; the checkpoint itself is whole (it loads:)
     assert 500 <= load_decomposition(killed / "checkpoint.pt").step < 1500
 
     proc = _decompose(*args, f"hydra.run.dir={killed}")
