@@ -368,7 +368,7 @@ _LM_TABLE = [
     ("kl", "KL", 4), ("fvu", "FVU", 3), ("fvu_mlp_out", "FVU out", 3), ("n_live", "live", 0), ("n_dead", "dead", 0),
     ("n_ultralow", "ultralow", 0), ("median_log10_density", "med. log10 dens.", 2), ("n_params", "params", None),
     ("bits_per_token", "bits / token", 1), ("seed_cos_out", "seed cos out", 3), ("seed_cos_in", "seed cos in", 3),
-    ("wall_seconds", "s", None),
+    ("seed_act_corr", "seed act. corr", 3), ("wall_seconds", "s", None),
 ]  # fmt: skip
 """the columns of each family's table (apd.compare.lm.LM_COLUMNS)"""
 
@@ -388,7 +388,8 @@ _LM_LEGEND = """Legend (full definitions: the docstring of `apd/compare/lm.py`).
 - **params**: SAE parameters; decompositions: components and causal-importance functions; neurons: the MLP.
 - **bits / token**: L0·(log₂ K + BITS) for SAEs and neurons; the mask bits L0·log₂ C per matrix for decompositions.
 - **seed cos out / in**: Hungarian-matched mean cosine of the live units' output (decoder rows; U_c) / input (encoder
-  columns; V_c) directions between seeds of the same setting (rank-one factors: |cos|).
+  columns; V_c) directions between seeds of the same setting (rank-one factors: |cos|). **seed act. corr**: the same
+  matching by the Pearson correlation of the live units' activations on the tokens (what they do, not where they point).
 - **proxies** (no language-model judge; `apd.browser.extract`): over a unit's TOPK top-activating tokens, the share that are
   its most common token (**top token**) or bigram (**top bigram**); **entropy**: bits of the token it is active on (all
   active tokens). Median and mean over live units; 1 / 1 / 0 = fires on one token only.
@@ -444,11 +445,12 @@ def _lm_proxy_table(groups: list[dict[str, Any]], results: list[Trained]) -> lis
 def _lm_seed_table(table: list[dict[str, Any]], tau: float) -> list[str]:
     if not table:
         return ["(no setting was trained with more than one seed)"]
-    lines = [f"| method | width | setting | seeds | cos out | frac out ≥ {tau:g} | pairs out | cos in | frac in ≥ {tau:g} |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"| method | width | setting | seeds | cos out | frac out ≥ {tau:g} | pairs out | cos in | frac in ≥ {tau:g} | "
+             f"act. corr | frac corr ≥ {tau:g} | pairs corr |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in table:
         lines.append(f"| {r['method']} | {r['width']} | {_setting(r)} | {r['seed_a']}, {r['seed_b']} | {r['cos_out']:.3f} | "
-                     f"{r['frac_out_above']:.3f} | {r['n_out']:.0f} | {r['cos_in']:.3f} | {r['frac_in_above']:.3f} |")  # fmt: skip
+                     f"{r['frac_out_above']:.3f} | {r['n_out']:.0f} | {r['cos_in']:.3f} | {r['frac_in_above']:.3f} | "
+                     f"{_num(r['act_corr'], 3)} | {_num(r['frac_act_above'], 3)} | {r['n_act']:.0f} |")  # fmt: skip
     return lines
 
 
@@ -537,7 +539,9 @@ def lm_markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, compariso
         "## Seed consistency",
         "",
         "Two seeds of one setting: live units matched one-to-one (Hungarian) by cosine of their output (decoder rows; SPD's "
-        "U_c per matrix, pooled) and input (encoder columns; V_c) directions. VPD reports 0.48–0.51 between two seeds.",
+        "U_c per matrix, pooled) and input (encoder columns; V_c) directions, and by the Pearson correlation of their "
+        "activations on the held-out tokens (**act. corr**, per family of units, pooled). VPD reports 0.48–0.51 between two "
+        "seeds.",
         "",
         *_lm_seed_table(comparison.tables.get("seed_consistency", []), app.tau),
         "",

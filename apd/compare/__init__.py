@@ -34,6 +34,7 @@ from apd.compare.lm import (
     lm_best_key,
     lm_training_data,
     logit_scores,
+    matched_correlation,
     matched_cosine,
     proxy_columns,
     rank_one_directions,
@@ -130,6 +131,7 @@ __all__ = [
     # language model
     "LM_COLUMNS", "PROXIES", "LMActivations", "UnitSet", "LMTrained", "lm_activations", "lm_training_data", "logit_scores",
     "splice_scores", "density_columns", "unit_proxies", "proxy_columns", "top_positions", "evaluate_neurons",
-    "evaluate_sae_lm", "rank_one_directions", "evaluate_decomposition_lm", "matched_cosine", "seed_consistency",
+    "evaluate_sae_lm", "rank_one_directions", "evaluate_decomposition_lm", "matched_cosine", "matched_correlation",
+    "seed_consistency",
     "sae_component_relations", "relation_summary", "lm_best_key", "run_lm_comparison",
 ]  # fmt: skip

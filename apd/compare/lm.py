@@ -48,7 +48,12 @@ tokens. Every row has :data:`LM_COLUMNS`:
   (:func:`seed_consistency`): the Hungarian-matched mean cosine of the live units' output
   (decoder rows; SPD / APD: the rank-one U_c) and input (encoder columns; V_c) directions with
   those of each other seed, averaged over the other seeds (rank-one factors: |cos|, their sign is
-  arbitrary).
+  arbitrary). ``seed_act_corr``: the same for what the units *do*: the Hungarian-matched Pearson
+  correlation, over the N tokens, of the live units' activations (as for the proxies) with those of
+  the other seed, per family of units (SAE latents; SPD each matrix; APD its components), pooled
+  (:func:`matched_correlation`; Bricken et al. compare features across runs by activation
+  correlation). Two units that read and write different directions but fire on the same tokens
+  match here, not in the cosines.
 
 How SAE latents relate to components (:func:`sae_component_relations`): for every live latent, the
 best-matching rank-one subcomponent by |cos| of output directions in the MLP output space
@@ -110,6 +115,7 @@ __all__ = [
     "rank_one_directions",
     "evaluate_decomposition_lm",
     "matched_cosine",
+    "matched_correlation",
     "seed_consistency",
     "sae_component_relations",
     "relation_summary",
@@ -125,7 +131,7 @@ LM_COLUMNS = [
     "l0", "loss_recovered", "loss_recovered_thresholded", "kl", "lm_loss", "fvu", "fvu_mlp_out",
     "n_live", "n_dead", "n_ultralow", "median_log10_density", "n_params", "bits_per_token",
     *[f"{p}_{s}" for p in PROXIES for s in ("median", "mean")],
-    "seed_cos_out", "seed_cos_in", "wall_seconds",
+    "seed_cos_out", "seed_cos_in", "seed_act_corr", "wall_seconds",
 ]  # fmt: skip
 """Columns of a language-model comparison row (module docstring)."""
 
@@ -283,6 +289,9 @@ class LMTrained(Trained):
     densities: dict[str, Tensor] = field(default_factory=dict)
     """per family of units (SAE: "latents"; SPD: each matrix; APD: "components"; "neurons"), each
     unit's density on the evaluation tokens (for the log-density histograms)"""
+    acts: dict[str, Tensor] = field(default_factory=dict)
+    """per family of units (not the neurons), the units' activations on the evaluation tokens,
+    [N, U] as a sparse COO tensor (for :func:`matched_correlation`)"""
 
 
 def _empty_arrows(live: Bool[Tensor, " U"]) -> dict[str, Tensor]:
@@ -307,7 +316,7 @@ def evaluate_neurons(
            "fvu": 0.0, "fvu_mlp_out": 0.0, **density_columns(density, ultralow_density), "n_params": float(n_params),
            "bits_per_token": description_length_bits(l0, acts.shape[1], bits_per_value),
            **proxy_columns(unit_proxies(data.tokens, data.logits.shape[-1], acts, proxy_top_k)),
-           "seed_cos_out": math.nan, "seed_cos_in": math.nan}  # fmt: skip
+           "seed_cos_out": math.nan, "seed_cos_in": math.nan, "seed_act_corr": math.nan}  # fmt: skip
     row["wall_seconds"] = time.perf_counter() - t0
     return LMTrained(row=row, **_empty_arrows(density > 0), densities={"neurons": density})
 
@@ -339,11 +348,12 @@ def evaluate_sae_lm(
            **density_columns(density, ultralow_density), "n_params": float(parameter_count(sae)),
            "bits_per_token": description_length_bits(l0, sae.cfg.d_sae, bits_per_value),
            **proxy_columns(unit_proxies(data.tokens, data.logits.shape[-1], acts, proxy_top_k)),
-           "seed_cos_out": math.nan, "seed_cos_in": math.nan}  # fmt: skip
+           "seed_cos_out": math.nan, "seed_cos_in": math.nan, "seed_act_corr": math.nan}  # fmt: skip
     units = UnitSet(space_out="mlp_out" if transcoder else "neurons", space_in="mlp_in" if transcoder else "neurons",
                     write=sae.W_dec.detach().cpu().clone(), read=sae.W_enc.detach().T.cpu().clone(), live=(density > 0).cpu(),
                     top=top_positions(acts, proxy_top_k).cpu(), signed=True)  # fmt: skip
-    return LMTrained(row=row, **_empty_arrows(units.live), units={"latents": units}, densities={"latents": density.cpu()})
+    return LMTrained(row=row, **_empty_arrows(units.live), units={"latents": units}, densities={"latents": density.cpu()},
+                     acts={"latents": acts.cpu().to_sparse()})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +413,7 @@ def evaluate_decomposition_lm(
     proxies = [unit_proxies(x, data.logits.shape[-1], a, proxy_top_k) for a in flat.values()]
     pooled = {p: torch.cat([v[p] for v in proxies]) for p in PROXIES}
     row |= counts | {"n_params": float(sum(t.numel() for t in dec.params.values())), "bits_per_token": mask_bits(masks, tau),
-                     **proxy_columns(pooled), "seed_cos_out": math.nan, "seed_cos_in": math.nan}  # fmt: skip
+                     **proxy_columns(pooled), "seed_cos_out": math.nan, "seed_cos_in": math.nan, "seed_act_corr": math.nan}  # fmt: skip
     details = [{"family": f, "l0": (a > 0).float().sum(-1).mean().item(), **density_columns(densities[f], ultralow_density),
                 **proxy_columns(v)} for (f, a), v in zip(flat.items(), proxies)]  # fmt: skip
 
@@ -415,7 +425,8 @@ def evaluate_decomposition_lm(
         units[n] = UnitSet(space_out=space_out, space_in=space_in, write=U, read=V, live=densities[fam] > 0, top=tops[fam],
                            signed=False)  # fmt: skip
     live = torch.cat([d > 0 for d in densities.values()])
-    return LMTrained(row=row, **_empty_arrows(live), details=details, units=units, densities=densities)  # type: ignore[arg-type]
+    return LMTrained(row=row, **_empty_arrows(live), details=details, units=units, densities=densities,  # type: ignore[arg-type]
+                     acts={f: a.cpu().to_sparse() for f, a in flat.items()})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +443,40 @@ def matched_cosine(a: Float[Tensor, "n d"], b: Float[Tensor, "m d"], signed: boo
     small, large = (a, b) if a.shape[0] <= b.shape[0] else (b, a)
     cos = cosine_matrix(small.double(), large.double())
     _, matched = hungarian_match(cos if signed else cos.abs())
+    return {"mean": matched.mean().item(), "frac_above": (matched >= tau).double().mean().item(), "n": float(matched.numel())}
+
+
+def _column_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per column of the sparse COO ``x`` [N, U], the mean and the mean square (float64)."""
+    x = x.coalesce()
+    col, val = x.indices()[1], x.values().double()
+    zeros = torch.zeros(x.shape[1], dtype=torch.float64)
+    return zeros.index_add(0, col, val) / x.shape[0], zeros.index_add(0, col, val * val) / x.shape[0]
+
+
+def matched_correlation(a: Float[Tensor, "N n"], b: Float[Tensor, "N m"], tau: float = 0.9) -> dict[str, float]:
+    """Seed consistency of what units do: the Pearson correlation over the N tokens of every unit of
+    ``a`` with every unit of ``b`` (activations on the same tokens, dense or sparse COO), the units
+    active (≠ 0) somewhere only; then as :func:`matched_cosine`: the mean correlation of a one-to-one
+    (Hungarian) matching maximising its sum, the fraction ≥ ``tau`` and the number of pairs.
+
+    ``a`` stays sparse (its [n, m] products cost nnz(a)·m); ``b``'s live columns are made dense."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"matched_correlation: the activations cover {a.shape[0]} and {b.shape[0]} tokens; both "
+                         "must be of the same evaluation tokens")  # fmt: skip
+    a, b = (t.to_sparse() if not t.is_sparse else t.coalesce() for t in (a, b))
+    (mean_a, sq_a), (mean_b, sq_b) = _column_moments(a), _column_moments(b)
+    live_a, live_b = (sq_a > 0).nonzero().squeeze(-1), (sq_b > 0).nonzero().squeeze(-1)
+    if live_a.numel() == 0 or live_b.numel() == 0:
+        return {"mean": math.nan, "frac_above": math.nan, "n": 0.0}
+    a, b = a.index_select(1, live_a).coalesce(), b.index_select(1, live_b).to_dense()
+    mean_a, sq_a, mean_b, sq_b = mean_a[live_a], sq_a[live_a], mean_b[live_b], sq_b[live_b]
+    second = torch.sparse.mm(a.t().coalesce().double(), b.double()) / a.shape[0]  # E[a_i b_j], [n, m]
+    std_a, std_b = (sq_a - mean_a**2).clamp_min(0).sqrt(), (sq_b - mean_b**2).clamp_min(0).sqrt()
+    scale = (std_a[:, None] * std_b[None, :]).clamp_min(1e-30)
+    corr = ((second - mean_a[:, None] * mean_b[None, :]) / scale).clamp(-1, 1)
+    corr = torch.where((std_a[:, None] > 0) & (std_b[None, :] > 0), corr, 0.0)  # a constant unit correlates with nothing
+    _, matched = hungarian_match(corr if corr.shape[0] <= corr.shape[1] else corr.T)
     return {"mean": matched.mean().item(), "frac_above": (matched >= tau).double().mean().item(), "n": float(matched.numel())}
 
 
@@ -456,14 +501,17 @@ def _pair_consistency(a: LMTrained, b: LMTrained, tau: float) -> dict[str, float
         pooled = _pooled(parts)
         label = "out" if kind == "write" else "in"
         out |= {f"cos_{label}": pooled["mean"], f"frac_{label}_above": pooled["frac_above"], f"n_{label}": pooled["n"]}
-    return out
+    pooled = _pooled([matched_correlation(acts, b.acts[f], tau) for f, acts in a.acts.items() if f in b.acts])
+    return out | {"act_corr": pooled["mean"], "frac_act_above": pooled["frac_above"], "n_act": pooled["n"]}
 
 
 def seed_consistency(results: list[Trained], tau: float = 0.9) -> list[dict[str, Any]]:
     """For every setting (method × width × sparsity) trained with several seeds, every pair of its
     seeds: the Hungarian-matched mean cosine of their live units' output and input directions
-    (:func:`matched_cosine`, per unit set, pooled by number of pairs) and the fraction ≥ ``tau``.
-    Fills each row's ``seed_cos_out`` / ``seed_cos_in`` with its mean over the pairs it is in;
+    (:func:`matched_cosine`, per unit set, pooled by number of pairs) and the fraction ≥ ``tau``,
+    and the Hungarian-matched correlation of their live units' activations (:func:`matched_correlation`,
+    per family of units, pooled). Fills each row's ``seed_cos_out`` / ``seed_cos_in`` /
+    ``seed_act_corr`` with its mean over the pairs it is in;
     returns the table (one row per pair)."""
     groups: dict[tuple, list[LMTrained]] = {}
     for t in results:
@@ -480,9 +528,9 @@ def seed_consistency(results: list[Trained], tau: float = 0.9) -> list[dict[str,
             per_model.setdefault(i, []).append(c)
             per_model.setdefault(j, []).append(c)
         for i, cs in per_model.items():
-            for label in ("out", "in"):
-                vals = [c[f"cos_{label}"] for c in cs if not math.isnan(c[f"cos_{label}"])]
-                members[i].row[f"seed_cos_{label}"] = statistics.fmean(vals) if vals else math.nan
+            for column, key in (("seed_cos_out", "cos_out"), ("seed_cos_in", "cos_in"), ("seed_act_corr", "act_corr")):
+                vals = [c[key] for c in cs if not math.isnan(c[key])]
+                members[i].row[column] = statistics.fmean(vals) if vals else math.nan
     return table
 
 

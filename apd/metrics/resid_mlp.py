@@ -38,6 +38,7 @@ __all__ = [
     "resid_mlp_run_metrics",
     "spd_neuron_contributions",
     "spd_unit_layers",
+    "layer_neuron_spans",
     "scrub_antiscrub_mse_per_module",
     "resid_mlp_spd_metrics",
 ]
@@ -321,13 +322,23 @@ def spd_neuron_contributions(
     layer's decomposed W_out (the sum of that matrix's subcomponents), on that layer's neurons; the
     neurons of all layers concatenated (zero outside the subcomponent's layer). Also the (module,
     index) of each row."""
-    blocks, units, widths = [], [], [component_weights[w_in].shape[1] for w_in, _ in pairs]
-    for layer, (w_in, w_out) in enumerate(pairs):
+    blocks, units = [], []
+    spans = layer_neuron_spans(component_weights, pairs)
+    total = spans[-1][1]
+    for (w_in, w_out), (start, end) in zip(pairs, spans, strict=True):
         nc = neuron_contributions(W_E, component_weights[w_in], component_weights[w_out].sum(0))  # (C, n, d_mlp_l)
-        before, after = sum(widths[:layer]), sum(widths[layer + 1 :])
-        blocks.append(F.pad(nc, (before, after)))
+        blocks.append(F.pad(nc, (start, total - end)))
         units += [(w_in, c) for c in range(nc.shape[0])]
     return torch.cat(blocks).detach(), units
+
+
+def layer_neuron_spans(
+    component_weights: dict[str, Float[Tensor, "C d_out d_in"]], pairs: Sequence[tuple[str, str]]
+) -> list[tuple[int, int]]:
+    """Each layer's (start, end) in the concatenated neuron axis of :func:`spd_neuron_contributions`
+    (and of :func:`target_neuron_contributions`): its W_in's output widths, in layer order."""
+    ends = torch.tensor([component_weights[w_in].shape[1] for w_in, _ in pairs]).cumsum(0).tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def spd_unit_layers(units: Sequence[tuple[str, int]], pairs: Sequence[tuple[str, str]]) -> Int[Tensor, " U"]:
@@ -380,8 +391,8 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
     ``nc_slope`` sums the best-matching subcomponent of each layer, ``nc_slope/<W_in>`` is each
     layer's own slope on its neurons."""
     cfg, cm, dec = target.config, ctx.cm, ctx.dec
-    pairs = target.mlp_pairs()
-    nc_c, units = spd_neuron_contributions(target.W_E, dec.component_weights(), pairs)
+    pairs, weights = target.mlp_pairs(), dec.component_weights()
+    nc_c, units = spd_neuron_contributions(target.W_E, weights, pairs)
     classes = classify_components(nc_c, threshold)
     best = feature_to_component(nc_c, threshold)
     feature_unit = [units[int(u)] if u >= 0 else None for u in best]
@@ -398,8 +409,7 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
         "scrubbed_mse": scrubbed.nanmean().item(), "antiscrubbed_mse": anti.nanmean().item(),
     }  # fmt: skip
     if len(pairs) > 1:
-        ends = torch.tensor([layer.mlp_in.out_features for layer in target.layers]).cumsum(0).tolist()
-        for layer, ((w_in, _), a, b) in enumerate(zip(pairs, [0, *ends], ends, strict=False)):
+        for layer, ((w_in, _), (a, b)) in enumerate(zip(pairs, layer_neuron_spans(weights, pairs), strict=True)):
             out[f"nc_slope/{w_in}"] = nc_slope(nc_t[:, a:b], nc_c[layer_of == layer][:, :, a:b])
     mses = label_mses(target, monosemantic, ctx.eval_forward, x, resid_mlp_labels(x))
     out["mse_spd_ci_vs_labels"] = mses.pop("mse_topk_vs_labels")

@@ -3,6 +3,7 @@ MLP's own weights score a perfect splice, a zero reconstruction none; seed consi
 SAE-component relations, densities and proxies on hand-made cases; and a shrunk comparison end to end."""
 
 import csv
+import itertools
 import json
 import math
 
@@ -20,6 +21,7 @@ from apd.compare import (
     evaluate_neurons,
     evaluate_sae_lm,
     lm_activations,
+    matched_correlation,
     matched_cosine,
     relation_summary,
     sae_component_relations,
@@ -140,6 +142,27 @@ def test_matched_cosine_by_hand():
     assert math.isnan(matched_cosine(e[:0], e)["mean"])
 
 
+def test_matched_correlation_is_the_best_one_to_one_pearson_matching_by_brute_force():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(60, 4, generator=g) * (torch.rand(60, 4, generator=g) < 0.4)
+    b = torch.rand(60, 5, generator=g) * (torch.rand(60, 5, generator=g) < 0.4)
+    b[:, 2] = 0  # a dead unit takes no part
+    pearson = torch.corrcoef(torch.cat([a, b[:, [0, 1, 3, 4]]], 1).T)[:4, 4:]
+    best = max(sum(pearson[i, p[i]].item() for i in range(4)) / 4 for p in itertools.permutations(range(4)))
+    m = matched_correlation(a.to_sparse(), b)
+    assert m["mean"] == pytest.approx(best) and m["n"] == 4 and m["frac_above"] == 0
+    assert matched_correlation(b, a)["mean"] == pytest.approx(best)  # either side may be the larger
+    # the same units, permuted and rescaled: correlation 1 for every pair
+    same = matched_correlation(a, 3 * a[:, [2, 0, 3, 1]])
+    assert same["mean"] == pytest.approx(1) and same["frac_above"] == 1
+    # anti-correlated units: a hand-worked -1
+    x = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    assert matched_correlation(x, 1 - x)["mean"] == pytest.approx(-1)
+    assert math.isnan(matched_correlation(torch.zeros(4, 2), x)["mean"])
+    with pytest.raises(ValueError, match="same evaluation tokens"):
+        matched_correlation(x, x[:3])
+
+
 def _with_seed(t: LMTrained, seed: int, method: str) -> LMTrained:
     t.row |= {"method": method, "architecture": method, "seed": seed, "width": 512, "sparsity_knob": "k", "sparsity": 1.0}
     return t
@@ -157,10 +180,13 @@ def test_seed_consistency_of_a_model_with_itself_and_a_permuted_copy_is_one(lm):
     assert [(r["method"], r["seed_a"], r["seed_b"]) for r in table] == [("apd", 0, 1), ("tc", 0, 1)]
     for r in table:
         assert r["cos_out"] == pytest.approx(1) and r["cos_in"] == pytest.approx(1) and r["frac_out_above"] == 1
+        assert r["act_corr"] == pytest.approx(1) and r["frac_act_above"] == 1
     for t in decs + saes:
         assert t.row["seed_cos_out"] == pytest.approx(1) and t.row["seed_cos_in"] == pytest.approx(1)
+        assert t.row["seed_act_corr"] == pytest.approx(1)
     # only the live units are matched: the transcoder's and the components' live sets
     assert table[1]["n_out"] == saes[0].row["n_live"] and table[0]["n_out"] == 2 * decs[0].row["n_live"]
+    assert table[1]["n_act"] == saes[0].row["n_live"] and table[0]["n_act"] == decs[0].row["n_live"]  # APD: one family
 
 
 # ------------------------------------------------------------------------------------ SAE vs components
@@ -242,6 +268,7 @@ def test_reduced_lm_comparison_end_to_end(tmp_path):
         assert 0 < v["top_token_frac_median"] <= 1 and v["token_entropy_mean"] >= 0 and v["wall_seconds"] >= 0, r
         if r["method"] != "neurons":
             assert -1 <= v["seed_cos_out"] <= 1 + 1e-6 and -1 <= v["seed_cos_in"] <= 1 + 1e-6, r  # two seeds each
+            assert -1 <= v["seed_act_corr"] <= 1, r
     assert float(rows[0]["loss_recovered"]) == pytest.approx(1) and rows[3]["loss_recovered_thresholded"] != ""
     assert rows[1]["sparsity_knob"] == "topk" and float(rows[1]["l0"]) == pytest.approx(16, abs=0.01)  # APD: 16 per token
     assert float(rows[3]["width"]) == 64 and rows[3]["sparsity_knob"] == "importance_minimality_coeff"

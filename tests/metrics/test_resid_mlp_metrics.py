@@ -13,6 +13,7 @@ from apd.metrics.resid_mlp import (
     neuron_contributions,
     resid_mlp_metrics,
     scrub_antiscrub_mse,
+    layer_neuron_spans,
     spd_neuron_contributions,
     spd_unit_layers,
     target_neuron_contributions,
@@ -226,6 +227,8 @@ def test_spd_nc_slope_of_an_exact_two_layer_decomposition_is_one() -> None:
     nc_c, units = spd_neuron_contributions(model.W_E, weights, model.mlp_pairs())
     layer_of = spd_unit_layers(units, model.mlp_pairs())
     assert layer_of.tolist() == [0] * 6 + [1] * 6
+    assert layer_neuron_spans(weights, model.mlp_pairs()) == [(0, 4), (4, 8)]  # d_mlp 8 split over the two layers
+    assert not nc_c[6:, :, :4].any() and not nc_c[:6, :, 4:].any()  # each piece on its own layer's neurons only
     nc_t = target_neuron_contributions(model)
     assert nc_slope(nc_t, nc_c, layer_of) == pytest.approx(1.0, abs=1e-5)
     assert torch.allclose(matched_neuron_contributions(nc_c, layer_of), nc_t, atol=1e-6)
