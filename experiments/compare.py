@@ -446,11 +446,13 @@ def _lm_seed_table(table: list[dict[str, Any]], tau: float) -> list[str]:
     if not table:
         return ["(no setting was trained with more than one seed)"]
     lines = [f"| method | width | setting | seeds | cos out | frac out ≥ {tau:g} | pairs out | cos in | frac in ≥ {tau:g} | "
-             f"act. corr | frac corr ≥ {tau:g} | pairs corr |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"act. corr | frac corr ≥ {tau:g} | pairs corr | act. corr, both ≥ 1% | pairs ≥ 1% |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in table:
         lines.append(f"| {r['method']} | {r['width']} | {_setting(r)} | {r['seed_a']}, {r['seed_b']} | {r['cos_out']:.3f} | "
                      f"{r['frac_out_above']:.3f} | {r['n_out']:.0f} | {r['cos_in']:.3f} | {r['frac_in_above']:.3f} | "
-                     f"{_num(r['act_corr'], 3)} | {_num(r['frac_act_above'], 3)} | {r['n_act']:.0f} |")  # fmt: skip
+                     f"{_num(r['act_corr'], 3)} | {_num(r['frac_act_above'], 3)} | {r['n_act']:.0f} | "
+                     f"{_num(r['act_corr_frequent'], 3)} | {r['n_act_frequent']:.0f} |")  # fmt: skip
     return lines
 
 
@@ -540,8 +542,8 @@ def lm_markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, compariso
         "",
         "Two seeds of one setting: live units matched one-to-one (Hungarian) by cosine of their output (decoder rows; SPD's "
         "U_c per matrix, pooled) and input (encoder columns; V_c) directions, and by the Pearson correlation of their "
-        "activations on the held-out tokens (**act. corr**, per family of units, pooled). VPD reports 0.48–0.51 between two "
-        "seeds.",
+        "activations on the held-out tokens (**act. corr**, per family of units, pooled; **both ≥ 1%**: over the matched pairs "
+        "whose two units are active on at least 1% of the tokens). VPD reports 0.48–0.51 between two seeds.",
         "",
         *_lm_seed_table(comparison.tables.get("seed_consistency", []), app.tau),
         "",

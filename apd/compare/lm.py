@@ -446,46 +446,58 @@ def matched_cosine(a: Float[Tensor, "n d"], b: Float[Tensor, "m d"], signed: boo
     return {"mean": matched.mean().item(), "frac_above": (matched >= tau).double().mean().item(), "n": float(matched.numel())}
 
 
-def _column_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per column of the sparse COO ``x`` [N, U], the mean and the mean square (float64)."""
+def _column_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per column of the sparse COO ``x`` [N, U], the mean, the mean square and the density (the
+    fraction of rows where it is ≠ 0), float64."""
     x = x.coalesce()
     col, val = x.indices()[1], x.values().double()
     zeros = torch.zeros(x.shape[1], dtype=torch.float64)
-    return zeros.index_add(0, col, val) / x.shape[0], zeros.index_add(0, col, val * val) / x.shape[0]
+    moments = (zeros.index_add(0, col, v) / x.shape[0] for v in (val, val * val, (val != 0).double()))
+    return tuple(moments)  # type: ignore[return-value]
 
 
-def matched_correlation(a: Float[Tensor, "N n"], b: Float[Tensor, "N m"], tau: float = 0.9) -> dict[str, float]:
+def matched_correlation(
+    a: Float[Tensor, "N n"], b: Float[Tensor, "N m"], tau: float = 0.9, frequent: float = 0.01
+) -> dict[str, float]:
     """Seed consistency of what units do: the Pearson correlation over the N tokens of every unit of
     ``a`` with every unit of ``b`` (activations on the same tokens, dense or sparse COO), the units
     active (≠ 0) somewhere only; then as :func:`matched_cosine`: the mean correlation of a one-to-one
-    (Hungarian) matching maximising its sum, the fraction ≥ ``tau`` and the number of pairs.
+    (Hungarian) matching maximising its sum, the fraction ≥ ``tau`` and the number of pairs; and
+    the mean over the matched pairs whose two units are both active on at least ``frequent`` of the
+    tokens (``mean_frequent``, ``n_frequent``: a unit seen on a few tokens has a noisy correlation).
 
     ``a`` stays sparse (its [n, m] products cost nnz(a)·m); ``b``'s live columns are made dense."""
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"matched_correlation: the activations cover {a.shape[0]} and {b.shape[0]} tokens; both "
                          "must be of the same evaluation tokens")  # fmt: skip
     a, b = (t.to_sparse() if not t.is_sparse else t.coalesce() for t in (a, b))
-    (mean_a, sq_a), (mean_b, sq_b) = _column_moments(a), _column_moments(b)
+    (mean_a, sq_a, dens_a), (mean_b, sq_b, dens_b) = _column_moments(a), _column_moments(b)
     live_a, live_b = (sq_a > 0).nonzero().squeeze(-1), (sq_b > 0).nonzero().squeeze(-1)
     if live_a.numel() == 0 or live_b.numel() == 0:
-        return {"mean": math.nan, "frac_above": math.nan, "n": 0.0}
+        return {"mean": math.nan, "frac_above": math.nan, "n": 0.0, "mean_frequent": math.nan, "n_frequent": 0.0}
     a, b = a.index_select(1, live_a).coalesce(), b.index_select(1, live_b).to_dense()
-    mean_a, sq_a, mean_b, sq_b = mean_a[live_a], sq_a[live_a], mean_b[live_b], sq_b[live_b]
+    mean_a, sq_a, dens_a = mean_a[live_a], sq_a[live_a], dens_a[live_a]
+    mean_b, sq_b, dens_b = mean_b[live_b], sq_b[live_b], dens_b[live_b]
     second = torch.sparse.mm(a.t().coalesce().double(), b.double()) / a.shape[0]  # E[a_i b_j], [n, m]
     std_a, std_b = (sq_a - mean_a**2).clamp_min(0).sqrt(), (sq_b - mean_b**2).clamp_min(0).sqrt()
     scale = (std_a[:, None] * std_b[None, :]).clamp_min(1e-30)
     corr = ((second - mean_a[:, None] * mean_b[None, :]) / scale).clamp(-1, 1)
     corr = torch.where((std_a[:, None] > 0) & (std_b[None, :] > 0), corr, 0.0)  # a constant unit correlates with nothing
-    _, matched = hungarian_match(corr if corr.shape[0] <= corr.shape[1] else corr.T)
-    return {"mean": matched.mean().item(), "frac_above": (matched >= tau).double().mean().item(), "n": float(matched.numel())}
+    if corr.shape[0] > corr.shape[1]:
+        corr, dens_a, dens_b = corr.T, dens_b, dens_a
+    match, matched = hungarian_match(corr)
+    both = (dens_a >= frequent) & (dens_b[match] >= frequent)
+    return {"mean": matched.mean().item(), "frac_above": (matched >= tau).double().mean().item(), "n": float(matched.numel()),
+            "mean_frequent": matched[both].mean().item() if both.any() else math.nan, "n_frequent": float(both.sum())}  # fmt: skip
 
 
-def _pooled(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Means of several :func:`matched_cosine` results weighted by their numbers of pairs."""
-    n = sum(p["n"] for p in parts)
-    if n == 0:
-        return {"mean": math.nan, "frac_above": math.nan, "n": 0.0}
-    return {k: sum(p[k] * p["n"] for p in parts if p["n"]) / n for k in ("mean", "frac_above")} | {"n": n}
+def _pooled(parts: list[dict[str, float]], keys: tuple[str, ...] = ("mean", "frac_above"), n: str = "n") -> dict[str, float]:
+    """Means of ``keys`` of several :func:`matched_cosine` / :func:`matched_correlation` results
+    weighted by their numbers of pairs ``n``."""
+    total = sum(p[n] for p in parts)
+    if total == 0:
+        return dict.fromkeys(keys, math.nan) | {n: 0.0}
+    return {k: sum(p[k] * p[n] for p in parts if p[n]) / total for k in keys} | {n: total}
 
 
 def _pair_consistency(a: LMTrained, b: LMTrained, tau: float) -> dict[str, float]:
@@ -501,8 +513,10 @@ def _pair_consistency(a: LMTrained, b: LMTrained, tau: float) -> dict[str, float
         pooled = _pooled(parts)
         label = "out" if kind == "write" else "in"
         out |= {f"cos_{label}": pooled["mean"], f"frac_{label}_above": pooled["frac_above"], f"n_{label}": pooled["n"]}
-    pooled = _pooled([matched_correlation(acts, b.acts[f], tau) for f, acts in a.acts.items() if f in b.acts])
-    return out | {"act_corr": pooled["mean"], "frac_act_above": pooled["frac_above"], "n_act": pooled["n"]}
+    parts = [matched_correlation(acts, b.acts[f], tau) for f, acts in a.acts.items() if f in b.acts]
+    pooled, frequent = _pooled(parts), _pooled(parts, ("mean_frequent",), "n_frequent")
+    return out | {"act_corr": pooled["mean"], "frac_act_above": pooled["frac_above"], "n_act": pooled["n"],
+                  "act_corr_frequent": frequent["mean_frequent"], "n_act_frequent": frequent["n_frequent"]}  # fmt: skip
 
 
 def seed_consistency(results: list[Trained], tau: float = 0.9) -> list[dict[str, Any]]:
@@ -510,7 +524,8 @@ def seed_consistency(results: list[Trained], tau: float = 0.9) -> list[dict[str,
     seeds: the Hungarian-matched mean cosine of their live units' output and input directions
     (:func:`matched_cosine`, per unit set, pooled by number of pairs) and the fraction ≥ ``tau``,
     and the Hungarian-matched correlation of their live units' activations (:func:`matched_correlation`,
-    per family of units, pooled). Fills each row's ``seed_cos_out`` / ``seed_cos_in`` /
+    per family of units, pooled; ``act_corr_frequent`` over the pairs of units both active on ≥ 1% of
+    the tokens). Fills each row's ``seed_cos_out`` / ``seed_cos_in`` /
     ``seed_act_corr`` with its mean over the pairs it is in;
     returns the table (one row per pair)."""
     groups: dict[tuple, list[LMTrained]] = {}

@@ -151,6 +151,7 @@ def test_matched_correlation_is_the_best_one_to_one_pearson_matching_by_brute_fo
     best = max(sum(pearson[i, p[i]].item() for i in range(4)) / 4 for p in itertools.permutations(range(4)))
     m = matched_correlation(a.to_sparse(), b)
     assert m["mean"] == pytest.approx(best) and m["n"] == 4 and m["frac_above"] == 0
+    assert m["mean_frequent"] == pytest.approx(best) and m["n_frequent"] == 4  # every unit fires on > 1% of the rows
     assert matched_correlation(b, a)["mean"] == pytest.approx(best)  # either side may be the larger
     # the same units, permuted and rescaled: correlation 1 for every pair
     same = matched_correlation(a, 3 * a[:, [2, 0, 3, 1]])
@@ -158,6 +159,12 @@ def test_matched_correlation_is_the_best_one_to_one_pearson_matching_by_brute_fo
     # anti-correlated units: a hand-worked -1
     x = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
     assert matched_correlation(x, 1 - x)["mean"] == pytest.approx(-1)
+    rare = matched_correlation(x, 1 - x, frequent=0.6)  # both units fire on half the rows: not "frequent"
+    assert math.isnan(rare["mean_frequent"]) and rare["n_frequent"] == 0 and rare["n"] == 1
+    # one frequent pair (the first units, identical), one pair with a unit on 1 of 4 rows
+    pair = matched_correlation(torch.tensor([[1.0, 0.0], [2.0, 1.0], [0.0, 0.0], [3.0, 0.0]]),
+                               torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), frequent=0.5)  # fmt: skip
+    assert pair["n"] == 2 and pair["n_frequent"] == 1 and pair["mean_frequent"] == pytest.approx(1)
     assert math.isnan(matched_correlation(torch.zeros(4, 2), x)["mean"])
     with pytest.raises(ValueError, match="same evaluation tokens"):
         matched_correlation(x, x[:3])
@@ -180,7 +187,7 @@ def test_seed_consistency_of_a_model_with_itself_and_a_permuted_copy_is_one(lm):
     assert [(r["method"], r["seed_a"], r["seed_b"]) for r in table] == [("apd", 0, 1), ("tc", 0, 1)]
     for r in table:
         assert r["cos_out"] == pytest.approx(1) and r["cos_in"] == pytest.approx(1) and r["frac_out_above"] == 1
-        assert r["act_corr"] == pytest.approx(1) and r["frac_act_above"] == 1
+        assert r["act_corr"] == pytest.approx(1) and r["frac_act_above"] == 1 and r["act_corr_frequent"] == pytest.approx(1)
     for t in decs + saes:
         assert t.row["seed_cos_out"] == pytest.approx(1) and t.row["seed_cos_in"] == pytest.approx(1)
         assert t.row["seed_act_corr"] == pytest.approx(1)
