@@ -440,10 +440,18 @@ def matched_cosine(a: Float[Tensor, "n d"], b: Float[Tensor, "m d"], signed: boo
     fraction of them with cosine ≥ ``tau`` and their number (NaN / 0 when either is empty)."""
     if a.shape[0] == 0 or b.shape[0] == 0:
         return {"mean": math.nan, "frac_above": math.nan, "n": 0.0}
-    small, large = (a, b) if a.shape[0] <= b.shape[0] else (b, a)
-    cos = cosine_matrix(small.double(), large.double())
-    _, matched = hungarian_match(cos if signed else cos.abs())
-    return {"mean": matched.mean().item(), "frac_above": (matched >= tau).double().mean().item(), "n": float(matched.numel())}
+    cos = cosine_matrix(a.double(), b.double())
+    return _one_to_one(cos if signed else cos.abs(), tau)[3]
+
+
+def _one_to_one(sim: Float[Tensor, "n m"], tau: float) -> tuple[bool, Int[Tensor, " k"], Float[Tensor, " k"], dict[str, float]]:
+    """Hungarian matching of the smaller side of ``sim`` to distinct units of the other, maximising the
+    summed similarity: whether the rows are ``sim``'s columns (it had more rows), the index on the other
+    side and the similarity of each of the k = min(n, m) pairs, and their mean, fraction ≥ ``tau`` and k."""
+    flipped = sim.shape[0] > sim.shape[1]
+    match, matched = hungarian_match(sim.T if flipped else sim)
+    summary = {"mean": matched.mean().item(), "frac_above": (matched >= tau).double().mean().item(), "n": float(matched.numel())}
+    return flipped, match, matched, summary
 
 
 def _column_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -483,12 +491,10 @@ def matched_correlation(
     scale = (std_a[:, None] * std_b[None, :]).clamp_min(1e-30)
     corr = ((second - mean_a[:, None] * mean_b[None, :]) / scale).clamp(-1, 1)
     corr = torch.where((std_a[:, None] > 0) & (std_b[None, :] > 0), corr, 0.0)  # a constant unit correlates with nothing
-    if corr.shape[0] > corr.shape[1]:
-        corr, dens_a, dens_b = corr.T, dens_b, dens_a
-    match, matched = hungarian_match(corr)
-    both = (dens_a >= frequent) & (dens_b[match] >= frequent)
-    return {"mean": matched.mean().item(), "frac_above": (matched >= tau).double().mean().item(), "n": float(matched.numel()),
-            "mean_frequent": matched[both].mean().item() if both.any() else math.nan, "n_frequent": float(both.sum())}  # fmt: skip
+    flipped, match, matched, summary = _one_to_one(corr, tau)
+    rows, cols = (dens_b, dens_a) if flipped else (dens_a, dens_b)
+    both = (rows >= frequent) & (cols[match] >= frequent)
+    return summary | {"mean_frequent": matched[both].mean().item() if both.any() else math.nan, "n_frequent": float(both.sum())}
 
 
 def _pooled(parts: list[dict[str, float]], keys: tuple[str, ...] = ("mean", "frac_above"), n: str = "n") -> dict[str, float]:
