@@ -11,7 +11,7 @@ from apd import ComponentModel, ConfigError, ModuleSelectionError, SPDConfig, de
 from apd.ci_functions import MLPCI, SharedMLPCI, VectorMLPCI
 from apd.losses.importance_minimality import importance_minimality_loss
 from apd.methods import method_for
-from apd.methods.spd import annealed_p, lower_leaky_hard_sigmoid, minimality_scale, upper_leaky_hard_sigmoid
+from apd.methods.spd import annealed_p, leaky_hard_sigmoids, lower_leaky_hard_sigmoid, minimality_scale, upper_leaky_hard_sigmoid
 from apd.train import loss_terms
 
 
@@ -31,6 +31,29 @@ def test_upper_leaky_hard_sigmoid():
     torch.testing.assert_close(y, torch.tensor([0.0, 0.25, 1.2]))
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.tensor([0.0, 1.0, 0.1]))
+
+
+def test_fused_leaky_hard_sigmoids_match_the_separate_ones_in_value_and_gradient():
+    # every region (below 0, inside, above 1) with gradients of both signs, and a random bulk
+    x0 = torch.cat([torch.tensor([-1.0, -1.0, 0.5, 0.5, 1.5, 1.5]), torch.randn(500, generator=torch.Generator().manual_seed(0)) * 2])
+    gl = torch.cat([torch.tensor([-2.0, 3.0, -2.0, 3.0, -2.0, 3.0]), torch.randn(500, generator=torch.Generator().manual_seed(1))])
+    gu = torch.cat([torch.tensor([0.5, -0.5, 0.5, -0.5, 0.5, -0.5]), torch.randn(500, generator=torch.Generator().manual_seed(2))])
+    xa, xb = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    lower, upper = leaky_hard_sigmoids(xa, alpha=0.1)
+    torch.testing.assert_close(lower, lower_leaky_hard_sigmoid(x0, 0.1))
+    torch.testing.assert_close(upper, upper_leaky_hard_sigmoid(x0, 0.1))
+    torch.autograd.backward([lower, upper], [gl, gu])
+    torch.autograd.backward([lower_leaky_hard_sigmoid(xb, 0.1), upper_leaky_hard_sigmoid(xb, 0.1)], [gl, gu])
+    torch.testing.assert_close(xa.grad, xb.grad)
+    # hand-worked: below 0 the lower one leaks α·gl only for gl < 0 (the upper one passes nothing);
+    # inside gl + gu; above 1 only the upper one's α·gu
+    torch.testing.assert_close(xa.grad[:6], torch.tensor([-0.2, 0.0, -1.5, 2.5, 0.05, -0.05]))
+    # only one output used: the other's gradient counts as zero
+    xc = x0.clone().requires_grad_()
+    leaky_hard_sigmoids(xc, alpha=0.1)[1].backward(gu)
+    xd = x0.clone().requires_grad_()
+    upper_leaky_hard_sigmoid(xd, 0.1).backward(gu)
+    torch.testing.assert_close(xc.grad, xd.grad)
 
 
 def test_ci_functions_are_per_subcomponent_where_they_should_be():
