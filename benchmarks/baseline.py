@@ -111,3 +111,44 @@ def reference_spd_step(cm: ComponentModel, opt: torch.optim.Optimizer, x: Tensor
     loss.backward()
     opt.step()
     return float(loss.detach())
+
+
+class _LowerLeakyBefore(torch.autograd.Function):
+    """The lower-leaky hard sigmoid as the toolkit computed it before 2026-12-02 (three selects)."""
+
+    @staticmethod
+    def forward(x: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.save_for_backward(inputs[0])
+        ctx.alpha = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        below = torch.where(grad < 0, ctx.alpha * grad, torch.zeros_like(grad))
+        inside = torch.where(x <= 1, grad, torch.zeros_like(grad))
+        return torch.where(x <= 0, below, inside), None
+
+
+def separate_leaky_hard_sigmoids(x: Tensor, alpha: float = 0.01) -> tuple[Tensor, Tensor]:
+    """(lower-leaky, upper-leaky) hard sigmoids as two separate autograd paths, the step before
+    2026-12-02 (what ``apd.methods.spd.leaky_hard_sigmoids`` fuses)."""
+    upper = torch.where(x > 1, 1 + alpha * (x - 1), x.clamp(0, 1))
+    return _LowerLeakyBefore.apply(x, alpha), upper
+
+
+def stochastic_masks_before(self):  # noqa: ANN001, ANN201  (an SPDStep method)
+    """``SPDStep.stochastic_masks`` before 2026-12-02: m = g + (1 − g)·r as three passes."""
+    from apd.distributed import rand_rows
+    from apd.methods.spd import Sampling
+
+    c = self.config
+    masks, deltas = {}, {} if c.delta_component else None
+    for n, g in self.ci.items():
+        masks[n] = g + (1 - g) * rand_rows(g, binary=c.sampling is Sampling.binomial)
+        if deltas is not None:
+            deltas[n] = rand_rows(g[..., 0])
+    return masks, deltas

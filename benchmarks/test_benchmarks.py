@@ -290,6 +290,53 @@ def test_spd_step_baseline(benchmark, case):
     benchmark.extra_info["peak_mib"] = _peak_mib(lambda: reference_spd_step(cm, opt, x, method))
 
 
+def _spd_lm_setup():
+    """spd_lm_1l's method on the shipped language model, one step's batch of 16 windows of 128 tokens."""
+    from apd.lm_target import LMTargetConfig
+    from apd.targets import get_target
+
+    tcfg = LMTargetConfig()
+    model, _ = get_target(tcfg)
+    method = method_for(SPDConfig(C=512, ci_fn="shared_mlp", ci_hidden=[128], output_loss="kl", importance_minimality_coeff=1e-3,
+                                  pnorm=2.0, pnorm_final=1.0, pnorm_anneal_end_frac=0.8, steps=16_000, device=str(DEVICE)))  # fmt: skip
+    cm = method.build(model.to(DEVICE), tcfg.modules())
+    opt = make_optimizer("adam", cm.trainable_parameters().values(), 1e-3)
+    x = tcfg.batch(size(16, 2), torch.Generator().manual_seed(0)).to(DEVICE)
+    return cm, method, opt, x
+
+
+def _squash_setup(case: str):
+    return _spd_lm_setup() if case == "lm_1l" else _spd_setup(case)
+
+
+@pytest.mark.parametrize("case", ["resid_mlp_3", "lm_1l"])
+@pytest.mark.benchmark(group="spd_squash")
+def test_spd_step_fused_squash(benchmark, case):
+    """The toolkit's SPD step: g and g⁺ from one fused autograd node, masks as one lerp."""
+    cm, method, opt, x = _squash_setup(case)
+    step = iter(range(10**9))
+    benchmark(_synced(lambda: train_step(cm, opt, x, method, next(step))))
+
+
+@pytest.mark.parametrize("case", ["resid_mlp_3", "lm_1l"])
+@pytest.mark.benchmark(group="spd_squash")
+def test_spd_step_separate_squash(benchmark, case, monkeypatch):
+    """The same step as before 2026-12-02: the two hard sigmoids as separate autograd paths and the
+    masks g + (1 − g)·r in three passes (the same loss, to rounding)."""
+    import apd.methods.spd as spd
+    from benchmarks.baseline import separate_leaky_hard_sigmoids, stochastic_masks_before
+
+    cm, method, opt, x = _squash_setup(case)
+    torch.manual_seed(1)
+    ours = method.loss_terms(cm, x, 0)["total"].item()
+    monkeypatch.setattr(spd, "leaky_hard_sigmoids", separate_leaky_hard_sigmoids)
+    monkeypatch.setattr(spd.SPDStep, "stochastic_masks", stochastic_masks_before)
+    torch.manual_seed(1)
+    assert method.loss_terms(cm, x, 0)["total"].item() == pytest.approx(ours, rel=1e-5)
+    step = iter(range(10**9))
+    benchmark(_synced(lambda: train_step(cm, opt, x, method, next(step))))
+
+
 DP_STEPS, DP_WINDOWS = size(6, 1), size(32, 4)  # timed steps; global batch (windows of 128 tokens) of the data-parallel benchmark
 
 
