@@ -136,19 +136,11 @@ class _LowerLeakyBefore(torch.autograd.Function):
 def separate_leaky_hard_sigmoids(x: Tensor, alpha: float = 0.01) -> tuple[Tensor, Tensor]:
     """(lower-leaky, upper-leaky) hard sigmoids as two separate autograd paths, the step before
     2026-12-02 (what ``apd.methods.spd.leaky_hard_sigmoids`` fuses)."""
-    upper = torch.where(x > 1, 1 + alpha * (x - 1), x.clamp(0, 1))
-    return _LowerLeakyBefore.apply(x, alpha), upper
+    from apd.methods.spd import upper_leaky_hard_sigmoid
+
+    return _LowerLeakyBefore.apply(x, alpha), upper_leaky_hard_sigmoid(x, alpha)
 
 
-def stochastic_masks_before(self):  # noqa: ANN001, ANN201  (an SPDStep method)
-    """``SPDStep.stochastic_masks`` before 2026-12-02: m = g + (1 − g)·r as three passes."""
-    from apd.distributed import rand_rows
-    from apd.methods.spd import Sampling
-
-    c = self.config
-    masks, deltas = {}, {} if c.delta_component else None
-    for n, g in self.ci.items():
-        masks[n] = g + (1 - g) * rand_rows(g, binary=c.sampling is Sampling.binomial)
-        if deltas is not None:
-            deltas[n] = rand_rows(g[..., 0])
-    return masks, deltas
+def stochastic_mask_before(g: Tensor, r: Tensor) -> Tensor:
+    """``apd.methods.spd.stochastic_mask`` before 2026-12-02: m = g + (1 − g)·r as three passes."""
+    return g + (1 - g) * r

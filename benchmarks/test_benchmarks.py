@@ -324,13 +324,13 @@ def test_spd_step_separate_squash(benchmark, case, monkeypatch):
     """The same step as before 2026-12-02: the two hard sigmoids as separate autograd paths and the
     masks g + (1 − g)·r in three passes (the same loss, to rounding)."""
     import apd.methods.spd as spd
-    from benchmarks.baseline import separate_leaky_hard_sigmoids, stochastic_masks_before
+    from benchmarks.baseline import separate_leaky_hard_sigmoids, stochastic_mask_before
 
     cm, method, opt, x = _squash_setup(case)
     torch.manual_seed(1)
     ours = method.loss_terms(cm, x, 0)["total"].item()
     monkeypatch.setattr(spd, "leaky_hard_sigmoids", separate_leaky_hard_sigmoids)
-    monkeypatch.setattr(spd.SPDStep, "stochastic_masks", stochastic_masks_before)
+    monkeypatch.setattr(spd, "stochastic_mask", stochastic_mask_before)
     torch.manual_seed(1)
     assert method.loss_terms(cm, x, 0)["total"].item() == pytest.approx(ours, rel=1e-5)
     step = iter(range(10**9))

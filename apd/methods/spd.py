@@ -42,8 +42,8 @@ from apd.config import LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, StepContext
 
-__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids", "annealed_p",
-           "minimality_scale"]
+__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
+           "stochastic_mask", "annealed_p", "minimality_scale"]
 
 
 class Sampling(str, Enum):
@@ -112,7 +112,7 @@ def lower_leaky_hard_sigmoid(x: Tensor, alpha: float = 0.01) -> Tensor:
 def upper_leaky_hard_sigmoid(x: Tensor, alpha: float = 0.01) -> Tensor:
     """The minimality loss's squashing: clamp at 0 below, slope α above 1 (so values above 1 are
     still pushed down)."""
-    return torch.add(x.clamp(0, 1), (x - 1).clamp_min(0), alpha=alpha)
+    return torch.where(x > 1, 1 + alpha * (x - 1), x.clamp(0, 1))
 
 
 def leaky_hard_sigmoids(x: Tensor, alpha: float = 0.01) -> tuple[Tensor, Tensor]:
@@ -120,6 +120,11 @@ def leaky_hard_sigmoids(x: Tensor, alpha: float = 0.01) -> tuple[Tensor, Tensor]
     backward (what an SPD step computes for every layer; the same values and gradients, except that
     at x = 0 exactly the upper one's gradient is 0 rather than 1)."""
     return _LeakyHardSigmoids.apply(x, alpha)  # type: ignore[no-any-return]
+
+
+def stochastic_mask(g: Tensor, r: Tensor) -> Tensor:
+    """m = g + (1 − g)·r, computed as r + g·(1 − r) in one pass (and a two-pass backward)."""
+    return torch.lerp(r, g.new_ones(()), g)
 
 
 @dataclass(kw_only=True)
@@ -282,8 +287,7 @@ class SPDStep(StepContext):
         c = self.config
         masks, deltas = {}, {} if c.delta_component else None
         for n, g in self.ci.items():
-            # r + g·(1 − r) = g + (1 − g)·r in one pass (and a two-pass backward)
-            masks[n] = torch.lerp(rand_rows(g, binary=c.sampling is Sampling.binomial), g.new_ones(()), g)
+            masks[n] = stochastic_mask(g, rand_rows(g, binary=c.sampling is Sampling.binomial))
             if deltas is not None:
                 deltas[n] = rand_rows(g[..., 0])
         return masks, deltas
