@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from apd import load_decomposition
 from apd.experiment import DecomposeRun, run_decompose
+from apd.methods import method_for
 from apd.targets import PRETRAINED_DIR, ResidMLPTargetConfig, TMSTargetConfig, get_target, load_target, save_target, train_target
 from experiments import schema
 from experiments.figures import save_figures
@@ -38,6 +39,14 @@ def test_every_experiment_preset_composes_into_a_valid_run(experiment):
     assert app.method.seed == 3 and app.method.steps == 7 and app.steps == 7  # one value, written everywhere
     assert app.method.method == ("spd" if experiment.startswith("spd_") else "apd")
     assert getattr(app.method, "topk", None) is None or app.method.topk <= app.method.C
+
+
+def test_C_per_module_on_the_command_line_reaches_the_built_model():
+    app = OmegaConf.to_object(_compose("decompose", ["experiment=spd_resid_mlp_2", "+method.C_per_module={mlp_out:7}"]))
+    assert app.method.C_per_module == {"mlp_out": 7}
+    target, _ = get_target(app.target)
+    cm = method_for(app.method).build(target, app.target.modules())
+    assert cm.C_per_module() == {"layers.0.mlp_in": 200, "layers.0.mlp_out": 7, "layers.1.mlp_in": 200, "layers.1.mlp_out": 7}
 
 
 MODULE_EXAMPLE = ["target.factory=experiments.examples.mlp:trained_mlp", "target.data=experiments.examples.mlp:batch",

@@ -11,7 +11,7 @@ from apd import ComponentModel, ConfigError, ModuleSelectionError, SPDConfig, de
 from apd.ci_functions import MLPCI, SharedMLPCI, VectorMLPCI
 from apd.losses.importance_minimality import importance_minimality_loss
 from apd.methods import method_for
-from apd.methods.spd import annealed_p, leaky_hard_sigmoids, lower_leaky_hard_sigmoid, minimality_scale, upper_leaky_hard_sigmoid
+from apd.methods.spd import annealed_p, components_per_module, leaky_hard_sigmoids, lower_leaky_hard_sigmoid, minimality_scale, upper_leaky_hard_sigmoid
 from apd.train import loss_terms
 
 
@@ -239,6 +239,7 @@ def test_ci_masks_from_the_component_model():
     [
         ({"ci_fn": "gru"}, "ci_fn='gru'"),
         ({"C": 0}, r"C=0"),
+        ({"C_per_module": {"mlp_out": 0}}, r"C_per_module\['mlp_out'\]=0"),
         ({"importance_minimality_coeff": -1.0}, "importance_minimality_coeff"),
         ({"pnorm": 0.0}, r"pnorm=0.0"),
         ({"pnorm": 3.0}, r"\(0, 2\]"),
@@ -252,6 +253,30 @@ def test_ci_masks_from_the_component_model():
 def test_bad_values_are_one_line_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SPDConfig(**kwargs)
+
+
+def test_C_per_module_by_name_last_part_or_pattern_first_match_wins():
+    names = ["layers.0.mlp_in", "layers.0.mlp_out", "layers.1.mlp_in", "layers.1.mlp_out"]
+    cfg = SPDConfig(C=9, C_per_module={"mlp_out": 3, "layers.1.*": 7})
+    assert components_per_module(cfg, names) == {"layers.0.mlp_in": 9, "layers.0.mlp_out": 3,
+                                                  "layers.1.mlp_in": 7, "layers.1.mlp_out": 3}  # fmt: skip
+    assert components_per_module(SPDConfig(C=9), names) == 9
+    with pytest.raises(ConfigError, match=r"key 'mlp_ot' matches no decomposed module; the modules are \['layers.0.mlp_in'"):
+        components_per_module(SPDConfig(C_per_module={"mlp_ot": 3}), names)
+
+
+def test_C_per_module_gives_each_matrix_its_own_number_through_training_and_reload(tmp_path):
+    cfg = SPDConfig(C=4, C_per_module={"2": 2}, steps=20, lr=1e-2, log_every=10)
+    dec = decompose(_mlp(), _data(), cfg, ["0", "2"], progress=False)
+    w = dec.component_weights()
+    assert w["0"].shape == (4, 4, 5) and w["2"].shape == (2, 3, 4)
+    x = torch.randn(9, 5)
+    ci = dec.component_model.causal_importances(x)
+    assert ci["0"].shape == (9, 4) and ci["2"].shape == (9, 2)
+    loaded = load_decomposition(dec.save(tmp_path))
+    assert loaded.config.C_per_module == {"2": 2} and "C={'0': 4, '2': 2}" in repr(loaded)
+    for n, g in loaded.attach(_mlp()).causal_importances(x).items():
+        torch.testing.assert_close(g, ci[n])
 
 
 def test_a_module_spd_cannot_decompose_is_refused():

@@ -26,6 +26,7 @@ reconstruction loss is small (e.g. < 1e-3 of the output's variance) at the small
 """
 
 import dataclasses
+import fnmatch
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from apd.ci_functions import CIFn, make_ci_fn
-from apd.component_model import ComponentModel, Masks
+from apd.component_model import ComponentModel, Masks, resolve_modules
 from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
@@ -140,6 +141,13 @@ class SPDConfig(MethodConfig):
     # subcomponents and causal importances
     C: int = 20
     """rank-one subcomponents per decomposed matrix (more than the matrix's rank is fine: unused ones die)"""
+    C_per_module: dict[str, int] = field(default_factory=dict)
+    """C for the matrices whose module name matches a key (a name, its last dotted parts such as
+    ``mlp_out`` for every ``layers.*.mlp_out``, or an fnmatch pattern; the first matching key wins);
+    the others get ``C``; a tied second use has its matrix's. On the command line:
+    ``'+method.C_per_module={mlp_in:120,mlp_out:40}'``. Fewer subcomponents where few live makes a step cheaper (3-layer residual MLP, 40 per
+    W_out instead of 200: 1.5x, benchmarks/README.md), but it can cost quality: there it left 96
+    instead of 99 features with a dedicated W_in subcomponent (conf/experiment/spd_resid_mlp_3.yaml)"""
     ci_fn: CIFn = CIFn.mlp
     """causal-importance function: mlp (per subcomponent, on its inner activation: the paper's),
     vector_mlp (per subcomponent, on the layer's input), shared_mlp (one per layer, input to C outputs)"""
@@ -201,6 +209,9 @@ class SPDConfig(MethodConfig):
     def _check_ranges(self) -> None:
         super()._check_ranges()
         need(self.C >= 1, f"SPDConfig.C={self.C}: every matrix needs at least one subcomponent (C >= 1)")
+        for key, n in self.C_per_module.items():
+            need(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+                 f"SPDConfig.C_per_module[{key!r}]={n!r}: every matrix needs a whole number of subcomponents >= 1")  # fmt: skip
         need(all(h >= 1 for h in self.ci_hidden), f"SPDConfig.ci_hidden={self.ci_hidden}: hidden widths must be >= 1")
         need(self.init_scale > 0, f"SPDConfig.init_scale={self.init_scale}: must be > 0")
         need(0 <= self.leaky_alpha < 1, f"SPDConfig.leaky_alpha={self.leaky_alpha}: must lie in [0, 1)")
@@ -297,6 +308,20 @@ class SPDStep(StepContext):
         return {"l0": sum((g > tau).float().sum(-1).mean() for g in self.ci.values())}  # type: ignore[dict-item]
 
 
+def components_per_module(config: SPDConfig, names: Sequence[str]) -> int | dict[str, int]:
+    """``config.C``, or {module: C} when ``C_per_module`` sets some (``names``: the decomposed
+    modules). A key that matches none of them is a ConfigError naming the modules."""
+    if not config.C_per_module:
+        return config.C
+    def matches(name: str, key: str) -> bool:  # the whole name, or its last dotted parts ('mlp_out')
+        return fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(name, "*." + key)
+
+    for key in config.C_per_module:
+        need(any(matches(n, key) for n in names),
+             f"SPDConfig.C_per_module key {key!r} matches no decomposed module; the modules are {list(names)}")  # fmt: skip
+    return {n: next((c for k, c in config.C_per_module.items() if matches(n, k)), config.C) for n in names}
+
+
 def _d_in(cm: ComponentModel, name: str) -> int:
     layer = cm.layers[name]
     if name in cm.tied_names:  # the second use reads in the source's output space
@@ -316,7 +341,8 @@ class SPD(Method):
               seed: int | None = None) -> ComponentModel:  # fmt: skip
         c = self.config
         seed = c.seed if seed is None else seed
-        cm = ComponentModel(target, modules, c.C, rank=1, tied=tied, init_scale=c.init_scale, seed=seed,
+        C = components_per_module(c, resolve_modules(target, modules))
+        cm = ComponentModel(target, modules, C, rank=1, tied=tied, init_scale=c.init_scale, seed=seed,
                             init=ComponentInit.kaiming)  # fmt: skip
         generator = torch.Generator().manual_seed(seed + 1_000_003)  # the CI functions' own stream
         fns = {}
