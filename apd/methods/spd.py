@@ -145,9 +145,10 @@ class SPDConfig(MethodConfig):
     """C for the matrices whose module name matches a key (a name, its last dotted parts such as
     ``mlp_out`` for every ``layers.*.mlp_out``, or an fnmatch pattern; the first matching key wins);
     the others get ``C``; a tied second use has its matrix's. On the command line:
-    ``'+method.C_per_module={mlp_in:120,mlp_out:40}'``. Fewer subcomponents where few live makes a step cheaper (3-layer residual MLP, 40 per
-    W_out instead of 200: 1.5x, benchmarks/README.md), but it can cost quality: there it left 96
-    instead of 99 features with a dedicated W_in subcomponent (conf/experiment/spd_resid_mlp_3.yaml)"""
+    ``'+method.C_per_module={mlp_in:120,mlp_out:40}'``. Fewer subcomponents where few live makes a
+    step cheaper (3-layer residual MLP, 40 per W_out instead of 200: 1.5x, benchmarks/README.md), but
+    it can cost quality: there it left 96 instead of 99 features with a dedicated W_in subcomponent
+    (conf/experiment/spd_resid_mlp_3.yaml)"""
     ci_fn: CIFn = CIFn.mlp
     """causal-importance function: mlp (per subcomponent, on its inner activation: the paper's),
     vector_mlp (per subcomponent, on the layer's input), shared_mlp (one per layer, input to C outputs)"""
@@ -313,6 +314,7 @@ def components_per_module(config: SPDConfig, names: Sequence[str]) -> int | dict
     modules). A key that matches none of them is a ConfigError naming the modules."""
     if not config.C_per_module:
         return config.C
+
     def matches(name: str, key: str) -> bool:  # the whole name, or its last dotted parts ('mlp_out')
         return fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(name, "*." + key)
 
