@@ -42,7 +42,7 @@ RATIOS = [
     ("SPD step, separate hard sigmoids and 3-pass masks / fused: residual MLP 3-layer",
      "test_spd_step_separate_squash[resid_mlp_3]", "test_spd_step_fused_squash[resid_mlp_3]"),
     ("SPD step, residual MLP 3-layer: C 200 for every matrix / 40 for each W_out (C_per_module)",
-     "test_spd_step_w_out_C[200]", "test_spd_step_w_out_C[40]"),
+     "test_spd_step[resid_mlp_3]", "test_spd_step_w_out_C40"),
     ("SPD step, inner activations recomputed / reused: residual MLP 1-layer",
      "test_spd_step_recomputed_inner[resid_mlp_1]", "test_spd_step[resid_mlp_1]"),
     ("SPD step, inner activations recomputed / reused: residual MLP 3-layer",

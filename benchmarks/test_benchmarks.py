@@ -242,13 +242,12 @@ def test_spd_step(benchmark, case):
     benchmark.extra_info["peak_mib"] = _peak_mib(lambda: train_step(cm, opt, x, method, 0))
 
 
-@pytest.mark.parametrize("c_out", [200, 40])
-@pytest.mark.benchmark(group="spd_c_per_module")
-def test_spd_step_w_out_C(benchmark, c_out):
-    """The residual MLP 3-layer step with C 200 for every matrix, and with 40 for each W_out
-    (``C_per_module``; its W_out is one rank-50 mechanism of about 17 live subcomponents)."""
-    cm, method, opt, x = _spd_setup("resid_mlp_3", C_per_module={"mlp_out": c_out})
-    assert cm.C_per_module()["layers.0.mlp_out"] == c_out and cm.C_per_module()["layers.0.mlp_in"] == 200
+@pytest.mark.benchmark(group="spd_step")
+def test_spd_step_w_out_C40(benchmark):
+    """``test_spd_step[resid_mlp_3]`` with 40 subcomponents for each W_out instead of 200 (``C_per_module``;
+    its W_out is one rank-50 mechanism of about 18 live subcomponents)."""
+    cm, method, opt, x = _spd_setup("resid_mlp_3", C_per_module={"mlp_out": 40})
+    assert cm.C_per_module()["layers.0.mlp_out"] == 40 and cm.C_per_module()["layers.0.mlp_in"] == 200
     step = iter(range(10**9))
     benchmark(_synced(lambda: train_step(cm, opt, x, method, next(step))))
     benchmark.extra_info["peak_mib"] = _peak_mib(lambda: train_step(cm, opt, x, method, 0))
