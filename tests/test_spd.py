@@ -9,6 +9,7 @@ from torch import nn
 
 from apd import ComponentModel, ConfigError, ModuleSelectionError, SPDConfig, decompose, decompose_seeds, load_decomposition
 from apd.ci_functions import MLPCI, SharedMLPCI, VectorMLPCI
+from apd import sigmoids
 from apd.losses.importance_minimality import importance_minimality_loss
 from apd.methods import method_for
 from apd.methods.spd import annealed_p, components_per_module, leaky_hard_sigmoids, lower_leaky_hard_sigmoid, minimality_scale, upper_leaky_hard_sigmoid
@@ -54,6 +55,67 @@ def test_fused_leaky_hard_sigmoids_match_the_separate_ones_in_value_and_gradient
     xd = x0.clone().requires_grad_()
     upper_leaky_hard_sigmoid(xd, 0.1).backward(gu)
     torch.testing.assert_close(xc.grad, xd.grad)
+
+
+def _separate_grad(x: torch.Tensor, gl: torch.Tensor, gu: torch.Tensor, alpha: float) -> torch.Tensor:
+    """d/dx of gl·lower(x) + gu·upper(x) through the two separate functions."""
+    xs = x.detach().clone().requires_grad_()
+    torch.autograd.backward([lower_leaky_hard_sigmoid(xs, alpha), upper_leaky_hard_sigmoid(xs, alpha)], [gl, gu])
+    return xs.grad
+
+
+def test_fused_leaky_hard_sigmoids_equal_the_separate_ones_at_the_region_boundaries():
+    # bug (e): the fused node gave the upper-leaky one's gradient 0 at exactly x = 0 (the separate one
+    # passes it: its clamp includes 0), and all-zero rows make x = 0 common at step 0
+    alpha = 0.1
+    edges = torch.tensor([0.0, 0.0, -0.0, 1.0, 1.0, -2.0, -2.0, 3.0, 3.0, 0.5, float("inf"), -float("inf"), float("nan")])
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([edges, torch.randint(-2, 4, (400,), generator=gen).float() / 2])  # half-integers: many exact 0 and 1
+    for trial in range(3):  # random upstream gradients of both signs, each x met with several
+        gl, gu = torch.randn(2, *x.shape, generator=gen)
+        xa = x.clone().requires_grad_()
+        lower, upper = leaky_hard_sigmoids(xa, alpha)
+        torch.testing.assert_close(lower, lower_leaky_hard_sigmoid(x, alpha), equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(upper, upper_leaky_hard_sigmoid(x, alpha), equal_nan=True, rtol=0, atol=0)
+        torch.autograd.backward([lower, upper], [gl, gu])
+        assert torch.equal(xa.grad, _separate_grad(x, gl, gu, alpha)), trial
+    # hand-worked at x = 0 (gl = -2, gu = 0.5): the lower one's leak α·gl plus the whole gu; at x = 1
+    # both pass; at x = 0 with gl > 0 the lower one passes nothing (its leak only raises x)
+    xb = torch.tensor([0.0, 0.0, 1.0], requires_grad=True)
+    torch.autograd.backward(list(leaky_hard_sigmoids(xb, alpha)), [torch.tensor([-2.0, 3.0, -2.0]), torch.tensor([0.5, 0.5, 0.5])])
+    torch.testing.assert_close(xb.grad, torch.tensor([-0.2 + 0.5, 0.5, -1.5]))
+
+
+def test_fused_leaky_hard_sigmoids_under_vmap_equal_the_separate_ones():
+    # the fused node relies on generate_vmap_rule (seeds trained at once vmap the SPD step): per
+    # instance the vmapped gradient is the separate functions' one, boundaries included
+    alpha = 0.05
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(-2, 4, (3, 64), generator=gen).float() / 2
+    gl, gu = torch.randn(2, 3, 64, generator=gen)
+
+    def fused_grad(xi: torch.Tensor, gli: torch.Tensor, gui: torch.Tensor) -> torch.Tensor:
+        return torch.func.vjp(lambda t: sigmoids.leaky_hard_sigmoids(t, alpha), xi)[1]((gli, gui))[0]
+
+    got = torch.func.vmap(fused_grad)(x, gl, gu)
+    for i in range(3):
+        assert torch.equal(got[i], _separate_grad(x[i], gl[i], gu[i], alpha)), i
+    values = torch.func.vmap(lambda t: sigmoids.leaky_hard_sigmoids(t, alpha))(x)
+    assert torch.equal(values[0], lower_leaky_hard_sigmoid(x, alpha)) and torch.equal(values[1], upper_leaky_hard_sigmoid(x, alpha))
+
+
+def test_the_squashing_functions_live_in_a_leaf_module_re_exported_by_spd():
+    import ast
+    import pathlib
+
+    import apd.methods.spd as spd
+
+    for name in sigmoids.__all__:
+        assert getattr(spd, name) is getattr(sigmoids, name)
+    tree = ast.parse(pathlib.Path(sigmoids.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.split(".")[0] == "apd"], imported
 
 
 def test_ci_functions_are_per_subcomponent_where_they_should_be():

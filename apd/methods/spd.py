@@ -42,6 +42,7 @@ from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, StepContext
+from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
 __all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
            "stochastic_mask", "annealed_p", "minimality_scale"]
@@ -52,80 +53,6 @@ class Sampling(str, Enum):
 
     continuous = "continuous"  # r ~ U(0, 1)
     binomial = "binomial"  # r ∈ {0, 1} with probability 1/2 each
-
-
-class _LowerLeakyHardSigmoid(torch.autograd.Function):
-    """clamp(x, 0, 1); below 0 the gradient passes (times α) only when it would raise the value."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
-        return x.clamp(0, 1)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, float], output: Tensor) -> None:
-        x, alpha = inputs
-        ctx.save_for_backward(x)
-        ctx.alpha = alpha
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return torch.where(x <= 0, grad.clamp_max(0) * ctx.alpha, grad * (x <= 1)), None
-
-
-class _LeakyHardSigmoids(torch.autograd.Function):
-    """(lower-leaky, upper-leaky) hard sigmoids of one pre-activation in one autograd node: the SPD
-    step needs both of every g, and one fused backward costs a third of the two separate ones' passes
-    over the [tokens, C] tensors (at x = 0 exactly the upper one's subgradient is taken as 0)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, alpha: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        lower = x.clamp(0, 1)
-        return lower, torch.add(lower, (x - 1).clamp_min_(0), alpha=alpha)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, float], output: tuple[Tensor, Tensor]) -> None:
-        x, alpha = inputs
-        ctx.save_for_backward(x)
-        ctx.alpha = alpha
-
-    @staticmethod
-    def backward(ctx: Any, grad_lower: Tensor | None, grad_upper: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        gl = torch.zeros_like(x) if grad_lower is None else grad_lower
-        gu = torch.zeros_like(x) if grad_upper is None else grad_upper
-        # x <= 0: the lower one's upward leak; (0, 1]: both pass; above 1: the upper one's slope α
-        inside = torch.where(x <= 1, gl + gu, gu * ctx.alpha)
-        return torch.where(x <= 0, gl.clamp_max(0) * ctx.alpha, inside), None
-
-
-def lower_leaky_hard_sigmoid(x: Tensor, alpha: float = 0.01) -> Tensor:
-    """The masks' squashing (SPEC §5.2): forward clamp(x, 0, 1); backward the identity inside
-    (0, 1], zero above 1, and α·grad below 0 only where gradient descent would push x up (so a
-    gate that closed can reopen)."""
-    return _LowerLeakyHardSigmoid.apply(x, alpha)  # type: ignore[no-any-return]
-
-
-def upper_leaky_hard_sigmoid(x: Tensor, alpha: float = 0.01) -> Tensor:
-    """The minimality loss's squashing: clamp at 0 below, slope α above 1 (so values above 1 are
-    still pushed down)."""
-    return torch.where(x > 1, 1 + alpha * (x - 1), x.clamp(0, 1))
-
-
-def leaky_hard_sigmoids(x: Tensor, alpha: float = 0.01) -> tuple[Tensor, Tensor]:
-    """(:func:`lower_leaky_hard_sigmoid`, :func:`upper_leaky_hard_sigmoid`) of ``x`` with one fused
-    backward (what an SPD step computes for every layer; the same values and gradients, except that
-    at x = 0 exactly the upper one's gradient is 0 rather than 1)."""
-    return _LeakyHardSigmoids.apply(x, alpha)  # type: ignore[no-any-return]
-
-
-def stochastic_mask(g: Tensor, r: Tensor) -> Tensor:
-    """m = g + (1 − g)·r, computed as r + g·(1 − r) in one pass (and a two-pass backward)."""
-    return torch.lerp(r, g.new_ones(()), g)
 
 
 @dataclass(kw_only=True)
