@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from apd.config import ConfigError, MethodConfig
+from apd.config import ConfigError, MethodConfig, OutputLoss
 from apd.distributed import is_main, rank_and_world
 from apd.decomposition import CHECKPOINT_NAME, FILE_NAME, Decomposition, config_from, load_decomposition, safe_load
 from apd.evaluation import evaluate
@@ -55,17 +55,20 @@ def cpu_share(parallel_jobs: int | None = None) -> int:
 
 @dataclass(kw_only=True)
 class DecomposeRun:
-    """A decomposition experiment. ``seed``, ``steps`` and ``device`` are the top-level knobs; on
-    construction they are written into ``method`` (its config), and ``steps`` shows the resolved
-    number, so a saved run has one value for each."""
+    """A decomposition experiment. ``seed``, ``steps`` and ``device`` are the top-level knobs: each,
+    when given, is written into ``method`` (its config); left out (None), the method's own value is
+    kept. After construction all three show the resolved values, so a saved run has one value for
+    each. The method's ``output_loss`` left unset (None) becomes the target's (KL for the language
+    model, ``target.loss`` for your own module, else MSE); a value set explicitly is kept."""
 
     target: TargetConfig = field(default_factory=TMSTargetConfig)
     method: MethodConfig = field(default_factory=APDConfig)
-    seed: int = 0
-    """seed of the components' initialisation and of the data stream"""
+    seed: int | None = None
+    """seed of the components' initialisation and of the data stream (None: method.seed)"""
     steps: int | None = None
     """training steps (None: method.steps)"""
-    device: str = "cpu"
+    device: str | None = None
+    """torch device (None: method.device)"""
     batch_size: int = 2048
     threads: int = 0
     """torch intra-op threads for this run; 0 (the default) = automatic: the job's SLURM allocation
@@ -82,20 +85,15 @@ class DecomposeRun:
             raise ConfigError(f"batch_size={self.batch_size}, threads={self.threads}, n_eval={self.n_eval}, "
                               f"n_seeds={self.n_seeds}: batch_size, n_eval and n_seeds must be >= 1, threads >= 0 "
                               "(0 = automatic)")  # fmt: skip
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device={self.device!r} but no CUDA device is available here; use device=cpu")
-        steps = self.method.steps if self.steps is None else self.steps
-        changes: dict[str, Any] = {"seed": self.seed, "steps": steps, "device": self.device}
-        if hasattr(self.method, "output_loss"):
-            changes["output_loss"] = self._output_loss()
+        # each top-level knob left out (None) takes the method's value; one given is written into the method
+        knobs = {"seed": self.seed, "steps": self.steps, "device": self.device}
+        changes: dict[str, Any] = {k: getattr(self.method, k) if v is None else v for k, v in knobs.items()}
+        if getattr(self.method, "output_loss", OutputLoss.mse) is None:  # unset: the target decides
+            changes["output_loss"] = self.target.output_loss()
         self.method = dataclasses.replace(self.method, **changes)
-        self.steps = steps
-
-    def _output_loss(self) -> Any:
-        """The target's output distance, unless the method config asks for another explicitly."""
-        default = type(self.method)().output_loss  # type: ignore[attr-defined]
-        chosen = self.method.output_loss  # type: ignore[attr-defined]
-        return self.target.output_loss() if chosen == default else chosen
+        self.seed, self.steps, self.device = changes["seed"], changes["steps"], changes["device"]
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device={self.device!r} but no CUDA device is available here; use device=cpu")
 
     def identity(self) -> dict[str, Any]:
         """What determines the run's results (not threads, device or where it writes): compared

@@ -469,4 +469,4 @@ def decompose_seeds(
         raise ConfigError(f"seeds={seeds} repeats a seed; give distinct seeds")
     run_method = _vectorisable(method)
     return _train(model, data, run_method, modules, seeds, True, tied, callback, checkpoint_dir, resume, progress,
-                  recorded=config)
+                  recorded=method.config)  # as given (output_loss resolved), before the changes vmap needs

@@ -53,6 +53,50 @@ MODULE_EXAMPLE = ["target.factory=experiments.examples.mlp:trained_mlp", "target
                   "target.decompose=[0,2]"]  # fmt: skip
 
 
+def test_an_explicit_output_loss_is_kept_and_an_unset_one_is_the_targets():
+    # bug (a): DecomposeRun took "equal to the default" for "not set", so an explicit
+    # output_loss=mse on the language model (KL target) silently became KL, and on target=module
+    # with loss=kl likewise
+    from apd import APDConfig, OutputLoss, SPDConfig
+    from apd.targets import ModuleTargetConfig
+
+    lm = OmegaConf.to_object(_compose("decompose", ["experiment=spd_lm_1l"])).target
+    module = ModuleTargetConfig(factory="experiments.examples.mlp:trained_mlp", data="experiments.examples.mlp:batch",
+                                decompose=["0", "2"], loss="kl")  # fmt: skip
+    for cls in (SPDConfig, APDConfig):
+        for target in (lm, module):
+            assert DecomposeRun(target=target, method=cls(output_loss="mse")).method.output_loss is OutputLoss.mse
+            assert DecomposeRun(target=target, method=cls()).method.output_loss is OutputLoss.kl  # unset: the target's
+        assert DecomposeRun(target=TMSTargetConfig(), method=cls(output_loss="kl")).method.output_loss is OutputLoss.kl
+        assert DecomposeRun(target=TMSTargetConfig(), method=cls()).method.output_loss is OutputLoss.mse
+        assert method_for(cls()).config.output_loss is OutputLoss.mse  # no target config (plain decompose): mse
+    # the command line: python -m experiments.decompose experiment=spd_lm_1l method.output_loss=mse
+    for experiment in ("spd_lm_1l", "apd_lm_1l"):
+        app = OmegaConf.to_object(_compose("decompose", [f"experiment={experiment}", "method.output_loss=mse"]))
+        assert app.method.output_loss is OutputLoss.mse and method_for(app.method).config.output_loss is OutputLoss.mse
+        assert "output_loss: mse" in OmegaConf.to_yaml(OmegaConf.structured(app))  # what config.yaml records
+        unset = OmegaConf.to_object(_compose("decompose", [f"experiment={experiment}", "method.output_loss=null"]))
+        assert unset.method.output_loss is OutputLoss.kl
+    own = ["experiment=spd_tms_5_2", "target=module", *MODULE_EXAMPLE, "target.loss=kl"]
+    assert OmegaConf.to_object(_compose("decompose", [*own, "method.output_loss=mse"])).method.output_loss is OutputLoss.mse
+    assert OmegaConf.to_object(_compose("decompose", own)).method.output_loss is OutputLoss.kl
+
+
+def test_a_seed_or_device_set_on_the_method_alone_is_kept():
+    # the same bug for the top-level knobs: DecomposeRun wrote its default seed 0 and device cpu over
+    # an explicit method.seed / method.device (a given top-level value still wins)
+    from apd import SPDConfig
+
+    run = DecomposeRun(target=TMSTargetConfig(), method=SPDConfig(seed=4, device="cpu:0"))
+    assert (run.seed, run.method.seed, run.device, run.method.device) == (4, 4, "cpu:0", "cpu:0")
+    run = DecomposeRun(target=TMSTargetConfig(), method=SPDConfig(seed=4), seed=2)
+    assert (run.seed, run.method.seed, run.device, run.method.device) == (2, 2, "cpu", "cpu")
+    app = OmegaConf.to_object(_compose("decompose", ["experiment=spd_tms_5_2", "method.seed=4"]))
+    assert app.seed == 4 and app.method.seed == 4
+    app = OmegaConf.to_object(_compose("decompose", ["experiment=spd_tms_5_2", "method.seed=4", "seed=2"]))
+    assert app.seed == 2 and app.method.seed == 2
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_target_composes(target):
     app = OmegaConf.to_object(_compose("train_target", [f"target={target}"] + (MODULE_EXAMPLE if target == "module" else [])))

@@ -7,9 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from apd import ComponentModel, ConfigError, ModuleSelectionError, SPDConfig, decompose, decompose_seeds, load_decomposition
+from apd import ComponentModel, ConfigError, ModuleSelectionError, SPDConfig, decompose, decompose_seeds, load_decomposition, sigmoids
 from apd.ci_functions import MLPCI, SharedMLPCI, VectorMLPCI
-from apd import sigmoids
 from apd.losses.importance_minimality import importance_minimality_loss
 from apd.methods import method_for
 from apd.methods.spd import annealed_p, components_per_module, leaky_hard_sigmoids, lower_leaky_hard_sigmoid, minimality_scale, upper_leaky_hard_sigmoid
@@ -325,6 +324,30 @@ def test_C_per_module_by_name_last_part_or_pattern_first_match_wins():
     assert components_per_module(SPDConfig(C=9), names) == 9
     with pytest.raises(ConfigError, match=r"key 'mlp_ot' matches no decomposed module; the modules are \['layers.0.mlp_in'"):
         components_per_module(SPDConfig(C_per_module={"mlp_ot": 3}), names)
+
+
+def test_a_C_per_module_key_that_would_do_nothing_is_refused():
+    # bug (c): a key matching only a tied second use (TMS's dec, tied to enc) was accepted and did
+    # nothing (the use has its matrix's subcomponents); so was a key shadowed by an earlier one
+    from apd.toy_models.tms import TMS, TMSConfig
+
+    spd = lambda **kw: method_for(SPDConfig(C=4, **kw))  # noqa: E731
+    tms = TMS(TMSConfig(n_features=5, n_hidden=2))
+    with pytest.raises(ConfigError, match=r"key 'dec' matches only 'dec', the tied second use of 'enc' .* "
+                                          r"set the key for the source matrix instead: C_per_module=\{'enc': 3\}$"):
+        spd(C_per_module={"dec": 3}).build(tms, ["enc", "dec"])
+    assert spd(C_per_module={"enc": 3}).build(tms, ["enc", "dec"]).C_per_module() == {"enc": 3, "dec": 3}
+    assert spd(C_per_module={"*": 3}).build(tms, ["enc", "dec"]).C_per_module() == {"enc": 3, "dec": 3}  # matches enc too
+    # a declared tie between plain nn.Linear layers
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 5))
+    with torch.no_grad():
+        mlp[2].weight.copy_(mlp[0].weight.T)
+    with pytest.raises(ConfigError, match=r"key '2' matches only '2', the tied second use of '0'"):
+        spd(C_per_module={"2": 2}).build(mlp, ["0", "2"], tied={"2": "0"})
+    with pytest.raises(ConfigError, match=r"key '0' is shadowed by earlier keys on every matrix it matches \(\['0'\]\)"):
+        spd(C_per_module={"*": 2, "0": 3}).build(_mlp(), ["0", "2"])
+    assert spd(C_per_module={"0": 3, "*": 2}).build(_mlp(), ["0", "2"]).C_per_module() == {"0": 3, "2": 2}
 
 
 def test_C_per_module_gives_each_matrix_its_own_number_through_training_and_reload(tmp_path):

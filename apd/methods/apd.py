@@ -68,7 +68,10 @@ class APDConfig(MethodConfig):
     schatten_p: float = 1.0
     schatten_eps: float = 1e-12
     """added inside the Schatten power: the gradient of x^(p/2) blows up at 0"""
-    output_loss: OutputLoss = OutputLoss.mse
+    output_loss: OutputLoss | None = None
+    """D of the minimality loss: mse, or kl to the target's logits; None (unset): the target's
+    (``DecomposeRun``: kl for the language model, ``target.loss`` for your own module, else mse),
+    mse where no target config is given (``decompose``)"""
     act_recon_coeff: float | None = None
     """coefficient of the hidden-activation reconstruction loss; None = off"""
     act_recon_modules: list[str] = field(default_factory=list)

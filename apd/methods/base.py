@@ -9,6 +9,7 @@ seeds, with one checkpoint format; what a method saves is its component model's 
 (``ComponentModel.trainable_parameters``) and its config.
 """
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from apd.component_model import ComponentModel, Masks
-from apd.config import MethodConfig
+from apd.config import MethodConfig, OutputLoss
 from apd.losses import Loss, losses_for
 from apd.optim import lr_at_step
 
@@ -69,6 +70,8 @@ class Method(ABC):
     def __init__(self, config: MethodConfig):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        if getattr(config, "output_loss", OutputLoss.mse) is None:  # unset, and no target config decided it
+            config = dataclasses.replace(config, output_loss=OutputLoss.mse)  # type: ignore[call-arg]
         self.config = config
         self.losses: list[Loss] = losses_for(self.name, config)
         self._compiled = None

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from apd.ci_functions import CIFn, make_ci_fn
 from apd.component_model import ComponentModel, Masks, resolve_modules
 from apd.components import ComponentInit, EmbeddingComponents
-from apd.config import LRSchedule, MethodConfig, OutputLoss, need
+from apd.config import ConfigError, LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, StepContext
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
@@ -71,7 +71,8 @@ class SPDConfig(MethodConfig):
     C_per_module: dict[str, int] = field(default_factory=dict)
     """C for the matrices whose module name matches a key (a name, its last dotted parts such as
     ``mlp_out`` for every ``layers.*.mlp_out``, or an fnmatch pattern; the first matching key wins);
-    the others get ``C``; a tied second use has its matrix's. On the command line:
+    the others get ``C``; a tied second use has its matrix's (a key that matches only such a use, or
+    that earlier keys shadow everywhere, is refused: it would do nothing). On the command line:
     ``'+method.C_per_module={mlp_in:120,mlp_out:40}'``. Fewer subcomponents where few live makes a
     step cheaper (3-layer residual MLP, 40 per W_out instead of 200: 1.5x, benchmarks/README.md), but
     it can cost quality: there it left 96 instead of 99 features with a dedicated W_in subcomponent
@@ -121,8 +122,10 @@ class SPDConfig(MethodConfig):
     sampling: Sampling = Sampling.continuous
     delta_component: bool = True
     """add Δ = W − Σ_c U_c V_cᵀ under its own random mask in the stochastic losses"""
-    output_loss: OutputLoss = OutputLoss.mse
-    """D of the reconstruction losses: mse, or kl to the target's logits (language models)"""
+    output_loss: OutputLoss | None = None
+    """D of the reconstruction losses: mse, or kl to the target's logits (language models); None
+    (unset): the target's (``DecomposeRun``: kl for the language model, ``target.loss`` for your own
+    module, else mse), mse where no target config is given (``decompose``)"""
 
     # before the main steps
     faithfulness_warmup_steps: int = 200
@@ -236,19 +239,41 @@ class SPDStep(StepContext):
         return {"l0": sum((g > tau).float().sum(-1).mean() for g in self.ci.values())}  # type: ignore[dict-item]
 
 
+def _key_matches(name: str, key: str) -> bool:
+    """A ``C_per_module`` key matches the whole name, or its last dotted parts ('mlp_out')."""
+    return fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(name, "*." + key)
+
+
 def components_per_module(config: SPDConfig, names: Sequence[str]) -> int | dict[str, int]:
     """``config.C``, or {module: C} when ``C_per_module`` sets some (``names``: the decomposed
     modules). A key that matches none of them is a ConfigError naming the modules."""
     if not config.C_per_module:
         return config.C
-
-    def matches(name: str, key: str) -> bool:  # the whole name, or its last dotted parts ('mlp_out')
-        return fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(name, "*." + key)
-
     for key in config.C_per_module:
-        need(any(matches(n, key) for n in names),
+        need(any(_key_matches(n, key) for n in names),
              f"SPDConfig.C_per_module key {key!r} matches no decomposed module; the modules are {list(names)}")  # fmt: skip
-    return {n: next((c for k, c in config.C_per_module.items() if matches(n, k)), config.C) for n in names}
+    return {n: next((c for k, c in config.C_per_module.items() if _key_matches(n, k)), config.C) for n in names}
+
+
+def _check_C_per_module_keys(config: SPDConfig, matrices: Sequence[str], tied: Mapping[str, str]) -> None:
+    """Refuse a ``C_per_module`` key that would do nothing: one that matches only tied second uses
+    (``tied``: {second use: its matrix}; such a use has its matrix's subcomponents), or one that an
+    earlier key shadows on every matrix it matches (the first matching key wins)."""
+    for key in config.C_per_module:
+        uses = [n for n in tied if _key_matches(n, key)]
+        if uses and not any(_key_matches(n, key) for n in matrices):
+            raise ConfigError(
+                f"SPDConfig.C_per_module key {key!r} matches only {', '.join(repr(u) for u in uses)}, the tied second use "
+                f"of {', '.join(repr(tied[u]) for u in uses)} (one matrix, its subcomponents shared), so it would do nothing; "
+                f"set the key for the source matrix instead: C_per_module={{{tied[uses[0]]!r}: {config.C_per_module[key]}}}"
+            )
+    winners = {next(k for k in config.C_per_module if _key_matches(n, k)) for n in matrices
+               if any(_key_matches(n, k) for k in config.C_per_module)}  # fmt: skip
+    for key in config.C_per_module:
+        hit = [n for n in matrices if _key_matches(n, key)]
+        if hit and key not in winners:
+            raise ConfigError(f"SPDConfig.C_per_module key {key!r} is shadowed by earlier keys on every matrix it matches "
+                              f"({hit}): the first matching key wins, so it would do nothing; put it before the broader key")  # fmt: skip
 
 
 def _d_in(cm: ComponentModel, name: str) -> int:
@@ -273,6 +298,7 @@ class SPD(Method):
         C = components_per_module(c, resolve_modules(target, modules))
         cm = ComponentModel(target, modules, C, rank=1, tied=tied, init_scale=c.init_scale, seed=seed,
                             init=ComponentInit.kaiming)  # fmt: skip
+        _check_C_per_module_keys(c, cm.matrix_names, cm.tied_names)
         generator = torch.Generator().manual_seed(seed + 1_000_003)  # the CI functions' own stream
         fns = {}
         for n in cm.layer_names:
