@@ -16,7 +16,7 @@ from apd.ci_functions import CIFn
 from apd.methods import METHODS, APDConfig, Method, SPDConfig
 from apd.optim import OPTIMIZERS
 from apd.topk import topk_mask
-from apd.train import NonFiniteLossError, decompose, decompose_seeds, loss_terms, train_step
+from apd.train import NonFiniteLossError, NonFiniteTargetError, decompose, decompose_seeds, loss_terms, train_step
 
 __all__ = [
     "APDConfig",
@@ -52,4 +52,5 @@ __all__ = [
     "ModuleSelectionError",
     "CheckpointError",
     "NonFiniteLossError",
+    "NonFiniteTargetError",
 ]

@@ -21,6 +21,7 @@ the checkpoints (with every rank's RNG state).
 """
 
 import json
+import math
 import random
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -49,8 +50,8 @@ from apd.distributed import (
 )
 from apd.methods import Factors, InstanceView, Method, method_for
 
-__all__ = ["decompose", "decompose_seeds", "train_step", "loss_terms", "as_floats", "NonFiniteLossError", "CHECKPOINT_NAME",
-           "VECTORISABLE_OPTIMIZERS", "LogCallback", "SeedsCallback"]  # fmt: skip
+__all__ = ["decompose", "decompose_seeds", "train_step", "loss_terms", "as_floats", "NonFiniteLossError", "NonFiniteTargetError",
+           "check_target_finite", "CHECKPOINT_NAME", "VECTORISABLE_OPTIMIZERS", "LogCallback", "SeedsCallback"]  # fmt: skip
 
 LogCallback = Callable[[int, dict[str, float]], None]
 """``callback(step, terms)``, every ``log_every`` steps"""
@@ -62,7 +63,13 @@ VECTORISABLE_OPTIMIZERS = ("adam", "adamw")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the components were not updated with it."""
+    """The loss became NaN or infinite; the components were not updated with it. The message says
+    which loss term, and the cause: a NaN/inf in the input batch (named by its step and rows), an
+    earlier update that left NaN/inf in the components, or a loss that overflowed."""
+
+
+class NonFiniteTargetError(ValueError):
+    """The target model holds a NaN or infinite weight (checked once before training)."""
 
 
 def as_floats(terms: dict[str, Tensor | float]) -> dict[str, float]:
@@ -90,14 +97,43 @@ def _factors(cm: ComponentModel, params: dict[str, Tensor]) -> Factors:
                    B={n: params[cm.param_name(n, "B")] for n in cm.matrix_names})  # fmt: skip
 
 
-def _nan_message(step: int, terms: dict[str, float], x: Tensor, which: str = "") -> str:
+def _nan_message(step: int, terms: dict[str, float], x: Tensor, params: dict[str, Tensor], which: str = "") -> str:
+    """Why the loss of ``step`` is non-finite (called only then): the input batch ``x``, the trained
+    tensors ``params`` (one instance's), or else the loss itself overflowed. The target's weights
+    were checked before training (:func:`check_target_finite`)."""
+    bad = [k for k, v in terms.items() if not math.isfinite(v) and k != "total"] or ["total"]
     vals = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-    hint = (
-        "the input batch itself contains NaN/inf: clean the data"
-        if x.is_floating_point() and not torch.isfinite(x).all()
-        else "lower lr, set grad_clip_norm, or lower the coefficients"
-    )
-    return f"non-finite loss at step {step}{which} ({vals}); the components were not updated with it; {hint}"
+    head = (f"non-finite loss at step {step}{which}: {', '.join(bad)} ({vals}); the components were not updated "
+            "with it (a checkpoint written before stays as it was); ")  # fmt: skip
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        rows = (~torch.isfinite(x)).reshape(len(x), -1).any(1).nonzero().flatten().tolist() if x.dim() else []
+        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+        return head + (f"cause: the input batch of step {step} contains NaN/inf (in {len(rows)} of its {len(x)} rows: {shown}); "
+                       "the data is broken, not the training: clean the data")  # fmt: skip
+    broken = [n.removeprefix("model.") for n, p in params.items() if not torch.isfinite(p).all()]
+    if broken:
+        return head + (f"cause: training diverged: an earlier update left NaN/inf in {broken}; lower lr, set "
+                       "grad_clip_norm, or lower the coefficients")  # fmt: skip
+    x_max = f"{x.abs().max().item():.3g}" if x.is_floating_point() and x.numel() else "-"
+    p_max = max((p.detach().abs().max().item() for p in params.values() if p.numel()), default=0.0)
+    return head + (f"cause: the loss overflowed during training (the input batch, the target's weights and the components "
+                   f"are finite; largest |input| {x_max}, largest |component value| {p_max:.3g}); lower lr, set "
+                   "grad_clip_norm, or lower the coefficients")  # fmt: skip
+
+
+def check_target_finite(model: nn.Module) -> None:
+    """Raise :class:`NonFiniteTargetError` naming the first parameter or floating buffer of ``model``
+    that holds a NaN/inf (a broken target: every loss would be non-finite whatever the settings)."""
+    with torch.no_grad():
+        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    n_bad = int((~torch.isfinite(t)).sum())
+                    raise NonFiniteTargetError(
+                        f"the target model's {kind} {name!r} holds NaN/inf ({n_bad} of its {t.numel()} values) before "
+                        "training: the target itself is broken, not the decomposition's settings; check how it was "
+                        "trained or loaded (nothing was trained)"
+                    )
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -192,7 +228,7 @@ class _Run:
         terms = losses(cm, x, step, capture)
         if not all_true(bool(torch.isfinite(terms["total"]))):  # every rank stops together
             which = "" if rank_and_world()[1] == 1 else f" on rank {rank_and_world()[0]} or another"
-            raise NonFiniteLossError(_nan_message(step, as_floats(terms), x, which))
+            raise NonFiniteLossError(_nan_message(step, as_floats(terms), x, params, which))
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         average_gradients(list(params.values()))  # data-parallel: the global batch's gradient
@@ -219,6 +255,7 @@ class _Run:
             which = [s for s, b in zip(self.seeds, bad.tolist()) if b]
             i = self.seeds.index(which[0])
             raise NonFiniteLossError(_nan_message(step, {n: float(v[i].detach()) for n, v in terms.items()}, x[i],
+                                                  {n: p[i] for n, p in params.items()},
                                                   f" for seed(s) {which} (values of seed {which[0]}); no instance was updated"))  # fmt: skip
         opt.zero_grad(set_to_none=True)
         terms["total"].sum().backward()  # instances are independent: each gets its own gradient
@@ -356,6 +393,7 @@ def _train(
     if stacked and rank_and_world()[1] > 1:
         raise DistributedError("decompose_seeds trains several seeds in one process; a data-parallel run trains one "
                                "seed over its processes: call decompose inside the process group")  # fmt: skip
+    check_target_finite(model)  # once: a broken target is not a training problem
     _seed_everything(seeds[0])
     run = _Run(method, model, modules, seeds, stacked, tied, device, recorded or config)
     from apd.optim import make_optimizer

@@ -1,13 +1,17 @@
 """End-to-end runs of the public API on toy targets with known ground truth."""
 
 import pickle
+import re
 
 import pytest
 import torch
 from torch import nn
 
-from apd import APDConfig, CheckpointError, DataError, ModuleSelectionError, NonFiniteLossError, decompose, load_decomposition
+from apd import (APDConfig, CheckpointError, DataError, ModuleSelectionError, NonFiniteLossError, NonFiniteTargetError, decompose,
+                 decompose_seeds, load_decomposition)
+from apd.methods import method_for
 from apd.metrics import tms_recovery
+from apd.train import train_step
 from apd.toy_models import TMS, TMSConfig, tms_batch, train_tms
 
 # The paper's TMS 5-2 setting (SPEC §1.6), shortened: C = 5, batch top-k 0.211, coeffs 1 / 1 / 0.7.
@@ -103,10 +107,56 @@ def test_non_finite_loss_stops_with_step_and_terms_and_keeps_checkpoint(tms, tmp
         x = tms_batch(5, 256, 0.05)
         return x * float("nan") if calls["n"] == 18 else x
 
-    with pytest.raises(NonFiniteLossError, match=r"step 17 .*minimality=nan.*contains NaN"):
+    with pytest.raises(NonFiniteLossError, match=r"step 17: minimality \(.*minimality=nan.*the input batch of step 17 contains NaN"):
         decompose(tms, data, _small_cfg(checkpoint_every=10), ["enc", "dec"], progress=False, checkpoint_dir=tmp_path)
     dec = load_decomposition(tmp_path)
     assert dec.step == 10 and torch.isfinite(dec.A["enc"]).all()
+
+
+def test_a_nan_in_the_targets_weights_is_named_before_training(tms):
+    # bug (f): a NaN in the model's weights was reported, after a step's loss, as "lower lr, set
+    # grad_clip_norm": a broken target is named (the parameter) once, before anything is trained
+    broken = pickle.loads(pickle.dumps(tms))
+    with torch.no_grad():
+        broken.dec.bias[3] = float("nan")  # not even a decomposed matrix: the outputs are NaN anyway
+    with pytest.raises(NonFiniteTargetError, match=r"parameter 'dec.bias' holds NaN/inf \(1 of its 5 values\) before training"):
+        decompose(broken, _tms_data(0), _small_cfg(), ["enc", "dec"], progress=False)
+    with torch.no_grad():
+        broken.dec.bias[3] = 0.0
+        broken.enc.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteTargetError, match=r"parameter 'enc.weight' holds NaN/inf") as e:
+        decompose_seeds(broken, _tms_data(0), _small_cfg(), ["enc", "dec"], seeds=[0, 1], progress=False)
+    assert "lower lr" not in str(e.value)
+
+
+def test_a_loss_that_becomes_non_finite_during_training_names_the_term_and_keeps_the_checkpoint(tms, tmp_path):
+    # bug (f): with finite inputs, weights and components the lr / clipping advice is the right one,
+    # and the message names the term that went non-finite; the checkpoint before it stays readable
+    calls = {"n": 0}
+
+    def data():  # finite, but so large at the 15th batch that the squared errors overflow
+        calls["n"] += 1
+        x = tms_batch(5, 256, 0.05)
+        return x * 1e30 if calls["n"] == 15 else x
+
+    with pytest.raises(NonFiniteLossError) as e:
+        decompose(tms, data, _small_cfg(checkpoint_every=10), ["enc", "dec"], progress=False, checkpoint_dir=tmp_path)
+    msg = str(e.value)
+    assert msg.startswith("non-finite loss at step 14: minimality (total=inf, faithfulness=") and "minimality=inf" in msg
+    assert "the loss overflowed during training" in msg and re.search(r"largest \|input\| \d\.\d+e\+(29|30)", msg) and "contains NaN" not in msg
+    dec = load_decomposition(tmp_path)
+    assert dec.step == 10 and torch.isfinite(dec.A["enc"]).all()
+    # lr 1e30: the components stay finite after step 0 but so large that step 1's loss overflows
+    with pytest.raises(NonFiniteLossError, match=r"at step 1: .*the loss overflowed during training.*lower lr"):
+        decompose(tms, _tms_data(0), _small_cfg(lr=1e30, warmup_frac=0.0), ["enc", "dec"], progress=False)
+    # a NaN left in the components (e.g. by a NaN gradient) is named
+    cfg = _small_cfg()
+    cm = method_for(cfg).build(tms, ["enc", "dec"])
+    params = cm.trainable_parameters()
+    with torch.no_grad():
+        params["model.enc.A"][0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"at step 3: .*training diverged: an earlier update left NaN/inf in \['enc.A'\]"):
+        train_step(cm, torch.optim.Adam(params.values()), tms_batch(5, 64, 0.05), cfg, 3)
 
 
 def test_bad_inputs_get_clear_errors(tms):
