@@ -1,7 +1,7 @@
 """Causal-importance functions g_{l,c}(x) of SPD (SPEC §5.2), all C subcomponents of a layer at once.
 
 Each maps what a layer sees to one pre-activation per subcomponent, [*lead, C]; SPD squashes it
-with a leaky hard sigmoid into [0, 1] (``apd.methods.spd``). Every function takes the layer's inner
+with a leaky hard sigmoid into [0, 1] (``apd.sigmoids``). Every function takes the layer's inner
 activations v = V_cᵀ a ([*lead, C, 1], rank-one subcomponents) and its input a ([*lead, d_in]):
 
 - ``MLPCI`` (``ci_fn=mlp``, the paper's): per subcomponent a tiny MLP on its own scalar v_c (1 →
