@@ -9,10 +9,9 @@ seeds, with one checkpoint format; what a method saves is its component model's 
 (``ComponentModel.trainable_parameters``) and its config.
 """
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -71,7 +70,7 @@ class Method(ABC):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         if getattr(config, "output_loss", OutputLoss.mse) is None:  # unset, and no target config decided it
-            config = dataclasses.replace(config, output_loss=OutputLoss.mse)  # type: ignore[call-arg]
+            config = replace(config, output_loss=OutputLoss.mse)  # type: ignore[call-arg]
         self.config = config
         self.losses: list[Loss] = losses_for(self.name, config)
         self._compiled = None
