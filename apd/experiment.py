@@ -198,6 +198,9 @@ def _start(run: DecomposeRun, out_dir: str | Path, seed_runs: dict[Path, Decompo
         target, info = run_target(own[0])
     else:
         target, info = get_target(run.target)
+        for d in runs:  # a run dir of an earlier version: its decomposition must be of this target
+            if (d / FILE_NAME).is_file() or (d / CHECKPOINT_NAME).is_file():
+                print(f"warning: {_check_decomposed(d, load_decomposition(d), target, info['source'])}")
     sha = state_sha256(target.state_dict())
     if is_main():
         for d, r in runs.items():
@@ -380,18 +383,22 @@ def run_target(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, {**info, "source": str(path)}
 
 
-def _rebuilt_target(d: Path, run: DecomposeRun, dec: Decomposition) -> nn.Module:
-    """A run dir written before run dirs kept their target: the target from its config (the shipped
-    file or a retrain, as then), accepted only if it carries the weights the run decomposed."""
-    target, info = get_target(run.target)
+def _check_decomposed(d: Path, dec: Decomposition, target: nn.Module, source: str) -> str:
+    """A run dir written before run dirs kept their target, with ``target`` rebuilt from its config
+    (``source``): refused unless it carries the weights the run decomposed. Returns the warning's text."""
     where = f"{d} holds no {TARGET_NAME} (written before run dirs kept their target): rebuilt it from {RUN_FILE}'s target config"
     try:
         dec.attach(target)
     except ValueError as e:
-        raise CheckpointError(f"{where} ({info['source']}), but that is not the target this run decomposed "
+        raise CheckpointError(f"{where} ({source}), but that is not the target this run decomposed "
                               f"({str(e).split(';')[0]}); load the decomposition alone with apd.load_decomposition(run_dir)") from None  # fmt: skip
-    warnings.warn(f"{where} ({info['source']}); its decomposed matrices equal the decomposition's, its other weights "
-                  "could not be checked", stacklevel=3)  # fmt: skip
+    return f"{where} ({source}); its decomposed matrices equal the decomposition's, its other weights could not be checked"
+
+
+def _rebuilt_target(d: Path, run: DecomposeRun, dec: Decomposition) -> nn.Module:
+    """The target from the run's config (the shipped file or a retrain, as before run dirs kept it)."""
+    target, info = get_target(run.target)
+    warnings.warn(_check_decomposed(d, dec, target, info["source"]), stacklevel=3)
     return target
 
 

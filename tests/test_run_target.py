@@ -104,6 +104,7 @@ def test_a_run_dir_from_before_target_files_loads_the_shipped_target_with_a_warn
     shutil.copytree(FORMATS / "run_v2", tmp_path / "run")
     with pytest.warns(UserWarning, match=r"holds no target\.pt.*rebuilt.*tms_5_2\.pt"):
         loaded = load_run(tmp_path / "run")
+    assert not (tmp_path / "run" / "target.pt").exists()  # loading writes nothing
     x = loaded.run.target.batch(32, torch.Generator().manual_seed(0))
     torch.testing.assert_close(loaded.component_model()(x), loaded.target(x), atol=1e-5, rtol=1e-5)
 
@@ -115,3 +116,32 @@ def test_a_run_dir_from_before_target_files_refuses_a_changed_shipped_target(tmp
     save_target(model, cfg, info, shipped / "tms_5_2.pt")  # a shipped tms_5_2 retrained since the run
     with pytest.raises(CheckpointError, match=r"holds no target\.pt.*not the target this run decomposed \(enc: the model's weight differs"):
         load_run(tmp_path / "run")
+
+
+def _old_run_dir(tmp_path: Path) -> tuple[Path, DecomposeRun]:
+    """A copy of a finished run dir of the version before target.pt (its run.json rewritten by this
+    version, so that fields added to the configs since do not count as other settings)."""
+    d = tmp_path / "run"
+    shutil.copytree(FORMATS / "run_v2", d)
+    run = DecomposeRun.from_dict(json.loads((d / "run.json").read_text()))
+    (d / "run.json").write_text(json.dumps(run.to_dict()))
+    return d, run
+
+
+def test_a_rerun_on_a_run_dir_from_before_target_files_gives_it_its_target(tmp_path, capsys):
+    d, run = _old_run_dir(tmp_path)
+    result = run_decompose(run, d, progress=False)  # finished: not redone
+    assert result.metrics == json.loads((FORMATS / "run_v2" / "metrics.json").read_text())
+    assert "holds no target.pt" in capsys.readouterr().out
+    assert (d / "target.pt").is_file() and json.loads((d / "run.json").read_text())["target_sha256"]
+    loaded = load_run(d)  # from now on the run's own: no warning, nothing rebuilt
+    assert torch.equal(loaded.target.enc.weight, result.target.enc.weight)
+
+
+def test_a_rerun_on_a_run_dir_from_before_target_files_refuses_a_changed_shipped_target(tmp_path, shipped):
+    d, run = _old_run_dir(tmp_path)
+    model, info = train_target(TMSTargetConfig(name="tms_5_2", train_steps=50, train_seed=7))
+    save_target(model, TMSTargetConfig(name="tms_5_2"), info, shipped / "tms_5_2.pt")
+    with pytest.raises(CheckpointError, match=r"holds no target\.pt.*not the target this run decomposed"):
+        run_decompose(run, d, progress=False)
+    assert not (d / "target.pt").exists()
