@@ -18,7 +18,7 @@ FORMATS = Path(__file__).parent / "data" / "formats"
 
 
 def _tiny(**kw) -> TMSTargetConfig:
-    """A TMS target that nothing ships: getting it trains it (50 steps, a fraction of a second)."""
+    """A TMS target that nothing ships: getting it trains it (50 steps)."""
     return TMSTargetConfig(name="tiny_tms", n_features=5, n_hidden=2, train_steps=50, train_batch_size=64, **kw)
 
 
