@@ -7,11 +7,12 @@ from apd.attributions import (
     gradient_attributions,
     gradient_attributions_loop,
 )
+from apd.checkpoint import CheckpointError
 from apd.component_model import ComponentModel, ModuleSelectionError
 from apd.components import EmbeddingComponents, LinearComponents, TiedLinear, TransposedComponents
 from apd.config import Attribution, ConfigError, GradientMode, LRSchedule, MethodConfig, OutputLoss
 from apd.data import DataError
-from apd.decomposition import CheckpointError, Decomposition, load_decomposition
+from apd.decomposition import Decomposition, load_decomposition
 from apd.ci_functions import CIFn
 from apd.methods import METHODS, APDConfig, Method, SPDConfig
 from apd.optim import OPTIMIZERS

@@ -23,6 +23,9 @@ __all__ = [
     "OutputLoss",
     "check_types",
     "need",
+    "OPTIMIZERS",
+    "check_optimizer_name",
+    "TORCH_OPTIMIZER_NAMES",
 ]
 
 
@@ -67,6 +70,31 @@ class OutputLoss(str, Enum):
 
     mse = "mse"
     kl = "kl"  # outputs are logits over the last dimension
+
+
+# The optimisers offered by name (``MethodConfig.optimizer``; ``apd.optim.make_optimizer`` builds them).
+# torch-optimizer classes whose state survives torch.save + torch.load(weights_only=True) +
+# load_state_dict on torch 2.x (checked by tests/test_config.py::test_every_offered_optimizer_
+# steps_and_checkpoints). Left out: Lookahead (cannot save its state on modern torch) and
+# Adahessian (needs create_graph=True backward passes).
+TORCH_OPTIMIZER_NAMES = (
+    "A2GradExp", "A2GradInc", "A2GradUni", "AccSGD", "AdaBelief", "AdaBound", "AdaMod",
+    "Adafactor", "AdamP", "AggMo", "Apollo", "DiffGrad", "LARS", "Lamb", "MADGRAD", "NovoGrad",
+    "PID", "QHAdam", "QHM", "RAdam", "Ranger", "RangerQH", "RangerVA", "SGDP", "SGDW", "SWATS",
+    "Shampoo", "Yogi",
+)  # fmt: skip
+_UNSUPPORTED = {"lookahead": "its state cannot be saved on modern torch", "adahessian": "it needs second-order backward passes"}
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw") + tuple(n.lower() for n in TORCH_OPTIMIZER_NAMES)
+
+
+def check_optimizer_name(name: str) -> str:
+    """Normalise an optimiser name (case-insensitive) or raise naming the choices."""
+    key = str(name).lower()
+    if key in _UNSUPPORTED:
+        raise ConfigError(f"optimizer={name!r} is not offered: {_UNSUPPORTED[key]}; use 'adam' or 'adamw'")
+    if key not in OPTIMIZERS:
+        raise ConfigError(f"optimizer={name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
+    return key
 
 
 def need(ok: bool, msg: str) -> None:
@@ -176,8 +204,6 @@ class MethodConfig:
     def __post_init__(self) -> None:
         check_types(self)
         self._check_ranges()
-        from apd.optim import check_optimizer_name  # late: optim imports torch_optimizer
-
         self.optimizer = check_optimizer_name(self.optimizer)
 
     def _check_ranges(self) -> None:

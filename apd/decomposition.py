@@ -1,14 +1,12 @@
 """The result of a run: any method's trained state, its config and the target weights.
 
 Saved as tensors + JSON only (``torch.load(weights_only=True)``: a file with pickled objects is
-refused), atomically. ``load_decomposition`` reads a ``decomposition.pt``, a training checkpoint, or
-a run dir holding either; files of the earlier single-method format (APD A/B only) load too.
+refused), atomically, in the format of ``apd.checkpoint``. ``load_decomposition`` reads a
+``decomposition.pt``, a training checkpoint, or a run dir holding either; files of the earlier
+single-method format (APD A/B only) load too.
 """
 
-import json
 import os
-import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,58 +15,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from apd.checkpoint import FILE_NAME, CheckpointError, SavedDecomposition, read_decomposition, write_decomposition
 from apd.component_model import ComponentModel
 from apd.components import TiedLinear
 from apd.config import MethodConfig
 
-__all__ = ["Decomposition", "load_decomposition", "atomic_save", "safe_load", "CheckpointError", "FILE_NAME",
-           "CHECKPOINT_NAME"]  # fmt: skip
-
-FILE_NAME = "decomposition.pt"
-CHECKPOINT_NAME = "checkpoint.pt"  # a training checkpoint: every seed's state plus optimiser/RNG/data state
-_FORMAT = "apd-decomposition/2"
-CKPT_FORMAT = "apd-checkpoint/2"
-_OLD_FORMATS = ("apd-decomposition/1", "apd-checkpoint/1")  # APD only: A, B and an APDConfig
-
-
-class CheckpointError(RuntimeError):
-    """A decomposition or checkpoint file is missing, corrupt, or not one of ours."""
-
-
-def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def safe_load(path: Path) -> dict[str, Any]:
-    """torch.load with weights_only=True: tensors and plain containers only, no arbitrary objects."""
-    if not path.is_file():
-        raise CheckpointError(f"no file at {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers "
-            f"(weights_only load failed: {str(e).splitlines()[0]}); only load files written by apd"
-        ) from None
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold an apd dict (found {type(obj).__name__})")
-    return obj
+__all__ = ["Decomposition", "load_decomposition", "CheckpointError"]
 
 
 def config_from(method: str, d: dict[str, Any]) -> MethodConfig:
@@ -203,51 +155,25 @@ class Decomposition:
         return cm
 
     # ---------------------------------------------------------------- files
-    def state(self) -> dict[str, Any]:
-        return {
-            "format": _FORMAT,
-            "method": self.method,
-            "config": json.dumps(self.config.to_dict()),
-            "modules": json.dumps(self.modules),
-            "kinds": json.dumps(self.kinds),
-            "tied": json.dumps(self.tied),
-            "history": json.dumps(self.history),
-            "step": self.step,
-            "params": self.params,
-            "target_weights": self.target_weights,
-        }
+    def saved(self) -> SavedDecomposition:
+        """What ``save`` writes (``apd.checkpoint``'s record of a decomposition)."""
+        return SavedDecomposition(method=self.method, config=self.config.to_dict(), modules=self.modules, tied=self.tied,
+                                  params=self.params, target_weights=self.target_weights, step=self.step,
+                                  history=self.history, kinds=self.kinds)  # fmt: skip
+
+    @classmethod
+    def from_saved(cls, saved: SavedDecomposition) -> "Decomposition":
+        return cls(method=saved.method, config=config_from(saved.method, saved.config), modules=list(saved.modules),
+                   tied=dict(saved.tied), params=saved.params, target_weights=saved.target_weights, step=saved.step,
+                   history=saved.history, kinds=dict(saved.kinds))  # fmt: skip
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one file (a ``.pt`` path, or ``decomposition.pt`` inside a folder); returns it."""
         p = Path(path)
         if p.suffix != ".pt":
             p = p / FILE_NAME
-        atomic_save(self.state(), p)
+        write_decomposition(p, self.saved())
         return p
-
-
-def _from_old_format(obj: dict[str, Any]) -> Decomposition:
-    from apd.methods.apd import APDConfig
-
-    A, B, tied = obj["A"], obj["B"], json.loads(obj["tied"])
-    dec = Decomposition.from_factors(APDConfig.from_dict(json.loads(obj["config"])), A, B, obj["target_weights"], tied,
-                                     int(obj["step"]))  # fmt: skip
-    dec.history = json.loads(obj["history"])
-    return dec
-
-
-def _from_checkpoint(obj: dict[str, Any], path: Path, seed: int | None) -> Decomposition:
-    seeds = list(obj["seeds"])
-    if seed is None:
-        seed = seeds[0]
-    if seed not in seeds:
-        raise CheckpointError(f"{path} holds seeds {seeds}, not {seed}")
-    i = seeds.index(seed)
-    params = {n: (p[i] if obj["stacked"] else p) for n, p in obj["params"].items()}
-    config = config_from(obj["method"], json.loads(obj["config"]) | {"seed": seed})
-    return Decomposition(method=obj["method"], config=config, modules=json.loads(obj["modules"]), tied=json.loads(obj["tied"]),
-                         params=params, target_weights=obj["target_weights"], step=int(obj["step"]),
-                         history=json.loads(obj["histories"])[i], kinds=json.loads(obj["kinds"]))  # fmt: skip
 
 
 def load_decomposition(path: str | os.PathLike, seed: int | None = None) -> Decomposition:
@@ -256,29 +182,4 @@ def load_decomposition(path: str | os.PathLike, seed: int | None = None) -> Deco
     A training checkpoint loads too (its state at the step it was written; ``seed`` picks one of a
     multi-seed checkpoint's seeds, default the first).
     """
-    p = Path(path)
-    if p.is_dir():
-        hits = [p / FILE_NAME] if (p / FILE_NAME).is_file() else sorted(p.rglob(FILE_NAME))
-        hits = hits or sorted(p.rglob(CHECKPOINT_NAME))
-        if not hits:
-            raise CheckpointError(f"no {FILE_NAME} or {CHECKPOINT_NAME} in {p} or below it; pass the run dir or the .pt file")
-        p = hits[0]
-    obj = safe_load(p)
-    fmt = obj.get("format")
-    if fmt in _OLD_FORMATS:
-        return _from_old_format(obj)
-    if fmt == CKPT_FORMAT:
-        return _from_checkpoint(obj, p, seed)
-    if fmt != _FORMAT:
-        raise CheckpointError(f"{p} is not an apd decomposition (format {fmt!r}, want {_FORMAT!r})")
-    return Decomposition(
-        method=obj["method"],
-        config=config_from(obj["method"], json.loads(obj["config"])),
-        modules=json.loads(obj["modules"]),
-        tied=json.loads(obj["tied"]),
-        params=obj["params"],
-        target_weights=obj["target_weights"],
-        step=int(obj["step"]),
-        history=json.loads(obj["history"]),
-        kinds=json.loads(obj["kinds"]),
-    )
+    return Decomposition.from_saved(read_decomposition(path, seed))

@@ -8,22 +8,31 @@ co-active units, ``apd.mechanisms``), and then asks the target config for its gr
 """
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from apd.component_model import ComponentModel, Masks
+from apd.config import OutputLoss
 from apd.decomposition import Decomposition
 from apd.losses import faithfulness_loss
 from apd.losses.distance import output_distance
 from apd.mechanisms import Mechanism, mechanism_summary, mechanisms_from_masks
 from apd.methods import Method, method_for
 
-if TYPE_CHECKING:
-    from apd.targets import TargetConfig
+__all__ = ["EvalContext", "ScoredTarget", "evaluate"]
 
-__all__ = ["EvalContext", "evaluate"]
+
+class ScoredTarget(Protocol):
+    """What ``evaluate`` asks of a target config (``apd.targets.TargetConfig`` has it; the targets
+    import this module for ``EvalContext``, so this one names no target class)."""
+
+    def eval_batch(self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu") -> Tensor: ...
+
+    def output_loss(self) -> OutputLoss: ...
+
+    def evaluate(self, ctx: "EvalContext") -> dict[str, float]: ...
 
 
 @dataclass
@@ -32,7 +41,7 @@ class EvalContext:
     model, the method, and where and how much to evaluate."""
 
     target: nn.Module
-    target_config: "TargetConfig"
+    target_config: ScoredTarget
     dec: Decomposition
     cm: ComponentModel
     method: Method
@@ -58,7 +67,7 @@ class EvalContext:
 
 
 def evaluate(
-    dec: Decomposition, target: nn.Module, target_config: "TargetConfig", *, n_eval: int, seed: int,
+    dec: Decomposition, target: nn.Module, target_config: ScoredTarget, *, n_eval: int, seed: int,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:  # fmt: skip
     """The metrics.json numbers of a decomposition of ``target`` (SPEC §3): generic, then the target's."""

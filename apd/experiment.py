@@ -3,12 +3,14 @@
 Plain dataclasses (``experiments/`` registers them in Hydra's ConfigStore); nothing here imports
 Hydra, matplotlib or a logging service. Loggers are callbacks passed in.
 
-A run dir holds ``run.json`` (the resolved run: target, method and its config, seed, batch size),
-``metrics.jsonl`` (loss terms every ``log_every`` steps), ``checkpoint.pt`` (resumable),
-``decomposition.pt`` and ``metrics.json``. Started again on the same dir a run resumes from its
-checkpoint, a finished one is not redone, and a run with *different* settings is refused
-(:class:`RunDirError`) rather than mixed with the old one. ``load_run`` gives a notebook the
-target, the decomposition, the run and its metrics.
+A run dir holds ``run.json`` (the resolved run: target, method and its config, seed, batch size,
+and the sha256 of the target's weights), ``target.pt`` (the target it decomposes, written when the
+run starts), ``metrics.jsonl`` (loss terms every ``log_every`` steps), ``checkpoint.pt``
+(resumable), ``decomposition.pt`` and ``metrics.json``. Started again on the same dir a run resumes
+from its checkpoint on its own ``target.pt``, a finished one is not redone, and a run with
+*different* settings is refused (:class:`RunDirError`) rather than mixed with the old one.
+``load_run`` gives a notebook the target (the run's own: never retrained, unchanged when a shipped
+target is retrained later), the decomposition, the run and its metrics.
 """
 
 import contextlib
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from apd.checkpoint import CHECKPOINT_NAME, FILE_NAME, TARGET_NAME, CheckpointError, checkpoint_step, state_sha256
 from apd.config import ConfigError, MethodConfig, OutputLoss
+from apd.decomposition import Decomposition, config_from, load_decomposition
 from apd.distributed import is_main, rank_and_world
-from apd.decomposition import CHECKPOINT_NAME, FILE_NAME, Decomposition, config_from, load_decomposition, safe_load
 from apd.evaluation import evaluate
 from apd.methods import APDConfig, method_for
-from apd.targets import TargetConfig, TMSTargetConfig, get_target, target_from_dict
+from apd.targets import TargetConfig, TMSTargetConfig, get_target, load_target, save_target, target_from_dict
 from apd.train import decompose, decompose_seeds
 
 __all__ = ["DecomposeRun", "RunResult", "RunArtifacts", "RunDirError", "run_decompose", "run_decompose_seeds",
-           "seed_run_dir", "seed_run_dirs", "load_run", "reevaluate", "check_run_dir", "cpu_share", "RUN_FILE"]  # fmt: skip
+           "seed_run_dir", "seed_run_dirs", "load_run", "reevaluate", "check_run_dir", "cpu_share", "run_target", "RUN_FILE"]  # fmt: skip
 
 RUN_FILE = "run.json"
 
@@ -168,17 +172,39 @@ def check_run_dir(out_dir: str | Path, run: DecomposeRun) -> None:
                               "use another run dir, or delete that one to start over")  # fmt: skip
 
 
-def _start(run: DecomposeRun, out_dir: str | Path) -> tuple[Path, nn.Module, dict, float]:
-    """Check and claim the run dir (rank 0 of a data-parallel run), set the thread count, get the
-    target: (out, target, its info, start time)."""
+def _start(run: DecomposeRun, out_dir: str | Path, seed_runs: dict[Path, DecomposeRun] | None = None) -> tuple[Path, nn.Module, dict, float]:
+    """Check and claim the run dir (rank 0 of a data-parallel run; ``seed_runs``: a multi-seed
+    run's ``seed_<s>/`` dirs and runs too), set the thread count, get the target: the run's own
+    ``target.pt`` when an earlier start wrote it, else ``get_target`` and then written into each run
+    dir and pinned in its ``run.json``. Returns (out, target, its info, start time)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_run_dir(out, run)
+    runs = seed_runs or {out: run}
+    for d, r in runs.items():
+        if d != out:
+            d.mkdir(parents=True, exist_ok=True)
+            check_run_dir(d, r)
     if is_main():
-        (out / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+        saved = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else {}
+        pin = {k: saved[k] for k in ("target_sha256",) if k in saved}  # kept: run_target checks target.pt against it
+        (out / RUN_FILE).write_text(json.dumps(run.to_dict() | pin, indent=2) + "\n")
     torch.set_num_threads(run.threads or cpu_share())
     t0 = time.perf_counter()
-    target, info = get_target(run.target)
+    own = [d for d in runs if (d / TARGET_NAME).is_file()]
+    if own:  # a resumed or finished run: the target it started with
+        target, info = run_target(own[0])
+    else:
+        target, info = get_target(run.target)
+        for d in runs:  # a run dir of an earlier version: its decomposition must be of this target
+            if (d / FILE_NAME).is_file() or (d / CHECKPOINT_NAME).is_file():
+                print(f"warning: {_check_decomposed(d, load_decomposition(d), target, info['source'])}")
+    sha = state_sha256(target.state_dict())
+    if is_main():
+        for d, r in runs.items():
+            if d not in own:
+                save_target(target, run.target, info, d / TARGET_NAME, sidecar=False)
+            (d / RUN_FILE).write_text(json.dumps(r.to_dict() | {"target_sha256": sha}, indent=2) + "\n")
     return out, target.to(run.device), info, t0
 
 
@@ -259,22 +285,18 @@ def run_decompose_seeds(
 ) -> list[RunResult]:  # fmt: skip
     """Seeds ``run.seed`` .. ``run.seed + run.n_seeds - 1`` trained at once (``decompose_seeds``).
 
-    ``out_dir`` holds the shared checkpoint (resumable); each seed's run.json, decomposition,
+    ``out_dir`` holds the shared checkpoint (resumable); each seed's run.json, target.pt, decomposition,
     ``metrics.jsonl`` and ``metrics.json`` go to ``seed_run_dir(out_dir, seed)``, as a single run
     would write them. ``wall_seconds`` of each seed is the whole run's time divided by the number of seeds.
     """
-    out, target, info, t0 = _start(run, out_dir)
     seeds = list(range(run.seed, run.seed + run.n_seeds))
-    dirs = {s: seed_run_dir(out, s) for s in seeds}
+    dirs = {s: seed_run_dir(out_dir, s) for s in seeds}
     seed_runs = {s: dataclasses.replace(run, seed=s, n_seeds=1) for s in seeds}
-    for s, d in dirs.items():
-        d.mkdir(parents=True, exist_ok=True)
-        check_run_dir(d, seed_runs[s])
-        (d / RUN_FILE).write_text(json.dumps(seed_runs[s].to_dict(), indent=2) + "\n")
+    out, target, info, t0 = _start(run, out_dir, {dirs[s]: seed_runs[s] for s in seeds})
     if all(_finished(d) for d in dirs.values()):
         return [RunResult(json.loads((d / "metrics.json").read_text()), load_decomposition(d), target) for d in dirs.values()]
 
-    step = _checkpoint_step(out / CHECKPOINT_NAME)
+    step = checkpoint_step(out / CHECKPOINT_NAME)
     logs = {}
     for s, d in dirs.items():
         _truncate_log(d, step)
@@ -307,11 +329,6 @@ def run_decompose_seeds(
     return results
 
 
-def _checkpoint_step(checkpoint: Path) -> int:
-    """The step a checkpoint was written at (0 if there is none)."""
-    return int(safe_load(checkpoint)["step"]) if checkpoint.is_file() else 0
-
-
 _RUN_FACTS = ("wall_seconds", "torch_threads", "target_train_loss", "world_size", "batch_size_per_rank")
 """metrics.json entries that describe how the run went, not the decomposition: kept by reevaluate"""
 
@@ -342,16 +359,54 @@ def _truncate_log(out: Path, step: int | None = None) -> None:
     if not log.is_file():
         return
     if step is None:
-        step = _checkpoint_step(out / CHECKPOINT_NAME)
+        step = checkpoint_step(out / CHECKPOINT_NAME)
     kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] < step]
     log.write_text("".join(line + "\n" for line in kept))
 
 
+def run_target(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The target a run dir holds (its ``target.pt``, checked against the sha256 its ``run.json``
+    pins) and the target's info; nothing is trained."""
+    d = Path(run_dir)
+    path = d / TARGET_NAME
+    model, cfg, info = load_target(path)
+    saved = json.loads((d / RUN_FILE).read_text()) if (d / RUN_FILE).is_file() else {}
+    pinned, got = saved.get("target_sha256"), state_sha256(model.state_dict())
+    if pinned is not None and pinned != got:
+        raise CheckpointError(f"{path} holds weights of sha256 {got[:12]}..., but {d / RUN_FILE} pins {pinned[:12]}...: "
+                              "the file was replaced or damaged; put back the run's own, or start the run over in a new dir")  # fmt: skip
+    if "target" in saved and target_from_dict(saved["target"]).to_dict() != cfg.to_dict():
+        raise CheckpointError(f"{path} holds the target {cfg.to_dict()}, but {d / RUN_FILE} names {saved['target']}; "
+                              "put back the run's own target.pt, or start the run over in a new dir")  # fmt: skip
+    return model, {**info, "source": str(path)}
+
+
+def _check_decomposed(d: Path, dec: Decomposition, target: nn.Module, source: str) -> str:
+    """A run dir written before run dirs kept their target, with ``target`` rebuilt from its config
+    (``source``): refused unless it carries the weights the run decomposed. Returns the warning's text."""
+    where = f"{d} holds no {TARGET_NAME} (written before run dirs kept their target): rebuilt it from {RUN_FILE}'s target config"
+    try:
+        dec.attach(target)
+    except ValueError as e:
+        raise CheckpointError(f"{where} ({source}), but that is not the target this run decomposed "
+                              f"({str(e).split(';')[0]}); load the decomposition alone with apd.load_decomposition(run_dir)") from None  # fmt: skip
+    return f"{where} ({source}); its decomposed matrices equal the decomposition's, its other weights could not be checked"
+
+
+def _rebuilt_target(d: Path, run: DecomposeRun, dec: Decomposition) -> nn.Module:
+    """The target from the run's config (the shipped file or a retrain, as before run dirs kept it)."""
+    target, info = get_target(run.target)
+    warnings.warn(_check_decomposed(d, dec, target, info["source"]), stacklevel=3)
+    return target
+
+
 def load_run(run_dir: str | Path, seed: int | None = None) -> RunArtifacts:
     """A run dir written by ``run_decompose`` (or ``python -m experiments.decompose``), for a
-    notebook: the target (rebuilt from the run's target config: the shipped file or a retrain),
-    the decomposition (the final one, or the last checkpoint's while the run is unfinished), the
-    run's settings and its metrics. For a multi-seed run dir, ``seed`` picks one (default: the first)."""
+    notebook: the target (the run's own ``target.pt``; nothing is trained), the decomposition (the
+    final one, or the last checkpoint's while the run is unfinished), the run's settings and its
+    metrics. For a multi-seed run dir, ``seed`` picks one (default: the first). A run dir written
+    before run dirs kept their target gets it rebuilt from its config, with a warning, and refused
+    when its decomposed matrices differ from the decomposition's."""
     d = Path(run_dir)
     if not (d / RUN_FILE).is_file():
         raise ConfigError(f"{d} holds no {RUN_FILE}: pass a run dir written by apd.experiment.run_decompose "
@@ -362,11 +417,11 @@ def load_run(run_dir: str | Path, seed: int | None = None) -> RunArtifacts:
         if not (d / RUN_FILE).is_file():
             raise ConfigError(f"{d.parent} trained seeds {run.seed}..{run.seed + run.n_seeds - 1}; seed {seed} is not among them")
         run = DecomposeRun.from_dict(json.loads((d / RUN_FILE).read_text()))
-    target, _ = get_target(run.target)
     if (d / FILE_NAME).is_file():
         dec = load_decomposition(d / FILE_NAME)
     else:  # unfinished: the last checkpoint (a multi-seed run keeps it one level up)
         ckpt = d / CHECKPOINT_NAME if (d / CHECKPOINT_NAME).is_file() else d.parent / CHECKPOINT_NAME
         dec = load_decomposition(ckpt, seed=run.seed)
+    target = run_target(d)[0] if (d / TARGET_NAME).is_file() else _rebuilt_target(d, run, dec)
     metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
     return RunArtifacts(target=target.to(run.device), decomposition=dec, run=run, metrics=metrics, run_dir=d)

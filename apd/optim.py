@@ -1,4 +1,5 @@
-"""Optimisers by name and the warm-up + decay learning-rate schedule."""
+"""Optimisers by name and the warm-up + decay learning-rate schedule (the names offered, and their
+check, live in ``apd.config``, which validates ``MethodConfig.optimizer`` with them)."""
 
 import math
 import warnings
@@ -6,32 +7,9 @@ from collections.abc import Iterable
 
 import torch
 
-from apd.config import ConfigError, LRSchedule
+from apd.config import OPTIMIZERS, TORCH_OPTIMIZER_NAMES, LRSchedule, check_optimizer_name
 
 __all__ = ["OPTIMIZERS", "check_optimizer_name", "make_optimizer", "lr_at_step"]
-
-# torch-optimizer classes whose state survives torch.save + torch.load(weights_only=True) +
-# load_state_dict on torch 2.x (checked by tests/test_config.py::test_every_offered_optimizer_
-# steps_and_checkpoints). Left out: Lookahead (cannot save its state on modern torch) and
-# Adahessian (needs create_graph=True backward passes).
-_TORCH_OPTIMIZER_NAMES = (
-    "A2GradExp", "A2GradInc", "A2GradUni", "AccSGD", "AdaBelief", "AdaBound", "AdaMod",
-    "Adafactor", "AdamP", "AggMo", "Apollo", "DiffGrad", "LARS", "Lamb", "MADGRAD", "NovoGrad",
-    "PID", "QHAdam", "QHM", "RAdam", "Ranger", "RangerQH", "RangerVA", "SGDP", "SGDW", "SWATS",
-    "Shampoo", "Yogi",
-)  # fmt: skip
-_UNSUPPORTED = {"lookahead": "its state cannot be saved on modern torch", "adahessian": "it needs second-order backward passes"}
-OPTIMIZERS: tuple[str, ...] = ("adam", "adamw") + tuple(n.lower() for n in _TORCH_OPTIMIZER_NAMES)
-
-
-def check_optimizer_name(name: str) -> str:
-    """Normalise an optimiser name (case-insensitive) or raise naming the choices."""
-    key = str(name).lower()
-    if key in _UNSUPPORTED:
-        raise ConfigError(f"optimizer={name!r} is not offered: {_UNSUPPORTED[key]}; use 'adam' or 'adamw'")
-    if key not in OPTIMIZERS:
-        raise ConfigError(f"optimizer={name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
-    return key
 
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -46,7 +24,7 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -
         warnings.simplefilter("ignore", DeprecationWarning)
         import torch_optimizer
 
-    cls = getattr(torch_optimizer, next(n for n in _TORCH_OPTIMIZER_NAMES if n.lower() == key))
+    cls = getattr(torch_optimizer, next(n for n in TORCH_OPTIMIZER_NAMES if n.lower() == key))
     return cls(params, lr=lr)
 
 

@@ -34,10 +34,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from apd.checkpoint import CHECKPOINT_NAME, CheckpointError, TrainingCheckpoint, read_checkpoint, write_checkpoint
 from apd.component_model import ComponentModel
 from apd.config import Attribution, ConfigError, GradientMode, MethodConfig
 from apd.data import BatchSource, DataError
-from apd.decomposition import CHECKPOINT_NAME, CKPT_FORMAT, CheckpointError, Decomposition, atomic_save, safe_load
+from apd.decomposition import Decomposition
 from apd.distributed import (
     DistributedError,
     all_true,
@@ -286,59 +287,41 @@ class _Run:
         if not is_main():
             return
         cm = self.cm
-        atomic_save(
-            {
-                "format": CKPT_FORMAT,
-                "method": self.method.name,
-                "config": json.dumps(self.recorded.to_dict()),
-                "modules": json.dumps(cm.layer_names),
-                "kinds": json.dumps(cm.kinds),
-                "tied": json.dumps(cm.tied_names),
-                "target_weights": {n: w.detach().cpu() for n, w in cm.target_weights().items()},
-                "seeds": self.seeds,
-                "stacked": self.stacked,
-                "step": step,
-                "params": {n: p.detach().cpu() for n, p in self.params.items()},
-                "optimizer": opt.state_dict(),
-                "rng": rng,
-                "world_size": len(rng),
-                "data_consumed": source.consumed,
-                "histories": json.dumps(histories),
-            },
-            path,
-        )
+        write_checkpoint(path, TrainingCheckpoint(
+            method=self.method.name, config=self.recorded.to_dict(), modules=list(cm.layer_names), tied=dict(cm.tied_names),
+            kinds=dict(cm.kinds), target_weights={n: w.detach().cpu() for n, w in cm.target_weights().items()},
+            seeds=self.seeds, stacked=self.stacked, step=step, params={n: p.detach().cpu() for n, p in self.params.items()},
+            optimizer=opt.state_dict(), rng=rng, data_consumed=source.consumed, histories=histories,
+        ))  # fmt: skip
 
     def load(self, path: Path, opt: torch.optim.Optimizer, source: BatchSource) -> tuple[int, list[list[dict[str, float]]]]:
-        ckpt = safe_load(path)
-        if ckpt.get("format") != CKPT_FORMAT:
-            raise CheckpointError(
-                f"{path} is not a training checkpoint of this apd version (format {ckpt.get('format')!r}); "
-                "its decomposition still loads with apd.load_decomposition, but training cannot resume from it: "
-                "use a new checkpoint directory, or resume=False to start over there"
-            )
-        saved = json.loads(ckpt["config"])
+        ckpt = read_checkpoint(path)
         config = self.recorded.to_dict()
-        if ckpt["method"] != self.method.name or saved != config or list(ckpt["seeds"]) != self.seeds or ckpt["stacked"] != self.stacked:
-            diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+        if ckpt.method != self.method.name or ckpt.config != config or ckpt.seeds != self.seeds or ckpt.stacked != self.stacked:
+            diff = {k: (ckpt.config.get(k), v) for k, v in config.items() if ckpt.config.get(k) != v}
             raise CheckpointError(
-                f"{path} was written by another run (method {ckpt['method']!r}, seeds {list(ckpt['seeds'])}; "
+                f"{path} was written by another run (method {ckpt.method!r}, seeds {ckpt.seeds}; "
                 f"this run: {self.method.name!r}, seeds {self.seeds}; different config (saved, now): {diff}); "
                 "use a new checkpoint directory, or resume=False to start over there"
             )
-        if set(ckpt["params"]) != set(self.params):
-            raise CheckpointError(f"{path} holds {sorted(ckpt['params'])}, this run needs {sorted(self.params)}")
+        if set(ckpt.params) != set(self.params):
+            raise CheckpointError(f"{path} holds {sorted(ckpt.params)}, this run needs {sorted(self.params)}")
+        own = {n: w.detach().cpu() for n, w in self.cm.target_weights().items()}
+        changed = [n for n in own if n not in ckpt.target_weights or not torch.equal(own[n], ckpt.target_weights[n])]
+        if changed:
+            raise CheckpointError(f"{path} was written for another target: the model's {changed} differ from the weights "
+                                  "that run decomposed; resume on the same target, or resume=False to start over there")  # fmt: skip
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(ckpt["params"][n])
+                p.copy_(ckpt.params[n])
         rank, world = rank_and_world()
-        states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
-        if len(states) != world:
-            raise CheckpointError(f"{path} was written by a run on {len(states)} process(es), this one runs on {world}; "
-                                  f"resume with the same number of processes (torchrun --nproc_per_node={len(states)})")  # fmt: skip
-        opt.load_state_dict(ckpt["optimizer"])
-        source.skip(int(ckpt["data_consumed"]))  # iterables only; before the RNG state is restored
-        _set_rng_state(states[rank])
-        return int(ckpt["step"]), json.loads(ckpt["histories"])
+        if len(ckpt.rng) != world:
+            raise CheckpointError(f"{path} was written by a run on {len(ckpt.rng)} process(es), this one runs on {world}; "
+                                  f"resume with the same number of processes (torchrun --nproc_per_node={len(ckpt.rng)})")  # fmt: skip
+        opt.load_state_dict(ckpt.optimizer)
+        source.skip(ckpt.data_consumed)  # iterables only; before the RNG state is restored
+        _set_rng_state(ckpt.rng[rank])
+        return ckpt.step, ckpt.histories
 
     # ------------------------------------------------------------------ results
     def decompositions(self, histories: list[list[dict[str, float]]]) -> list[Decomposition]:

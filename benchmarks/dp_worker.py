@@ -16,10 +16,9 @@ import torch
 
 from apd import SPDConfig
 from apd.distributed import exit_now, init_from_env, is_main, rank_and_world, shard, shutdown
-from apd.lm_target import LMTargetConfig
 from apd.methods import method_for
 from apd.optim import make_optimizer
-from apd.targets import get_target
+from apd.targets import LMTargetConfig, get_target
 from apd.train import train_step
 
 

@@ -303,8 +303,7 @@ def test_spd_step_baseline(benchmark, case):
 
 def _spd_lm_setup():
     """spd_lm_1l's method on the shipped language model, one step's batch of 16 windows of 128 tokens."""
-    from apd.lm_target import LMTargetConfig
-    from apd.targets import get_target
+    from apd.targets import LMTargetConfig, get_target
 
     tcfg = LMTargetConfig()
     model, _ = get_target(tcfg)

@@ -9,8 +9,7 @@ from omegaconf import MISSING
 
 from apd import APDConfig, MethodConfig, SPDConfig
 from apd.experiment import DecomposeRun
-from apd.lm_target import LMTargetConfig
-from apd.targets import ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
+from apd.targets import LMTargetConfig, ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 
 
 class LoggerKind(str, Enum):

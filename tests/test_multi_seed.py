@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from apd import APDConfig, ConfigError, NonFiniteLossError, decompose, decompose_seeds
-from apd.decomposition import CHECKPOINT_NAME
+from apd.checkpoint import CHECKPOINT_NAME
 from apd.targets import TMSTargetConfig, get_target
 from experiments.summarize import summarize
 

@@ -76,12 +76,11 @@ from apd.browser.extract import (
     extract_browser_data,
     top_matches,
 )
+from apd.checkpoint import FILE_NAME, CheckpointError
 from apd.compare.runs import sae_dir_name
 from apd.config import ConfigError
-from apd.decomposition import FILE_NAME, CheckpointError
 from apd.experiment import RUN_FILE, RunArtifacts, load_run
-from apd.lm_target import LMTargetConfig
-from apd.targets import get_target, target_from_dict
+from apd.targets import LMTargetConfig, get_target, target_from_dict
 from apd.toy_models.lm import MLPActivations, TransformerLM
 from apd.toy_models.lm_data import HELDOUT_PLAYS, Split, load_corpus, load_tokenizer
 from apd.topk import topk_mask

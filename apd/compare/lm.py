@@ -87,12 +87,11 @@ from apd.component_model import Masks
 from apd.config import OutputLoss
 from apd.decomposition import Decomposition
 from apd.experiment import DecomposeRun
-from apd.lm_target import LMTargetConfig
 from apd.losses.distance import output_distance
 from apd.methods import method_for
 from apd.metrics.recovery import cosine_matrix, hungarian_match
 from apd.metrics.sae import description_length_bits, fraction_variance_unexplained, parameter_count
-from apd.targets import get_target
+from apd.targets import LMTargetConfig, get_target
 from apd.toy_models.lm import TransformerLM, lm_loss
 from apd.toy_models.lm_data import Split
 

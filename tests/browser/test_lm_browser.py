@@ -31,8 +31,8 @@ from apd.browser.lm import (
 )
 from apd.browser.render import fmt, render_unit
 from apd.experiment import DecomposeRun, load_run, run_decompose
-from apd.lm_target import LMTargetConfig
 from apd.methods.apd import APDConfig
+from apd.targets import LMTargetConfig
 from apd.topk import topk_mask
 from apd.toy_models.lm_data import Split, load_corpus, load_tokenizer
 from experiments import browse, schema  # noqa: F401  (schema registers the config schemas)

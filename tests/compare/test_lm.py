@@ -30,8 +30,7 @@ from apd.compare import (
     unit_proxies,
 )
 from apd.decomposition import Decomposition
-from apd.lm_target import LMTargetConfig
-from apd.targets import get_target
+from apd.targets import LMTargetConfig, get_target
 from tests.compare.presets import run_compare
 
 CALLERS = {"method", "architecture", "seed", "width", "sparsity_knob", "sparsity", "wall_seconds"}

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apd.decomposition import safe_load
-from apd.lm_target import CHECK_BATCH, LMTargetConfig
-from apd.targets import PRETRAINED_DIR, get_target, load_target
+from apd.checkpoint import safe_load
+from apd.targets import CHECK_BATCH, PRETRAINED_DIR, LMTargetConfig, get_target, load_target
 from apd.toy_models import lm_data
 from apd.toy_models.lm import (
     LMConfig,

@@ -1,7 +1,7 @@
 """The language-model target as a config: the one-layer Shakespeare character transformer (SPEC §6).
 
 ``LMTargetConfig`` is an option of the experiments' ``target`` group (``conf/target/lm_1l.yaml``),
-built, trained, shipped and loaded like the toy targets of ``apd.targets``. Its batches are
+built, trained, shipped and loaded like the toy targets (``apd.targets``). Its batches are
 ``[B, seq_len]`` int64 token windows of the corpus's training plays; ``heldout_batch`` draws from
 the held-out plays. The decomposed matrices are the MLP's ``mlp.up`` and ``mlp.down``.
 ``target_info`` measures what the shipped JSON records besides the training loss: the held-out loss,
@@ -12,19 +12,17 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
 from apd.config import OutputLoss
-from apd.targets import TargetConfig, register_target_kind
+from apd.evaluation import EvalContext
+from apd.targets.base import TargetConfig, register_target_kind
 from apd.toy_models.lm import LMConfig, TransformerLM, evaluate_lm, lm_loss, train_lm
 from apd.toy_models.lm_data import Split, lm_batch, load_corpus, load_tokenizer, unigram_cross_entropy
-
-if TYPE_CHECKING:
-    from apd.evaluation import EvalContext
 
 __all__ = ["LMTargetConfig", "CHECK_BATCH", "lm_decomposition_metrics"]
 
@@ -41,6 +39,7 @@ def _split_tokens(split: Split) -> Tensor:
     return load_corpus(split)
 
 
+@register_target_kind
 @dataclass(kw_only=True)
 class LMTargetConfig(TargetConfig):
     """One-layer transformer on the Shakespeare characters: d_model 128, a ReLU MLP of 512 neurons."""
@@ -59,7 +58,7 @@ class LMTargetConfig(TargetConfig):
     """the cosine schedule decays the learning rate to this fraction of train_lr"""
     train_grad_clip: float = 1.0
 
-    kind = "lm"
+    kind: ClassVar[str] = "lm"
 
     def model_config(self) -> LMConfig:
         return LMConfig(vocab_size=load_tokenizer().vocab_size, seq_len=self.seq_len, d_model=self.d_model,
@@ -106,7 +105,7 @@ class LMTargetConfig(TargetConfig):
         """A run's metrics read held-out windows (``n_eval`` of them; each ``seq_len`` tokens)."""
         return self.heldout_batch(batch_size, generator, device)
 
-    def evaluate(self, ctx: "EvalContext") -> dict[str, float]:
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         """A decomposition of the MLP on held-out windows: next-token loss clean, under the method's
         evaluation masks (per token), and with the MLP zero-ablated; the fraction of the MLP's loss
         contribution recovered, (L_ablated − L_masked) / (L_ablated − L_clean) (Bricken et al.'s
@@ -153,7 +152,7 @@ class LMTargetConfig(TargetConfig):
 
 
 @torch.no_grad()
-def lm_decomposition_metrics(cfg: LMTargetConfig, ctx: "EvalContext") -> dict[str, float]:
+def lm_decomposition_metrics(cfg: LMTargetConfig, ctx: EvalContext) -> dict[str, float]:
     """See ``LMTargetConfig.evaluate``."""
     model, cm = ctx.target, ctx.cm
     gen = torch.Generator().manual_seed(ctx.seed + 30_000)
@@ -177,6 +176,3 @@ def lm_decomposition_metrics(cfg: LMTargetConfig, ctx: "EvalContext") -> dict[st
         out[f"median_density/{n}"] = float(density[density > 0].median()) if (density > 0).any() else 0.0
     out["n_eval_tokens"] = float(x.numel())
     return out
-
-
-register_target_kind(LMTargetConfig)
