@@ -150,6 +150,11 @@ class Method(ABC):
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
         """The masks the method evaluates with on ``x`` (APD: top-k; SPD: causal importances)."""
 
+    def causal_importances(self, cm: ComponentModel, x: Tensor, *, upper_leaky: bool = False) -> dict[str, Tensor]:
+        """Causal importances per layer use on ``x``, for a method that learns them (SPD); others raise."""
+        raise ValueError(f"{self.name.upper()} learns no causal importances (they come from SPD); its evaluation masks "
+                         f"are {type(self).__name__}.eval_masks(cm, x)")  # fmt: skip
+
     def active_threshold(self) -> float:
         """A component counts as active on an input where its evaluation mask exceeds this (binary masks: 0.5)."""
         return 0.5
