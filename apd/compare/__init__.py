@@ -19,7 +19,7 @@ the residual-MLP module from ``ResidMLP.mlp_pairs()``.
 """
 
 from apd.compare.aggregate import best_settings, summarise
-from apd.compare.config import DECOMPOSITION_KNOBS, SPARSITY_KNOBS, APDGrid, CompareConfig, SAEGrid
+from apd.compare.config import SPARSITY_KNOBS, APDGrid, CompareConfig, SAEGrid
 from apd.compare.lm import (
     LM_COLUMNS,
     PROXIES,
@@ -109,7 +109,7 @@ from apd.compare.tms import (
 
 __all__ = [
     # config
-    "SPARSITY_KNOBS", "DECOMPOSITION_KNOBS", "SAEGrid", "APDGrid", "CompareConfig",
+    "SPARSITY_KNOBS", "SAEGrid", "APDGrid", "CompareConfig",
     # runs
     "Comparison", "evaluation_target", "decomposition_fields", "run_decomposition", "load_decomposition_run",
     "decomposition_results", "train_sae_cell", "sae_results", "row_logger",

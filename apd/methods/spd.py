@@ -41,7 +41,7 @@ from apd.component_model import ComponentModel, Masks, resolve_modules
 from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
-from apd.methods.base import Factors, Method, StepContext
+from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
 
 __all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CIFunctions", "ci_functions", "CI_FNS", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
            "stochastic_mask", "annealed_p", "minimality_scale"]
@@ -365,8 +365,36 @@ class SPD(Method):
 
     name = "spd"
     config_class = SPDConfig
+    loss_names = ("faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality")
     eval_mask_name = "ci"
+    units = Units.per_matrix
+    unit_noun = "subcomponents"
+    sparsity_knob = "importance_minimality_coeff"
     config: SPDConfig
+
+    def vectorised(self) -> "SPD":
+        """The default rules; the CI functions run eagerly inside the seeds' vmap (``compile_ci`` off)."""
+        method = super().vectorised()
+        return self._with(compile_ci=False) if self.config.compile_ci else method  # type: ignore[return-value]
+
+    def unit_scores(self, cm: ComponentModel, x: Tensor) -> dict[str, Tensor]:
+        """The causal importances g (what the evaluation masks are)."""
+        return self.causal_importances(cm, x)
+
+    def mlp_units(self, W_E: Tensor, component_weights: Mapping[str, Tensor], pairs: Sequence[tuple[str, str]]) -> MLPUnits:
+        """The W_in subcomponents, each through its layer's decomposed W_out (SPEC §5.5)."""
+        from apd.metrics.resid_mlp import spd_neuron_contributions, spd_unit_layers
+
+        weights = dict(component_weights)
+        nc, units = spd_neuron_contributions(W_E, weights, pairs)
+        out_maps = {w_in: weights[w_out].sum(0, keepdim=True).expand(weights[w_in].shape[0], -1, -1) for w_in, w_out in pairs}
+        return MLPUnits(nc=nc, layer=spd_unit_layers(units, pairs), out_maps=out_maps)
+
+    def preset_note(self, steps: int, batch_size: int) -> str:
+        m = self.config
+        return (f"C={m.C} per matrix, CI function {m.ci_fn.value} {m.ci_hidden}, importance minimality "
+                f"{m.importance_minimality_coeff:g} at p={m.pnorm:g}, {steps} steps, batch {batch_size}; "
+                "evaluated with its causal importances as masks (L0: subcomponents with g > τ per input, summed over matrices)")  # fmt: skip
 
     def build(self, target: nn.Module, modules: Sequence[str], *, tied: Mapping[str, str] | None = None,
               seed: int | None = None) -> ComponentModel:  # fmt: skip
