@@ -103,6 +103,7 @@ from apd.compare.runs import Comparison, decomposition_results, row_logger, sae_
 from apd.compare.scoring import Trained
 from apd.experiment import DecomposeRun
 from apd.lm_target import LMTargetConfig
+from apd.methods import method_for
 from apd.targets import get_target
 from apd.toy_models.lm import TransformerLM
 
@@ -166,9 +167,7 @@ def _relations(results: list[Trained], W_down: Tensor, tau: float) -> tuple[list
 def _preset_note(label: str, run: DecomposeRun, steps: int | None) -> str:
     """The comparison.md line of a decomposition trained inside the comparison: its settings."""
     m = run.method
-    keys = ("C", "rank", "topk", "attribution", "ci_fn", "ci_hidden", "importance_minimality_coeff", "pnorm", "pnorm_final",
-            "faithfulness_coeff", "minimality_coeff", "simplicity_coeff", "lr")  # fmt: skip
-    settings = ", ".join(f"{k}={getattr(getattr(m, k), 'value', getattr(m, k))}" for k in keys if hasattr(m, k))
+    settings = method_for(m).key_settings_text()
     return (f"{label}: trained here with its decompose preset ({settings}), {steps if steps is not None else m.steps} steps "
             f"of {run.batch_size} windows.")  # fmt: skip
 

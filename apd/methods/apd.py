@@ -210,6 +210,7 @@ class APD(Method):
     units = Units.shared
     unit_noun = "components"
     sparsity_knob = "topk"
+    key_settings = ("C", "rank", "topk", "attribution", "faithfulness_coeff", "minimality_coeff", "simplicity_coeff", "lr")
     config: APDConfig
 
     def vectorised(self) -> "APD":

@@ -114,6 +114,8 @@ class Method(ABC):
     """what reports call its units"""
     sparsity_knob: ClassVar[str]
     """the config field that sets how sparse its decompositions are (comparison rows' ``sparsity_knob``)"""
+    key_settings: ClassVar[tuple[str, ...]] = ("C", "lr")
+    """the config fields a report lists for a run (:meth:`key_settings_text`)"""
 
     def __init__(self, config: MethodConfig):
         if not isinstance(config, self.config_class):
@@ -236,6 +238,11 @@ class Method(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not say what its units of a residual MLP are")
 
     # ----------------------------------------------------------------- reports
+    def key_settings_text(self) -> str:
+        """``field=value, ...`` of its ``key_settings`` (an Enum by its value)."""
+        c = self.config
+        return ", ".join(f"{k}={getattr(getattr(c, k), 'value', getattr(c, k))}" for k in self.key_settings)
+
     def settings_note(self, C_per_module: Mapping[str, int]) -> str:
         """Its settings in a few words, for reports on a finished run (``C_per_module``: the run's)."""
         return f"components per matrix {dict(C_per_module)}, {self.config.steps} steps"

@@ -370,6 +370,7 @@ class SPD(Method):
     units = Units.per_matrix
     unit_noun = "subcomponents"
     sparsity_knob = "importance_minimality_coeff"
+    key_settings = ("C", "ci_fn", "ci_hidden", "importance_minimality_coeff", "pnorm", "pnorm_final", "faithfulness_coeff", "lr")
     config: SPDConfig
 
     def vectorised(self) -> "SPD":
