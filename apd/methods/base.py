@@ -100,7 +100,8 @@ class InstanceView:
 
 
 class Method(ABC):
-    """A decomposition method; see the module docstring. Subclasses set ``name`` and ``config_class``."""
+    """A decomposition method; see the module docstring. Subclasses set ``name``, ``config_class``,
+    ``loss_names``, ``units`` and ``sparsity_knob`` (and may override the other class attributes)."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
