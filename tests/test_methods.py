@@ -146,6 +146,8 @@ def test_spd_units_of_a_residual_mlp_are_the_w_in_subcomponents_through_the_whol
 
 def test_units_and_report_lines_come_from_the_method():
     assert method_class("apd").units is Units.shared and method_class("spd").units is Units.per_matrix
+    assert method_for(APDConfig()).units_span_matrices and not method_for(SPDConfig()).units_span_matrices
+    assert (method_class("apd").unit_noun, method_class("spd").unit_noun) == ("component", "subcomponent")
     assert method_for(APDConfig(C=6, topk=2.0, steps=10)).settings_note({"a": 6}) == (
         "C=6, rank=full, batch top-k=2.0, 10 steps, coefficients faithfulness/minimality/simplicity 1/1/1")
     assert method_for(SPDConfig(steps=7)).settings_note({"a": 3, "b": 2}) == "components per matrix {'a': 3, 'b': 2}, 7 steps"

@@ -143,7 +143,7 @@ def _lm_bars(groups: list[dict[str, Any]], cfg: CompareConfig) -> list[str]:
         if is_decomposition(a["method"]) and not math.isnan(a["loss_recovered_thresholded"]):
             ok = a["loss_recovered"] >= 0.9
             lines.append(f"- `{a['method']}` ({_setting(a)}): loss recovered under its causal importances {a['loss_recovered']:.3f} "
-                         f"(thresholded g > τ: {a['loss_recovered_thresholded']:.3f}) at L0 {a['l0']:.1f} {method_class(a['method']).unit_noun} per "
+                         f"(thresholded g > τ: {a['loss_recovered_thresholded']:.3f}) at L0 {a['l0']:.1f} {method_class(a['method']).unit_noun}s per "
                          f"token → {'meets' if ok else 'misses'} the bar (≥ 0.9).")  # fmt: skip
     return lines
 

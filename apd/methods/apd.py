@@ -208,7 +208,7 @@ class APD(Method):
     loss_names = ("faithfulness", "minimality", "simplicity", "act_recon", "lp_sparsity")
     eval_mask_name = "topk"
     units = Units.shared
-    unit_noun = "components"
+    unit_noun = "component"
     sparsity_knob = "topk"
     key_settings = ("C", "rank", "topk", "attribution", "faithfulness_coeff", "minimality_coeff", "simplicity_coeff", "lr")
     config: APDConfig

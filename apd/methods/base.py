@@ -111,8 +111,8 @@ class Method(ABC):
     """what the evaluation masks are called in metrics (``<name>_recon_mse``)"""
     units: ClassVar[Units]
     """what its decomposition is made of (:class:`Units`)"""
-    unit_noun: ClassVar[str] = "components"
-    """what reports call its units"""
+    unit_noun: ClassVar[str] = "component"
+    """what one unit is called in reports and the browser ("component", "subcomponent")"""
     sparsity_knob: ClassVar[str]
     """the config field that sets how sparse its decompositions are (comparison rows' ``sparsity_knob``)"""
     key_settings: ClassVar[tuple[str, ...]] = ("C", "lr")
@@ -228,10 +228,16 @@ class Method(ABC):
         raise ValueError(f"{self.name.upper()} learns no causal importances (they come from SPD); its evaluation masks "
                          f"are {type(self).__name__}.eval_masks(cm, x)")  # fmt: skip
 
+    @property
+    def units_span_matrices(self) -> bool:
+        """Whether one unit spans every decomposed matrix (``units is Units.shared``: APD)."""
+        return self.units is Units.shared
+
     def unit_scores(self, cm: ComponentModel, x: Tensor) -> Masks:
         """The graded per-unit scores on ``x`` that the evaluation masks select from (APD: the
-        attributions top-k ranks; SPD: the causal importances), e.g. to pick each input's top unit."""
-        raise NotImplementedError(f"{type(self).__name__} does not say how it scores its units")
+        attributions top-k ranks; SPD: the causal importances), e.g. to pick each input's top unit;
+        shaped like ``eval_masks`` (default: the masks themselves)."""
+        return self.eval_masks(cm, x)
 
     def mlp_units(self, W_E: Tensor, component_weights: Mapping[str, Tensor], pairs: Sequence[tuple[str, str]]) -> MLPUnits:
         """Its units in a residual MLP's (W_in, W_out) ``pairs`` from the component weights

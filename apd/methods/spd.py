@@ -368,7 +368,7 @@ class SPD(Method):
     loss_names = ("faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality")
     eval_mask_name = "ci"
     units = Units.per_matrix
-    unit_noun = "subcomponents"
+    unit_noun = "subcomponent"
     sparsity_knob = "importance_minimality_coeff"
     key_settings = ("C", "ci_fn", "ci_hidden", "importance_minimality_coeff", "pnorm", "pnorm_final", "faithfulness_coeff", "lr")
     config: SPDConfig
