@@ -115,7 +115,9 @@ class ComponentModel(nn.Module):
     source is also selected is tied automatically, and ``tied={"dec": "enc"}`` declares that the
     plain ``nn.Linear`` ``dec`` holds ``enc``'s weight transposed.
 
-    A method may attach causal-importance functions (``set_ci_fns``), as SPD does.
+    A method may attach trainable modules of its own (``set_method_module``; SPD: its
+    causal-importance functions): they are trained, saved and loaded with the components, and this
+    class does not know what they compute.
     """
 
     def __init__(
@@ -169,8 +171,8 @@ class ComponentModel(nn.Module):
             self.layers[name] = comp
             self.kinds[name] = "tied"
         self.layer_names = [n for n in names]  # every use, in module order
-        self.ci_fns: nn.ModuleList | None = None
-        self._ci_index: dict[str, int] = {}
+        self.method_module_names: list[str] = []
+        """the names of the modules a method attached (``set_method_module``), in attachment order"""
 
     @staticmethod
     def _components_per_matrix(C: int | Mapping[str, int], names: list[str]) -> dict[str, int]:
@@ -246,10 +248,11 @@ class ComponentModel(nn.Module):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Every trained tensor by its ``named_parameters`` name: the components (A, B per matrix, in
-        matrix order), then the causal-importance functions' parameters, if any."""
+        matrix order), then the parameters of the modules a method attached, as ``<module>.<parameter>``
+        (SPD's causal-importance functions: ``ci_fns.<i>.…``)."""
         out = {self.param_name(n, p): getattr(self.layers[n], p) for n in self.matrix_names for p in ("A", "B")}
-        if self.ci_fns is not None:
-            out |= {f"ci_fns.{k}": v for k, v in self.ci_fns.named_parameters()}
+        for name in self.method_module_names:
+            out |= {f"{name}.{k}": v for k, v in getattr(self, name).named_parameters()}
         return out
 
     def target_weights(self) -> dict[str, Float[Tensor, "d_out d_in"]]:
@@ -267,39 +270,22 @@ class ComponentModel(nn.Module):
         """N: the number of decomposed weights (each tied matrix counted once)."""
         return sum(self.layers[n].target_weight().numel() for n in self.matrix_names)
 
-    # ------------------------------------------------------------------ causal importances
-    def set_ci_fns(self, fns: Mapping[str, nn.Module]) -> None:
-        """Attach one causal-importance function per layer use (``fns[name](inner_acts, layer_input)``
-        returns pre-activations [*lead, C]); they become trainable parameters of this model."""
-        missing = [n for n in self.layer_names if n not in fns]
-        if missing:
-            raise ValueError(f"no causal-importance function for {missing}")
-        self._ci_index = {n: i for i, n in enumerate(self.layer_names)}
-        self.ci_fns = nn.ModuleList([fns[n] for n in self.layer_names])
+    # ------------------------------------------------------------------ a method's own modules
+    def set_method_module(self, name: str, module: nn.Module) -> None:
+        """Attach a trainable module that a method owns (SPD: its causal-importance functions) under
+        ``name``: its parameters join ``trainable_parameters`` as ``<name>.<parameter>``, so they are
+        optimised, checkpointed, vmapped over seeds and loaded with the components. Setting a name
+        again replaces the module."""
+        if not name.isidentifier() or (name not in self.method_module_names and hasattr(self, name)):
+            raise ValueError(f"a method module cannot be called {name!r}: it must be a Python name that ComponentModel "
+                             "does not use already (e.g. 'ci_fns')")  # fmt: skip
+        self.add_module(name, module)
+        if name not in self.method_module_names:
+            self.method_module_names.append(name)
 
-    def ci_fn(self, name: str) -> nn.Module:
-        if self.ci_fns is None:
-            raise ValueError("this decomposition has no causal-importance functions (an APD decomposition ranks its "
-                             "components by attributions: apd.compute_attributions); causal importances come from SPD")  # fmt: skip
-        return self.ci_fns[self._ci_index[name]]
-
-    def ci_pre_activations(self, x: Tensor) -> dict[str, Float[Tensor, "... C"]]:
-        """The causal-importance functions' outputs before squashing, per layer use, from one target
-        pass (their inputs are the target's layer inputs and the subcomponents' inner activations)."""
-        if self.ci_fns is None:
-            self.ci_fn("")  # raises the explanation
-        with cm_capture(self, self.layer_names, inputs=True) as a_in:
-            self(x)
-        return {n: self.ci_fn(n)(self.layers[n].component_acts(a_in[n]), a_in[n]) for n in self.layer_names}
-
-    def causal_importances(self, x: Tensor, upper_leaky: bool = False, alpha: float = 0.01) -> dict[str, Float[Tensor, "... C"]]:
-        """g_{l,c}(x) ∈ [0, 1] per layer use and position [*lead, C]: the lower-leaky hard sigmoid of
-        the causal-importance functions (``upper_leaky=True``: the upper-leaky one of the minimality
-        loss, which may exceed 1). ``cm(x, masks=cm.causal_importances(x))`` runs the model with them."""
-        from apd.methods.spd import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
-
-        squash = upper_leaky_hard_sigmoid if upper_leaky else lower_leaky_hard_sigmoid
-        return {n: squash(v, alpha) for n, v in self.ci_pre_activations(x).items()}
+    def method_module(self, name: str) -> nn.Module | None:
+        """The module a method attached under ``name`` (None when there is none)."""
+        return getattr(self, name) if name in self.method_module_names else None
 
     # ------------------------------------------------------------------ forward passes
     def forward(

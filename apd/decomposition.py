@@ -154,6 +154,20 @@ class Decomposition:
                 p.copy_(self.params[n])
         return cm
 
+    def causal_importances(self, x: Tensor, model: nn.Module | None = None, *, upper_leaky: bool = False) -> dict[str, Tensor]:
+        """SPD's causal importances g per layer use on ``x`` ([*lead, C], in [0, 1]; ``upper_leaky``:
+        the minimality loss's g⁺), through the run's method and config (its ``leaky_alpha``). A
+        loaded decomposition needs its target: ``dec.causal_importances(x, model)``."""
+        from apd.methods import method_for
+
+        cm = self.component_model
+        if cm is None:
+            if model is None:
+                raise ValueError("this decomposition was loaded, not trained here: pass its target model, "
+                                 "dec.causal_importances(x, model)")  # fmt: skip
+            cm = self.attach(model)
+        return method_for(self.config).causal_importances(cm, x, upper_leaky=upper_leaky)
+
     # ---------------------------------------------------------------- files
     def saved(self) -> SavedDecomposition:
         """What ``save`` writes (``apd.checkpoint``'s record of a decomposition)."""

@@ -134,7 +134,8 @@ class RunArtifacts:
     run_dir: Path
 
     def component_model(self):  # noqa: ANN201
-        """The decomposition attached to the target: ``cm(x, masks=...)``, ``cm.causal_importances(x)``."""
+        """The decomposition attached to the target: ``cm(x, masks=...)`` (SPD's
+        causal importances: ``result.decomposition.causal_importances(x, result.target)``)."""
         return self.decomposition.component_model or self.decomposition.attach(self.target)
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from apd.checkpoint import CHECKPOINT_NAME, CheckpointError, TrainingCheckpoint, read_checkpoint, write_checkpoint
 from apd.component_model import ComponentModel
-from apd.config import Attribution, ConfigError, GradientMode, MethodConfig
+from apd.config import ConfigError, MethodConfig
 from apd.data import BatchSource, DataError
 from apd.decomposition import Decomposition
 from apd.distributed import (
@@ -50,6 +50,7 @@ from apd.distributed import (
     shard,
 )
 from apd.methods import Factors, InstanceView, Method, method_for
+from apd.methods.base import VECTORISABLE_OPTIMIZERS
 
 __all__ = ["decompose", "decompose_seeds", "train_step", "loss_terms", "as_floats", "NonFiniteLossError", "NonFiniteTargetError",
            "check_target_finite", "CHECKPOINT_NAME", "VECTORISABLE_OPTIMIZERS", "LogCallback", "SeedsCallback"]  # fmt: skip
@@ -59,8 +60,6 @@ LogCallback = Callable[[int, dict[str, float]], None]
 SeedsCallback = Callable[[int, int, dict[str, float]], None]
 """``callback(seed, step, terms)``: one call per seed at each logging step"""
 
-VECTORISABLE_OPTIMIZERS = ("adam", "adamw")
-"""element-wise optimisers: stacking instances along a new dimension leaves them independent"""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -339,33 +338,6 @@ class _Run:
         return out
 
 
-def _vectorisable(method: Method) -> Method:
-    config = method.config
-    if config.compile:
-        raise ConfigError("compile=True applies to single-seed runs; decompose_seeds vmaps the seeds instead: set compile=False")
-    if config.optimizer not in VECTORISABLE_OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer={config.optimizer!r} cannot train seeds side by side (it may couple the stacked instances "
-            f"through norms or trust ratios); use one of {VECTORISABLE_OPTIMIZERS}, or train the seeds one at a "
-            "time with decompose"
-        )
-    if getattr(config, "compile_ci", False):  # SPD: vmap runs the CI functions eagerly
-        from dataclasses import replace
-
-        method = type(method)(replace(config, compile_ci=False))  # type: ignore[call-arg]
-        config = method.config
-    if getattr(config, "attribution", None) is Attribution.gradient:
-        mode = getattr(config, "gradient_mode", None)
-        if mode is GradientMode.per_sample:
-            raise ConfigError("gradient_mode='per_sample' cannot run inside the seeds' vmap; use 'hidden', 'jacfwd' or "
-                              "'jacrev' (None picks 'hidden')")  # fmt: skip
-        if mode in (None, GradientMode.auto):
-            from dataclasses import replace
-
-            return type(method)(replace(config, gradient_mode=GradientMode.hidden))  # type: ignore[call-arg]
-    return method
-
-
 def _train(
     model: nn.Module, data: Iterable | Callable[[], Tensor], method: Method, modules: Sequence[str], seeds: list[int],
     stacked: bool, tied: dict[str, str] | None, on_log: Callable[[int, int, dict[str, float]], None] | None,
@@ -488,6 +460,6 @@ def decompose_seeds(
         raise ConfigError("seeds is empty: give at least one seed")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds={seeds} repeats a seed; give distinct seeds")
-    run_method = _vectorisable(method)
+    run_method = method.vectorised()
     return _train(model, data, run_method, modules, seeds, True, tied, callback, checkpoint_dir, resume, progress,
                   recorded=method.config)  # as given (output_loss resolved), before the changes vmap needs

@@ -78,7 +78,7 @@ def reference_spd_step(cm: ComponentModel, opt: torch.optim.Optimizer, x: Tensor
     names = cm.layer_names
     with torch.no_grad(), cm.capture(names, inputs=True) as a_in:
         target_out = cm(x)
-    ci, ci_upper = method.causal_importances(cm, a_in)
+    ci, ci_upper = method.importances_from_inputs(cm, a_in)
 
     def masked_weight(name: str, m: Tensor, r_delta: Tensor) -> Tensor:
         layer = cm.layers[name]

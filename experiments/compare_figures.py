@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from apd.compare import CompareConfig, Comparison, Trained, best_settings, comparison_for, summarise  # noqa: E402
+from apd.compare.report import has_shared_components  # noqa: E402
 from apd.metrics.recovery import cosine_matrix  # noqa: E402
 
 _MARKERS = "osD^vP*X"
@@ -53,7 +54,7 @@ def save_figures(comparison: Comparison, cfg: CompareConfig, out_dir: Path) -> l
         title = ("Transcoders (MLP input → MLP output): feature splitting as width grows (mean ± std over seeds)" if resid
                  else "Transcoders across the identity: feature splitting as width grows (mean ± std over seeds)")  # fmt: skip
         paths.append(transcoder_sweep(results, transcoders, truth.shape[0], out_dir / "transcoder_sweep.png", title))
-    apd_id = [r for r in results if r.row["method"] == "apd" and "hidden" in r.parts]
+    apd_id = [r for r in results if has_shared_components(r.row["method"]) and "hidden" in r.parts]
     if apd_id:
         paths.append(apd_identity(apd_id, out_dir / "apd_identity.png"))
     return paths
@@ -192,7 +193,7 @@ def transcoder_sweep(results: list[Trained], transcoders: set[str], n_features: 
     """Do features split as transcoders widen? Against APD's count of components carrying the identity."""
     rows = [r.row for r in results if r.row["method"] in transcoders]
     groups = summarise(rows)
-    apd = [r.row for r in results if r.row["method"] == "apd" and not math.isnan(r.row["id_n_components"])]
+    apd = [r.row for r in results if has_shared_components(r.row["method"]) and not math.isnan(r.row["id_n_components"])]
     colors = _colors(sorted(transcoders))
     panels = [("aligned", "live latents with cos ≥ tau to a feature\n(APD: components carrying I)"),
               ("latents_per_feature", "latents per feature (cos ≥ tau)"),

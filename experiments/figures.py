@@ -8,18 +8,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from apd.attributions import compute_attributions  # noqa: E402
 from apd.experiment import DecomposeRun, RunResult  # noqa: E402
+from apd.methods import Units, method_for  # noqa: E402
 from apd.metrics import resid_mlp as rm  # noqa: E402
 
 
 def save_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Path]:
     """The figures of the run's target kind (none for a kind without figures), and for every run its
-    mechanisms (groups of co-active units, from metrics.json) and, for SPD on a toy, its causal
-    importances on one-feature inputs."""
+    mechanisms (groups of co-active units, from metrics.json) and, for a method with per-matrix units
+    (SPD) on a toy, its evaluation masks (causal importances) on one-feature inputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = mechanism_figure(result, out_dir)
-    if result.decomposition.method == "spd" and run.target.kind in ("tms", "resid_mlp"):
+    if method_for(result.decomposition.config).units is Units.per_matrix and run.target.kind in ("tms", "resid_mlp"):
         paths += ci_figure(result, run, out_dir)
     figures = _FIGURES.get(run.target.kind)
     return paths + (figures(result, run, out_dir) if figures is not None else [])
@@ -58,7 +58,7 @@ def ci_figure(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Path]
     cm = dec.component_model if dec.component_model is not None else dec.attach(result.target)
     n = run.target.n_features  # type: ignore[attr-defined]
     with torch.no_grad():
-        ci = {k: v.cpu() for k, v in cm.causal_importances(torch.eye(n, device=run.device)).items()}
+        ci = {k: v.cpu() for k, v in method_for(dec.config).eval_masks(cm, torch.eye(n, device=run.device)).items()}  # type: ignore[union-attr]
     fig, axes = plt.subplots(1, len(ci), figsize=(3.2 * len(ci) + 1, 3.2), squeeze=False)
     for ax, (name, g) in zip(axes[0], ci.items()):
         live = (g > 0.1).any(0).nonzero().flatten()
@@ -122,12 +122,9 @@ def resid_mlp_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> li
     cm = dec.component_model if dec.component_model is not None else dec.attach(target)
     W_E = target.W_E
     nc_t = rm.target_neuron_contributions(target).cpu()
-    groups = None
-    if dec.method == "spd":  # a feature's W_in pieces, one per layer (its mechanism)
-        nc_c, units = rm.spd_neuron_contributions(W_E, dec.component_weights(), target.mlp_pairs())
-        nc_c, groups = nc_c.cpu(), rm.spd_unit_layers(units, target.mlp_pairs())
-    else:
-        nc_c = rm.component_neuron_contributions(W_E, dec.component_weights(), target.mlp_pairs()).cpu()
+    method = method_for(dec.config)
+    units = method.mlp_units(W_E, dec.component_weights(), target.mlp_pairs())  # SPD: a feature's W_in pieces per layer
+    nc_c, groups = units.nc.cpu(), units.layer
     best = nc_c.abs().amax(-1).argmax(0)  # (n_features,)
     matched = rm.matched_neuron_contributions(nc_c, groups)
     per_layer = len(target.mlp_pairs()) > 1 and groups is not None
@@ -144,12 +141,12 @@ def resid_mlp_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> li
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Neuron contributions: target (bars) vs {what} (dots)")
     _save(fig, out_dir / "neuron_contributions.png", paths)
-    if dec.method != "apd":
+    if method.units is not Units.shared:  # the scrubbing and top-1 figures switch whole components
         return paths
 
     def attributions(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return compute_attributions(cm, x, run.method.attribution)
+            return method.unit_scores(cm, x)  # type: ignore[return-value]
 
     with torch.no_grad():
         masked = lambda x, s: cm(x, masks=s)  # noqa: E731

@@ -11,7 +11,7 @@ from apd import ComponentModel, ConfigError, ModuleSelectionError, SPDConfig, de
 from apd.ci_functions import MLPCI, SharedMLPCI, VectorMLPCI
 from apd.losses.importance_minimality import importance_minimality_loss
 from apd.methods import method_for
-from apd.methods.spd import annealed_p, components_per_module, leaky_hard_sigmoids, lower_leaky_hard_sigmoid, minimality_scale, upper_leaky_hard_sigmoid
+from apd.methods.spd import annealed_p, ci_functions, components_per_module, leaky_hard_sigmoids, lower_leaky_hard_sigmoid, minimality_scale, upper_leaky_hard_sigmoid
 from apd.train import loss_terms
 
 
@@ -240,7 +240,7 @@ def test_losses_by_hand_on_a_one_matrix_model():
     with torch.no_grad():
         layer = cm.layers["0"]
         v = x @ layer.A[:, 0].T  # (4, C) inner activations
-        pre = cm.ci_fn("0")(v[..., None], x)
+        pre = ci_functions(cm).fn("0")(v[..., None], x)
         g = pre.clamp(0, 1)
         g_up = torch.where(pre > 1, 1 + 0.01 * (pre - 1), pre.clamp(0, 1))
         m = g + (1 - g) * torch.rand_like(g)
@@ -287,10 +287,49 @@ def test_importance_minimality_decays_to_zero_at_the_end():
     assert method.loss_terms(cm, x, 10)["importance_minimality"].item() == 0.0
 
 
+def test_the_upper_leaky_causal_importances_use_the_runs_leaky_alpha():
+    """Bug (b): the causal importances a user asks for (upper-leaky g⁺ included) come from the one CI
+    path, squashed with the run's leaky_alpha (0.3 here), not a default 0.01: what the minimality loss
+    trains on."""
+    from apd.decomposition import Decomposition
+
+    cfg = SPDConfig(C=4, leaky_alpha=0.3, ci_fn="shared_mlp", faithfulness_warmup_steps=0)
+    method = method_for(cfg)
+    model = _mlp()
+    cm = method.build(model, ["0", "2"])
+    with torch.no_grad():
+        for fn in ci_functions(cm):
+            fn.layers.net[-1].bias.copy_(torch.tensor([2.0, 1.5, 0.3, -1.0]))  # some above 1, where the slopes differ
+    x = torch.randn(8, 5)
+    with torch.no_grad(), cm.capture(cm.layer_names, inputs=True) as a_in:
+        cm(x)
+        pre = {n: ci_functions(cm).fn(n)(cm.layers[n].component_acts(a_in[n]), a_in[n]) for n in cm.layer_names}
+    dec = Decomposition.from_component_model(cm, "spd", cfg, 0)
+    upper, lower = dec.causal_importances(x, upper_leaky=True), dec.causal_importances(x)
+    trained_on = method.step_context(cm, x, 0).ci_upper
+    for n, p in pre.items():
+        assert bool((p > 1).any()) and bool((p < 1).any())
+        torch.testing.assert_close(upper[n], torch.where(p > 1, 1 + 0.3 * (p - 1), p.clamp(0, 1)))
+        torch.testing.assert_close(upper[n], trained_on[n].detach())
+        torch.testing.assert_close(lower[n], p.clamp(0, 1))
+
+
+def test_a_method_without_causal_importances_says_where_its_masks_come_from():
+    from apd import APDConfig
+
+    method = method_for(APDConfig(C=2))
+    cm = method.build(_mlp(), ["0", "2"])
+    with pytest.raises(ValueError, match="APD learns no causal importances.*eval_masks"):
+        method.causal_importances(cm, torch.randn(3, 5))
+    with pytest.raises(ValueError, match="no causal-importance functions"):
+        ci_functions(cm)
+
+
 def test_ci_masks_from_the_component_model():
-    cm = method_for(SPDConfig(C=3)).build(_mlp(), ["0", "2"])
+    method = method_for(SPDConfig(C=3))
+    cm = method.build(_mlp(), ["0", "2"])
     x = torch.randn(6, 5)
-    ci = cm.causal_importances(x)
+    ci = method.causal_importances(cm, x)
     assert set(ci) == {"0", "2"} and ci["0"].shape == (6, 3) and bool(((ci["0"] >= 0) & (ci["0"] <= 1)).all())
     assert cm(x, masks=ci).shape == (6, 3)
 
@@ -356,11 +395,11 @@ def test_C_per_module_gives_each_matrix_its_own_number_through_training_and_relo
     w = dec.component_weights()
     assert w["0"].shape == (4, 4, 5) and w["2"].shape == (2, 3, 4)
     x = torch.randn(9, 5)
-    ci = dec.component_model.causal_importances(x)
+    ci = dec.causal_importances(x)
     assert ci["0"].shape == (9, 4) and ci["2"].shape == (9, 2)
     loaded = load_decomposition(dec.save(tmp_path))
     assert loaded.config.C_per_module == {"2": 2} and "C={'0': 4, '2': 2}" in repr(loaded)
-    for n, g in loaded.attach(_mlp()).causal_importances(x).items():
+    for n, g in loaded.causal_importances(x, _mlp()).items():
         torch.testing.assert_close(g, ci[n])
 
 
@@ -382,9 +421,8 @@ def test_training_lowers_the_reconstruction_and_saves_the_ci_functions(tmp_path)
     assert dec.method == "spd" and dec.component_weights()["0"].shape == (4, 4, 5)
     assert any(n.startswith("ci_fns.") for n in dec.params)
     loaded = load_decomposition(dec.save(tmp_path))
-    cm = loaded.attach(_mlp())
     x = torch.randn(9, 5)
-    ours, theirs = cm.causal_importances(x), dec.component_model.causal_importances(x)
+    ours, theirs = loaded.causal_importances(x, _mlp()), dec.causal_importances(x)
     for n in ours:
         torch.testing.assert_close(ours[n], theirs[n])
     assert "SPD" in repr(loaded) and "further trained tensors" in repr(loaded) and len(repr(loaded)) < 300
@@ -436,9 +474,10 @@ def test_resume_after_a_crash_is_exact(tmp_path):
 def test_loss_terms_of_a_token_model_per_position():
     emb = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7))
     cfg = SPDConfig(C=3, output_loss="kl", ci_fn="shared_mlp")
-    cm = method_for(cfg).build(emb, ["0", "1"])
+    method = method_for(cfg)
+    cm = method.build(emb, ["0", "1"])
     x = torch.randint(0, 7, (2, 5))
     terms = loss_terms(cm, x, cfg)
     assert set(terms) >= {"total", "stochastic_recon", "stochastic_recon_layerwise", "importance_minimality", "l0"}
-    ci = cm.causal_importances(x)
+    ci = method.causal_importances(cm, x)
     assert ci["0"].shape == (2, 5, 3) and ci["1"].shape == (2, 5, 3)

@@ -80,6 +80,7 @@ from apd.checkpoint import FILE_NAME, CheckpointError
 from apd.compare.runs import sae_dir_name
 from apd.config import ConfigError
 from apd.experiment import RUN_FILE, RunArtifacts, load_run
+from apd.methods import method_for
 from apd.targets import LMTargetConfig, get_target, target_from_dict
 from apd.toy_models.lm import MLPActivations, TransformerLM
 from apd.toy_models.lm_data import HELDOUT_PLAYS, Split, load_corpus, load_tokenizer
@@ -494,6 +495,7 @@ class _SPD(_Source):
                  where: str):  # fmt: skip
         dec = art.decomposition
         self.cm = art.component_model().to(device).eval()
+        self.method = method_for(dec.config)
         self.tau = float(dec.config.ci_threshold)  # type: ignore[attr-defined]
         self.activation = activation
         self.names = {n: _family_name(f"{prefix}.{n}") for n in dec.matrix_names}
@@ -533,7 +535,7 @@ class _SPD(_Source):
     def activations(self, tokens: Tensor, io: MLPActivations) -> dict[str, Tensor]:
         cm = self.cm
         with cm.capture(cm.layer_names, inputs=True) as a_in:
-            g = cm.causal_importances(tokens)
+            g = self.method.causal_importances(cm, tokens)
         out = {}
         for n, name in self.names.items():
             if self.activation is SPDActivation.ci:

@@ -11,15 +11,20 @@ The library side of ``python -m experiments.compare``; no Hydra, no plotting. On
 - :mod:`apd.compare.registry`: the comparison of each target kind (:func:`comparison_for`).
 - :mod:`apd.compare.tms` and :mod:`apd.compare.resid`: the targets' own activations, ground truth
   and scoring (TMS with its +ID identity; the 1-layer residual MLP), each registered by its kind.
-- :mod:`apd.compare.lm`: the language model (no ground truth): loss recovered, KL, densities,
-  description length, monosemanticity proxies, seed consistency and SAE-component relations.
+- :mod:`apd.compare.lm`: the language model (no ground truth): finding and training its runs;
+  :mod:`apd.compare.lm_scoring` computes loss recovered, KL, densities, description length,
+  monosemanticity proxies, seed consistency and SAE-component relations.
+- :mod:`apd.compare.report`: what every report (``comparison.md``) shares (:class:`ReportInputs`);
+  each registered comparison owns its report (:mod:`apd.compare.toy_report` for TMS and the residual
+  MLP, :mod:`apd.compare.lm_report` for the language model).
 
-Generic modules never name a target's layers: the TMS module reads them off the model's attributes,
-the residual-MLP module from ``ResidMLP.mlp_pairs()``.
+Generic modules never name a target's layers (the TMS module reads them off the model's attributes,
+the residual-MLP module from ``ResidMLP.mlp_pairs()``) nor a method: a row's ``method`` is data, and
+per-method behaviour comes from the method's class (:func:`apd.methods.method_class`).
 """
 
 from apd.compare.aggregate import best_settings, summarise
-from apd.compare.config import DECOMPOSITION_KNOBS, SPARSITY_KNOBS, APDGrid, CompareConfig, SAEGrid
+from apd.compare.config import SPARSITY_KNOBS, APDGrid, CompareConfig, SAEGrid
 from apd.compare.lm import (
     LM_COLUMNS,
     PROXIES,
@@ -47,6 +52,7 @@ from apd.compare.lm import (
     unit_proxies,
 )
 from apd.compare.registry import COMPARISONS, TargetComparison, check_target_kind, comparison_for, register_comparison
+from apd.compare.report import ReportInputs
 from apd.compare.resid import (
     RESID_COLUMNS,
     ResidActivations,
@@ -109,7 +115,7 @@ from apd.compare.tms import (
 
 __all__ = [
     # config
-    "SPARSITY_KNOBS", "DECOMPOSITION_KNOBS", "SAEGrid", "APDGrid", "CompareConfig",
+    "SPARSITY_KNOBS", "SAEGrid", "APDGrid", "CompareConfig",
     # runs
     "Comparison", "evaluation_target", "decomposition_fields", "run_decomposition", "load_decomposition_run",
     "decomposition_results", "train_sae_cell", "sae_results", "row_logger",
@@ -119,8 +125,8 @@ __all__ = [
     "live_components", "n_dead_components", "mask_bits",
     # aggregate
     "summarise", "best_settings",
-    # registry
-    "TargetComparison", "COMPARISONS", "register_comparison", "comparison_for", "check_target_kind",
+    # registry and reports
+    "ReportInputs", "TargetComparison", "COMPARISONS", "register_comparison", "comparison_for", "check_target_kind",
     # TMS
     "TMSActivations", "tms_hidden", "tms_activations", "tms_downstream", "tms_training_data", "train_evaluate_sae",
     "evaluate_sae_row", "evaluate_decomposition", "identity_parts", "tms_best_key", "run_comparison",

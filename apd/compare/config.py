@@ -12,15 +12,10 @@ from apd.baselines import SAEConfig, SAETrainConfig, get_sae_class
 from apd.config import MethodConfig
 from apd.methods.apd import APDConfig
 
-__all__ = ["SPARSITY_KNOBS", "DECOMPOSITION_KNOBS", "SAEGrid", "APDGrid", "CompareConfig"]
+__all__ = ["SPARSITY_KNOBS", "SAEGrid", "APDGrid", "CompareConfig"]
 
 SPARSITY_KNOBS = {"standard": "l1_coeff", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coeff"}
 """The default sparsity knob of each SAE architecture (a field of its config)."""
-
-DECOMPOSITION_KNOBS = {"apd": "topk", "spd": "importance_minimality_coeff"}
-"""The sparsity knob of each decomposition method (a field of its config; APD: its batch top-k):
-a decomposition row's ``sparsity_knob`` and ``sparsity``. A method scored in a comparison needs an
-entry here (e.g. SPD's importance-minimality coefficient)."""
 
 
 @dataclass(kw_only=True)

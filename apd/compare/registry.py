@@ -2,7 +2,8 @@
 
 A target module (:mod:`apd.compare.tms`, :mod:`apd.compare.resid`) registers one
 :class:`TargetComparison` under its targets' ``TargetConfig.kind``: the function that runs the
-comparison, the CSV columns of its rows and the key that picks each method's best setting. Generic
+comparison, the CSV columns of its rows, the key that picks each method's best setting and its
+report (``comparison.md``). Generic
 code picks it with :func:`comparison_for` and never names a target. A duplicate kind raises.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from apd.compare.config import CompareConfig
+from apd.compare.report import ReportInputs
 from apd.compare.runs import Comparison
 from apd.experiment import DecomposeRun
 
@@ -19,6 +21,8 @@ __all__ = ["TargetComparison", "COMPARISONS", "register_comparison", "comparison
 
 RunComparison = Callable[..., Comparison]
 """``run(cfg, apd_run, out_dir, log, spd_run=None) -> Comparison``"""
+Report = Callable[[ReportInputs, Comparison], str]
+"""``report(inputs, comparison) -> str``: the markdown of ``comparison.md``"""
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class TargetComparison:
     """its rows' columns, in CSV order"""
     best_key: Callable[[dict[str, Any]], tuple]
     """orders a method's aggregated settings (:func:`apd.compare.aggregate.best_settings`)"""
+    report: Report
+    """the markdown report of a finished comparison (:class:`apd.compare.report.ReportInputs`)"""
 
 
 COMPARISONS: dict[str, TargetComparison] = {}

@@ -115,6 +115,7 @@ from apd.compare.scoring import (
     sae_eval_mode,
     score_sae,
 )
+from apd.compare.toy_report import resid_report
 from apd.decomposition import Decomposition
 from apd.experiment import DecomposeRun
 from apd.methods import method_for
@@ -122,8 +123,6 @@ from apd.metrics.recovery import hungarian_match, recovery_scores
 from apd.metrics.resid_mlp import (
     ComponentClasses,
     classify_components,
-    component_neuron_contributions,
-    spd_neuron_contributions,
     label_mses,
     target_neuron_contributions,
 )
@@ -331,12 +330,8 @@ def evaluate_decomposition_resid(
 
     W_E = target.W_E.detach().float().cpu()
     weights = {n: w.detach().float().cpu() for n, w in dec.component_weights().items()}
-    if dec.method == "spd":  # units: the W_in subcomponents, each through the decomposed W_out (SPEC §5.5)
-        nc = spd_neuron_contributions(W_E, weights, target.mlp_pairs())[0]
-        out_map = weights[w_out].sum(0, keepdim=True).expand(weights[w_in].shape[0], -1, -1)
-    else:  # units: the components, spanning W_in and W_out
-        nc = component_neuron_contributions(W_E, weights, target.mlp_pairs())  # (C, n, d_mlp)
-        out_map = weights[w_out]
+    units = method.mlp_units(W_E, weights, target.mlp_pairs())  # APD: components; SPD: W_in subcomponents (SPEC §5.5)
+    nc, out_map = units.nc, units.out_maps[w_in]  # (U, n, d_mlp), (U, d_embed, d_mlp)
     nc_target = target_neuron_contributions(target).float().cpu()  # (n, d_mlp)
     W, P = nc_target.T, nc.transpose(1, 2)  # as TMS's W (d, n) and P_c (d, n)
     row = {"l0": method.mask_l0(masks)["l0"], **decomposition_recovery_row(W, P, live, tau=tau, negligible=negligible)}
@@ -412,4 +407,4 @@ def _baseline_note(target: ResidMLP, data: ResidActivations) -> str:
 
 
 register_comparison(TargetComparison(kind=ResidMLPTargetConfig.kind, run=run_resid_comparison, columns=RESID_COLUMNS,
-                                     best_key=resid_best_key))  # fmt: skip
+                                     best_key=resid_best_key, report=resid_report))  # fmt: skip

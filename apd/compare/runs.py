@@ -22,11 +22,11 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd.baselines import SAE, SAEConfig, SAETrainConfig, get_sae_class, load_sae, save_sae, train_sae
-from apd.compare.config import DECOMPOSITION_KNOBS, CompareConfig, SAEGrid
+from apd.compare.config import CompareConfig, SAEGrid
 from apd.compare.scoring import Trained
 from apd.decomposition import Decomposition, load_decomposition
 from apd.experiment import DecomposeRun, run_decompose
-from apd.methods.apd import APDConfig
+from apd.methods import method_class, method_for
 from apd.targets import get_target
 
 __all__ = [
@@ -86,11 +86,8 @@ def evaluation_target(cfg: CompareConfig, apd_run: DecomposeRun) -> tuple[nn.Mod
 def decomposition_fields(dec: Decomposition) -> dict[str, Any]:
     """The method fields of a decomposition's row: its method (also as ``architecture``), seed,
     width (its number of components per matrix; summed over the matrices when they differ) and its
-    method's sparsity knob and value (:data:`apd.compare.config.DECOMPOSITION_KNOBS`; APD: topk)."""
-    knob = DECOMPOSITION_KNOBS.get(dec.method)
-    if knob is None:
-        raise ValueError(f"no sparsity knob is known for the method {dec.method!r}: add the name of its config field "
-                         f"to apd.compare.DECOMPOSITION_KNOBS (known: {sorted(DECOMPOSITION_KNOBS)})")  # fmt: skip
+    method's sparsity knob and value (``Method.sparsity_knob``; APD: topk)."""
+    knob = method_class(dec.method).sparsity_knob
     per_module = dec.C_per_module()
     counts = set(per_module.values())
     width = counts.pop() if len(counts) == 1 else sum(per_module[n] for n in dec.matrix_names)
@@ -128,12 +125,7 @@ def load_decomposition_run(run_dir: str | Path) -> tuple[Decomposition, float]:
 def _loaded_note(dec: Decomposition, run_dir: str, wall: float) -> str:
     """The comparison.md line of a loaded run: where it came from and its settings."""
     m = dec.config
-    if isinstance(m, APDConfig):
-        settings = (f"C={m.C}, rank={m.rank if m.rank is not None else 'full'}, batch top-k={m.topk}, {m.steps} steps, "
-                    f"coefficients faithfulness/minimality/simplicity {m.faithfulness_coeff:g}/{m.minimality_coeff:g}/"
-                    f"{m.simplicity_coeff:g}")  # fmt: skip
-    else:
-        settings = f"components per matrix {dec.C_per_module()}, {m.steps} steps"
+    settings = method_for(m).settings_note(dec.C_per_module())
     return f"{dec.method.upper()} seed {m.seed}: loaded from `{run_dir}` ({settings}, its own time {wall:.0f} s)"
 
 
@@ -164,7 +156,7 @@ def decomposition_results(
             for method in cfg.apd.settings(apd_run.method):
                 for seed in cfg.seeds:
                     run = dataclasses.replace(apd_run, method=method, seed=seed, steps=method.steps)
-                    done(run_decomposition(run, out / "apd" / f"C{method.C}_topk{method.topk:g}" / f"seed{seed}", score))
+                    done(run_decomposition(run, out / method.method / f"C{method.C}_topk{method.topk:g}" / f"seed{seed}", score))
     if cfg.spd.enabled:
         loaded(cfg.spd.runs)
         if not cfg.spd.runs:
@@ -173,7 +165,7 @@ def decomposition_results(
             steps = cfg.spd.steps if cfg.spd.steps is not None else spd_run.method.steps
             for seed in cfg.seeds:
                 run = dataclasses.replace(spd_run, seed=seed, steps=steps)
-                done(run_decomposition(run, out / "spd" / f"seed{seed}", score))
+                done(run_decomposition(run, out / spd_run.method.method / f"seed{seed}", score))
 
 
 # ---------------------------------------------------------------------------------------------

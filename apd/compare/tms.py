@@ -66,6 +66,7 @@ from apd.compare.scoring import (
     output_loss_recovered,
     score_sae,
 )
+from apd.compare.toy_report import tms_report
 from apd.decomposition import Decomposition
 from apd.experiment import DecomposeRun
 from apd.methods import method_for
@@ -310,4 +311,5 @@ def run_comparison(
     return Comparison(results, target, data, kind=TMSTargetConfig.kind, side_methods=side, notes=notes)
 
 
-register_comparison(TargetComparison(kind=TMSTargetConfig.kind, run=run_comparison, columns=COLUMNS, best_key=tms_best_key))
+register_comparison(TargetComparison(kind=TMSTargetConfig.kind, run=run_comparison, columns=COLUMNS, best_key=tms_best_key,
+                                       report=tms_report))  # fmt: skip

@@ -12,6 +12,6 @@ def act_recon_loss(target_acts: dict[str, Tensor], masked_acts: dict[str, Tensor
     return sum(losses) / len(losses)  # type: ignore[return-value]
 
 
-@register_loss("act_recon", methods=("apd",), order=30, captures=lambda config: config.act_recon_modules)
+@register_loss("act_recon", order=30, captures=lambda config: config.act_recon_modules)
 def _act_recon(ctx) -> Tensor:  # noqa: ANN001  (apd.methods.apd.APDStep)
     return act_recon_loss(ctx.target_acts, ctx.masked_acts)

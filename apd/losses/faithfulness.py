@@ -19,6 +19,6 @@ def faithfulness_loss(
     return torch.as_tensor(total) / n_weights
 
 
-@register_loss("faithfulness", methods=("apd", "spd"), order=0)
+@register_loss("faithfulness", order=0)
 def _faithfulness(ctx) -> Tensor:  # noqa: ANN001  (a method's step context with .cm)
     return faithfulness_loss(ctx.cm.target_weights(), ctx.cm.summed_weights())

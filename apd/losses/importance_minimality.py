@@ -41,7 +41,7 @@ def importance_minimality_loss(
     return total
 
 
-@register_loss("importance_minimality", methods=("spd",), order=30)
+@register_loss("importance_minimality", order=30)
 def _importance_minimality(ctx) -> Tensor:  # noqa: ANN001  (apd.methods.spd.SPDStep)
     from apd.methods.spd import annealed_p, minimality_scale
 

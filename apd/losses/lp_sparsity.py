@@ -18,6 +18,6 @@ def lp_sparsity_loss(attributions: Float[Tensor, "*rows C"], p: float, eps: floa
     return per.reshape(-1, per.shape[-1]).sum(-1).mean()
 
 
-@register_loss("lp_sparsity", methods=("apd",), order=40)
+@register_loss("lp_sparsity", order=40)
 def _lp_sparsity(ctx) -> Tensor:  # noqa: ANN001  (apd.methods.apd.APDStep)
     return lp_sparsity_loss(ctx.attributions, ctx.config.lp_sparsity_p)

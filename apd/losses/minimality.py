@@ -14,6 +14,6 @@ def minimality_loss(
     return output_distance(target_out, masked_out, kind)
 
 
-@register_loss("minimality", methods=("apd",), order=10)
+@register_loss("minimality", order=10)
 def _minimality(ctx) -> Tensor:  # noqa: ANN001  (apd.methods.apd.APDStep)
     return minimality_loss(ctx.target_out, ctx.masked_out, ctx.config.output_loss)

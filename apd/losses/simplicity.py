@@ -26,7 +26,7 @@ def simplicity_loss(
     return (rows * per_component).sum() / (n_weights * rows.shape[0])
 
 
-@register_loss("simplicity", methods=("apd",), order=20)
+@register_loss("simplicity", order=20)
 def _simplicity(ctx) -> Tensor | None:  # noqa: ANN001  (apd.methods.apd.APDStep)
     if ctx.finetune:  # the unpenalised fine-tune
         return None

@@ -5,7 +5,7 @@ from apd.losses.distance import output_distance
 from apd.losses.registry import register_loss
 
 
-@register_loss("stochastic_recon", methods=("spd",), order=10)
+@register_loss("stochastic_recon", order=10)
 def stochastic_recon_loss(ctx) -> Float[Tensor, ""]:  # noqa: ANN001  (apd.methods.spd.SPDStep)
     """(1/S) Σ_s D(f(x | every matrix W'(m_s)), f(x | W)) with stochastic masks m = g + (1 − g)·r
     (SPEC §5.3): every decomposed layer masked at once (and each Δ-component under its own r_Δ)."""

@@ -5,7 +5,7 @@ from apd.losses.distance import output_distance
 from apd.losses.registry import register_loss
 
 
-@register_loss("stochastic_recon_layerwise", methods=("spd",), order=20)
+@register_loss("stochastic_recon_layerwise", order=20)
 def stochastic_recon_layerwise_loss(ctx) -> Float[Tensor, ""]:  # noqa: ANN001  (apd.methods.spd.SPDStep)
     """(1/(L·S)) Σ_l Σ_s D(f(x | only layer l masked with m_s), f(x | W)) (SPEC §5.3): each layer use
     masked alone, the others at their target weights."""

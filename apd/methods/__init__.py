@@ -6,11 +6,11 @@ a config, and ``config_class(name)`` the config class of a name. A duplicate nam
 
 from apd.config import ConfigError, MethodConfig
 from apd.methods.apd import APD, APDConfig
-from apd.methods.base import Factors, InstanceView, Method, StepContext
+from apd.methods.base import Factors, InstanceView, Method, MLPUnits, StepContext, Units
 from apd.methods.spd import SPD, SPDConfig
 
-__all__ = ["METHODS", "register_method", "method_for", "config_class", "Method", "StepContext", "Factors",
-           "InstanceView", "APD", "APDConfig", "SPD", "SPDConfig"]  # fmt: skip
+__all__ = ["METHODS", "register_method", "method_for", "method_class", "is_method", "config_class", "Method", "StepContext", "Factors",
+           "InstanceView", "Units", "MLPUnits", "APD", "APDConfig", "SPD", "SPDConfig"]  # fmt: skip
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -33,6 +33,18 @@ def method_for(config: MethodConfig) -> Method:
             return cls(config)
     raise TypeError(f"config must be a method config ({', '.join(c.config_class.__name__ for c in METHODS.values())}), "
                     f"got {type(config).__name__}")  # fmt: skip
+
+
+def method_class(name: str) -> type[Method]:
+    """The method class registered as ``name`` (e.g. a results row's ``method``); a clear error otherwise."""
+    if name not in METHODS:
+        raise ConfigError(f"method {name!r} is not known; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def is_method(name: str) -> bool:
+    """Whether ``name`` is a registered method (a results row of a decomposition, not of an SAE grid)."""
+    return name in METHODS
 
 
 def config_class(name: str) -> type[MethodConfig]:

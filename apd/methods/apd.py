@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from apd.attributions import compute_attributions, gradient_attributions
 from apd.component_model import ComponentModel, Masks
 from apd.components import ComponentInit
-from apd.config import Attribution, GradientMode, MethodConfig, OutputLoss, need
+from apd.config import Attribution, ConfigError, GradientMode, MethodConfig, OutputLoss, need
 from apd.distributed import gather_rows, local_rows
 from apd.losses.lp_sparsity import lp_sparsity_per_component
 from apd.merge import merge_parallel_
-from apd.methods.base import Factors, InstanceView, Method, StepContext
+from apd.methods.base import Factors, InstanceView, Method, MLPUnits, StepContext, Units
 from apd.optim import lr_at_step
 from apd.topk import topk_mask, with_best_samples
 
@@ -208,8 +208,26 @@ class APD(Method):
 
     name = "apd"
     config_class = APDConfig
+    loss_names = ("faithfulness", "minimality", "simplicity", "act_recon", "lp_sparsity")
     eval_mask_name = "topk"
+    units = Units.shared
+    unit_noun = "component"
+    sparsity_knob = "topk"
+    key_settings = ("C", "rank", "topk", "attribution", "faithfulness_coeff", "minimality_coeff", "simplicity_coeff", "lr")
     config: APDConfig
+
+    def vectorised(self) -> "APD":
+        """The default rules; the gradient attribution runs in ``hidden`` mode inside the seeds' vmap
+        (``per_sample`` cannot; None / auto become ``hidden``)."""
+        method = super().vectorised()
+        c = self.config
+        if c.attribution is Attribution.gradient:
+            if c.gradient_mode is GradientMode.per_sample:
+                raise ConfigError("gradient_mode='per_sample' cannot run inside the seeds' vmap; use 'hidden', 'jacfwd' or "
+                                  "'jacrev' (None picks 'hidden')")  # fmt: skip
+            if c.gradient_mode in (None, GradientMode.auto):
+                return self._with(gradient_mode=GradientMode.hidden)  # type: ignore[return-value]
+        return method  # type: ignore[return-value]
 
     def build(self, target: nn.Module, modules: Sequence[str], *, tied: Mapping[str, str] | None = None,
               seed: int | None = None) -> ComponentModel:  # fmt: skip
@@ -271,6 +289,31 @@ class APD(Method):
             with torch.no_grad():
                 for A in factors.A.values():
                     A.div_(A.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def unit_scores(self, cm: ComponentModel, x: Tensor) -> Tensor:
+        """The run's attribution of every component on ``x`` (what top-k ranks)."""
+        return compute_attributions(cm, x, self.config.attribution)
+
+    def mlp_units(self, W_E: Tensor, component_weights: Mapping[str, Tensor], pairs: Sequence[tuple[str, str]]) -> MLPUnits:
+        """The components, each spanning every W_in and W_out (its NC summed over the layers' neurons)."""
+        from apd.metrics.resid_mlp import component_neuron_contributions
+
+        weights = dict(component_weights)
+        return MLPUnits(nc=component_neuron_contributions(W_E, weights, pairs), layer=None,
+                        out_maps={w_in: weights[w_out] for w_in, w_out in pairs})  # fmt: skip
+
+    def settings_note(self, C_per_module: Mapping[str, int]) -> str:
+        m = self.config
+        return (f"C={m.C}, rank={m.rank if m.rank is not None else 'full'}, batch top-k={m.topk}, {m.steps} steps, "
+                f"coefficients faithfulness/minimality/simplicity {m.faithfulness_coeff:g}/{m.minimality_coeff:g}/"
+                f"{m.simplicity_coeff:g}")  # fmt: skip
+
+    def preset_note(self, steps: int, batch_size: int) -> str:
+        m = self.config
+        return (f"C={m.C}, rank={m.rank if m.rank is not None else 'full'}, batch top-k={m.topk}, coefficients faithfulness/minimality/"
+                f"simplicity {m.faithfulness_coeff:g}/{m.minimality_coeff:g}/{m.simplicity_coeff:g}, p={m.schatten_p:g}, lr "
+                f"{m.lr:g} ({m.lr_schedule.value}), {steps} steps, batch {batch_size}"
+                + (f", final {m.finetune_frac:g} of the steps without the simplicity term" if m.finetune_frac else ""))  # fmt: skip
 
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
         """Plain top-k (no ``min_active``, no k schedule) on the run's attribution; without top-k, every component."""

@@ -7,22 +7,63 @@ which masks it evaluates with, and may adjust parameters around the optimiser st
 A, its merge at the fine-tune start). ``apd.train`` runs any method, for one seed or many vmapped
 seeds, with one checkpoint format; what a method saves is its component model's trainable tensors
 (``ComponentModel.trainable_parameters``) and its config.
+
+A method also owns everything outside training that depends on what its decomposition is: the
+losses it sums (``loss_names``), its evaluation masks (``eval_masks``, ``unit_scores``,
+``causal_importances``), its units for metrics, figures, comparisons and the browser (``units``,
+``unit_noun``, ``mlp_units``), its sparsity knob and the one-line descriptions of its settings in
+reports (``sparsity_knob``, ``settings_note``, ``preset_note``), and the rule for training several
+seeds at once (``vectorised``). Code outside ``apd.methods`` asks the method (``method_for(config)``,
+or the class in ``METHODS`` for a results row's ``method``) instead of branching on its name.
 """
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from apd.component_model import ComponentModel, Masks
-from apd.config import MethodConfig, OutputLoss
+from apd.config import ConfigError, MethodConfig, OutputLoss
 from apd.losses import Loss, losses_for
 from apd.optim import lr_at_step
 
-__all__ = ["Method", "StepContext", "Factors", "InstanceView"]
+__all__ = ["Method", "StepContext", "Factors", "InstanceView", "Units", "MLPUnits", "VECTORISABLE_OPTIMIZERS"]
+
+VECTORISABLE_OPTIMIZERS = ("adam", "adamw")
+"""element-wise optimisers: stacking instances along a new dimension leaves them independent"""
+
+
+class Units(str, Enum):
+    """What a method's decomposition is made of: the units that metrics, figures, comparisons and
+    the browser count, match and draw."""
+
+    shared = "shared"
+    """each component c spans every decomposed matrix (APD): one unit per c with a part P_{c,l} in
+    every matrix, one mask for all of them (a component may carry a whole mechanism, e.g. the
+    identity of TMS + ID)"""
+    per_matrix = "per_matrix"
+    """each matrix has its own rank-one subcomponents (SPD): one unit per (matrix, c), masks per
+    matrix (a mechanism is a group of co-active subcomponents across matrices)"""
+
+
+@dataclass
+class MLPUnits:
+    """A decomposition's units in the MLPs of a residual MLP (SPEC §3.2, §5.5), as the metrics,
+    figures and the comparison score them."""
+
+    nc: Tensor
+    """[U, n_features, d_mlp]: each unit's neuron contributions NC_u(i) on the neurons of every
+    layer side by side (zero outside the unit's layer)"""
+    layer: Tensor | None
+    """[U]: the MLP (index into the pairs) each unit lies in; None when every unit spans all layers"""
+    out_maps: dict[str, Tensor]
+    """per W_in module: the W_out map [U_l, d_embed, d_mlp] through which each of its W_in parts
+    (``component_weights[w_in]``, same order) writes (APD: the component's own W_out part; SPD: the
+    whole decomposed W_out, Σ_c of its subcomponents)"""
 
 
 @dataclass
@@ -59,12 +100,23 @@ class InstanceView:
 
 
 class Method(ABC):
-    """A decomposition method; see the module docstring. Subclasses set ``name`` and ``config_class``."""
+    """A decomposition method; see the module docstring. Subclasses set ``name``, ``config_class``,
+    ``loss_names``, ``units`` and ``sparsity_knob`` (and may override the other class attributes)."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    loss_names: ClassVar[tuple[str, ...]]
+    """the registered losses (``apd.losses``) this method sums, each weighted by its ``<name>_coeff``"""
     eval_mask_name: ClassVar[str] = "eval"
     """what the evaluation masks are called in metrics (``<name>_recon_mse``)"""
+    units: ClassVar[Units]
+    """what its decomposition is made of (:class:`Units`)"""
+    unit_noun: ClassVar[str] = "component"
+    """what one unit is called in reports and the browser ("component", "subcomponent")"""
+    sparsity_knob: ClassVar[str]
+    """the config field that sets how sparse its decompositions are (comparison rows' ``sparsity_knob``)"""
+    key_settings: ClassVar[tuple[str, ...]] = ("C", "lr")
+    """the config fields a report lists for a run (:meth:`key_settings_text`)"""
 
     def __init__(self, config: MethodConfig):
         if not isinstance(config, self.config_class):
@@ -72,8 +124,29 @@ class Method(ABC):
         if getattr(config, "output_loss", OutputLoss.mse) is None:  # unset, and no target config decided it
             config = replace(config, output_loss=OutputLoss.mse)  # type: ignore[call-arg]
         self.config = config
-        self.losses: list[Loss] = losses_for(self.name, config)
+        self.losses: list[Loss] = losses_for(self.loss_names, config)
         self._compiled = None
+
+    # ----------------------------------------------------------------- several seeds at once
+    def vectorised(self) -> "Method":
+        """The method to train several seeds with at once (stacked and vmapped), or a ConfigError
+        naming what cannot be vmapped and the fix. The default refuses ``compile`` and optimisers
+        that are not element-wise; a method adds its own rules (and may return a copy with a
+        setting changed for vmap)."""
+        config = self.config
+        if config.compile:
+            raise ConfigError("compile=True applies to single-seed runs; decompose_seeds vmaps the seeds instead: set compile=False")
+        if config.optimizer not in VECTORISABLE_OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer={config.optimizer!r} cannot train seeds side by side (it may couple the stacked instances "
+                f"through norms or trust ratios); use one of {VECTORISABLE_OPTIMIZERS}, or train the seeds one at a "
+                "time with decompose"
+            )
+        return self
+
+    def _with(self, **changes: Any) -> "Method":
+        """This method with ``changes`` to its config."""
+        return type(self)(replace(self.config, **changes))  # type: ignore[call-arg]
 
     # ----------------------------------------------------------------- building
     @abstractmethod
@@ -151,6 +224,41 @@ class Method(ABC):
     @abstractmethod
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
         """The masks the method evaluates with on ``x`` (APD: top-k; SPD: causal importances)."""
+
+    def causal_importances(self, cm: ComponentModel, x: Tensor, *, upper_leaky: bool = False) -> dict[str, Tensor]:
+        """Causal importances per layer use on ``x``, for a method that learns them (SPD); others raise."""
+        raise ValueError(f"{self.name.upper()} learns no causal importances (they come from SPD); its evaluation masks "
+                         f"are {type(self).__name__}.eval_masks(cm, x)")  # fmt: skip
+
+    @property
+    def units_span_matrices(self) -> bool:
+        """Whether one unit spans every decomposed matrix (``units is Units.shared``: APD)."""
+        return self.units is Units.shared
+
+    def unit_scores(self, cm: ComponentModel, x: Tensor) -> Masks:
+        """The graded per-unit scores on ``x`` that the evaluation masks select from (APD: the
+        attributions top-k ranks; SPD: the causal importances), e.g. to pick each input's top unit;
+        shaped like ``eval_masks`` (default: the masks themselves)."""
+        return self.eval_masks(cm, x)
+
+    def mlp_units(self, W_E: Tensor, component_weights: Mapping[str, Tensor], pairs: Sequence[tuple[str, str]]) -> MLPUnits:
+        """Its units in a residual MLP's (W_in, W_out) ``pairs`` from the component weights
+        (:class:`MLPUnits`), with W_E [d_embed, n_features] the embedding."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what its units of a residual MLP are")
+
+    # ----------------------------------------------------------------- reports
+    def key_settings_text(self) -> str:
+        """``field=value, ...`` of its ``key_settings`` (an Enum by its value)."""
+        c = self.config
+        return ", ".join(f"{k}={getattr(getattr(c, k), 'value', getattr(c, k))}" for k in self.key_settings)
+
+    def settings_note(self, C_per_module: Mapping[str, int]) -> str:
+        """Its settings in a few words, for reports on a finished run (``C_per_module``: the run's)."""
+        return f"components per matrix {dict(C_per_module)}, {self.config.steps} steps"
+
+    def preset_note(self, steps: int, batch_size: int) -> str:
+        """Its preset's settings for a report on runs trained with it (``steps`` of ``batch_size``)."""
+        return f"{steps} steps, batch {batch_size}"
 
     def active_threshold(self) -> float:
         """A component counts as active on an input where its evaluation mask exceeds this (binary masks: 0.5)."""

@@ -41,10 +41,10 @@ from apd.component_model import ComponentModel, Masks, resolve_modules
 from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import ConfigError, LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
-from apd.methods.base import Factors, Method, StepContext
+from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
-__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
+__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CIFunctions", "ci_functions", "CI_FNS", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
            "stochastic_mask", "annealed_p", "minimality_scale"]
 
 
@@ -276,6 +276,35 @@ def _check_C_per_module_keys(config: SPDConfig, matrices: Sequence[str], tied: M
                               f"({hit}): the first matching key wins, so it would do nothing; put it before the broader key")  # fmt: skip
 
 
+CI_FNS = "ci_fns"
+"""the name under which SPD's causal-importance functions live in its component model (their tensors
+are ``ci_fns.<i>.…`` in every checkpoint and decomposition file)"""
+
+
+class CIFunctions(nn.ModuleList):
+    """SPD's causal-importance functions, one per layer use in ``cm.layer_names`` order: ``fn(name)``
+    maps that layer's inner activations [*lead, C, 1] and its input to pre-activations [*lead, C]."""
+
+    def __init__(self, fns: Mapping[str, nn.Module], layer_names: Sequence[str]):
+        missing = [n for n in layer_names if n not in fns]
+        if missing:
+            raise ValueError(f"no causal-importance function for {missing}")
+        super().__init__([fns[n] for n in layer_names])
+        self.position = {n: i for i, n in enumerate(layer_names)}
+
+    def fn(self, name: str) -> nn.Module:
+        return self[self.position[name]]
+
+
+def ci_functions(cm: ComponentModel) -> CIFunctions:
+    """The causal-importance functions of an SPD component model (a clear error for any other)."""
+    fns = cm.method_module(CI_FNS)
+    if not isinstance(fns, CIFunctions):
+        raise ValueError("this decomposition has no causal-importance functions (an APD decomposition ranks its "
+                         "components by attributions: apd.compute_attributions); causal importances come from SPD")  # fmt: skip
+    return fns
+
+
 def _d_in(cm: ComponentModel, name: str) -> int:
     layer = cm.layers[name]
     if name in cm.tied_names:  # the second use reads in the source's output space
@@ -288,8 +317,37 @@ class SPD(Method):
 
     name = "spd"
     config_class = SPDConfig
+    loss_names = ("faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality")
     eval_mask_name = "ci"
+    units = Units.per_matrix
+    unit_noun = "subcomponent"
+    sparsity_knob = "importance_minimality_coeff"
+    key_settings = ("C", "ci_fn", "ci_hidden", "importance_minimality_coeff", "pnorm", "pnorm_final", "faithfulness_coeff", "lr")
     config: SPDConfig
+
+    def vectorised(self) -> "SPD":
+        """The default rules; the CI functions run eagerly inside the seeds' vmap (``compile_ci`` off)."""
+        method = super().vectorised()
+        return self._with(compile_ci=False) if self.config.compile_ci else method  # type: ignore[return-value]
+
+    def unit_scores(self, cm: ComponentModel, x: Tensor) -> dict[str, Tensor]:
+        """The causal importances g (what the evaluation masks are)."""
+        return self.causal_importances(cm, x)
+
+    def mlp_units(self, W_E: Tensor, component_weights: Mapping[str, Tensor], pairs: Sequence[tuple[str, str]]) -> MLPUnits:
+        """The W_in subcomponents, each through its layer's decomposed W_out (SPEC §5.5)."""
+        from apd.metrics.resid_mlp import spd_neuron_contributions, spd_unit_layers
+
+        weights = dict(component_weights)
+        nc, units = spd_neuron_contributions(W_E, weights, pairs)
+        out_maps = {w_in: weights[w_out].sum(0, keepdim=True).expand(weights[w_in].shape[0], -1, -1) for w_in, w_out in pairs}
+        return MLPUnits(nc=nc, layer=spd_unit_layers(units, pairs), out_maps=out_maps)
+
+    def preset_note(self, steps: int, batch_size: int) -> str:
+        m = self.config
+        return (f"C={m.C} per matrix, CI function {m.ci_fn.value} {m.ci_hidden}, importance minimality "
+                f"{m.importance_minimality_coeff:g} at p={m.pnorm:g}, {steps} steps, batch {batch_size}; "
+                "evaluated with its causal importances as masks (L0: subcomponents with g > τ per input, summed over matrices)")  # fmt: skip
 
     def build(self, target: nn.Module, modules: Sequence[str], *, tied: Mapping[str, str] | None = None,
               seed: int | None = None) -> ComponentModel:  # fmt: skip
@@ -307,20 +365,29 @@ class SPD(Method):
             fns[n] = make_ci_fn(c.ci_fn, layer.C, _d_in(cm, n), list(c.ci_hidden), generator, reads_inner)
             if c.compile_ci:
                 fns[n].forward = torch.compile(fns[n].forward)  # type: ignore[method-assign]
-        cm.set_ci_fns(fns)
+        cm.set_method_module(CI_FNS, CIFunctions(fns, cm.layer_names))
         return cm.to(next(iter(cm.target_weights().values())).device)
 
-    def causal_importances(self, cm: ComponentModel, a_in: Mapping[str, Tensor],
-                           inner: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:  # fmt: skip
+    def importances_from_inputs(self, cm: ComponentModel, a_in: Mapping[str, Tensor],
+                                inner: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:  # fmt: skip
         """(g, g⁺) per layer use from the layers' inputs ``a_in`` (and their inner activations, when
-        already computed)."""
-        alpha = self.config.leaky_alpha
+        already computed): the one causal-importance path (training, evaluation, users), squashed
+        with this config's ``leaky_alpha``."""
+        alpha, fns = self.config.leaky_alpha, ci_functions(cm)
         lower, upper = {}, {}
         for n in cm.layer_names:
             acts = inner[n] if inner is not None else cm.layers[n].component_acts(a_in[n])
-            pre = cm.ci_fn(n)(acts, a_in[n])
-            lower[n], upper[n] = leaky_hard_sigmoids(pre, alpha)
+            lower[n], upper[n] = leaky_hard_sigmoids(fns.fn(n)(acts, a_in[n]), alpha)
         return lower, upper
+
+    def causal_importances(self, cm: ComponentModel, x: Tensor, *, upper_leaky: bool = False) -> dict[str, Tensor]:
+        """g_{l,c}(x) per layer use and position [*lead, C] from one target pass: the lower-leaky hard
+        sigmoid of the CI functions (in [0, 1]; ``cm(x, masks=g)`` runs the model with them), or with
+        ``upper_leaky=True`` the minimality loss's upper-leaky g⁺ (which may exceed 1)."""
+        with cm.capture(cm.layer_names, inputs=True) as a_in:
+            cm(x)
+        lower, upper = self.importances_from_inputs(cm, a_in)
+        return upper if upper_leaky else lower
 
     def step_context(self, cm: ComponentModel, x: Tensor, step: int, capture: Sequence[str] = ()) -> SPDStep:
         calls: list[str] = []  # the layer uses in call order (decomposed layers are leaf modules)
@@ -329,7 +396,7 @@ class SPD(Method):
         # computed once with their graph: the CI functions read them, and the masked forwards reuse them
         # where a layer receives the target's input (SPDStep.inner_acts)
         inner = {n: cm.layers[n].component_acts(a_in[n]) for n in cm.layer_names}
-        ci, ci_upper = self.causal_importances(cm, a_in, inner)
+        ci, ci_upper = self.importances_from_inputs(cm, a_in, inner)
         counts = Counter(calls)
         return SPDStep(cm=cm, x=x, config=self.config, step=step, target_out=target_out, ci=ci, ci_upper=ci_upper,
                        inner=inner, call_order=tuple(counts), called_once=frozenset(n for n, k in counts.items() if k == 1))  # fmt: skip
@@ -354,10 +421,8 @@ class SPD(Method):
 
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
         """The causal importances g per layer use (lower-leaky, in [0, 1])."""
-        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True) as a_in:
-            cm(x)
-            ci, _ = self.causal_importances(cm, a_in)
-        return ci
+        with torch.no_grad():
+            return self.causal_importances(cm, x)
 
     def active_threshold(self) -> float:
         return self.config.ci_threshold

@@ -412,7 +412,7 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
         for layer, ((w_in, _), (a, b)) in enumerate(zip(pairs, layer_neuron_spans(weights, pairs), strict=True)):
             out[f"nc_slope/{w_in}"] = nc_slope(nc_t[:, a:b], nc_c[layer_of == layer][:, :, a:b])
     mses = label_mses(target, monosemantic, ctx.eval_forward, x, resid_mlp_labels(x))
-    out["mse_spd_ci_vs_labels"] = mses.pop("mse_topk_vs_labels")
+    out[f"mse_{ctx.method.name}_{ctx.method.eval_mask_name}_vs_labels"] = mses.pop("mse_topk_vs_labels")
     mses.pop("mse_topk_vs_target")
     out |= mses
     mechs = ctx.mechanisms
@@ -428,16 +428,17 @@ def resid_mlp_spd_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx, thresho
 def resid_mlp_run_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx) -> dict[str, float]:  # noqa: ANN001  (EvalContext)
     """A run's residual-MLP numbers (:func:`resid_mlp_metrics`) with the run's own masks: the
     method's evaluation masks for the output MSEs and, for the top-1 and scrubbing numbers, the
-    component of largest attribution (APD); SPD: :func:`resid_mlp_spd_metrics`."""
-    from apd.attributions import compute_attributions
+    component of largest score (APD: attribution; ``Method.unit_scores``); a method whose units live
+    in one matrix each (``Units.per_matrix``: SPD): :func:`resid_mlp_spd_metrics`."""
+    from apd.methods import Units
 
     method, cm = ctx.method, ctx.cm
-    if method.name == "spd":
+    if method.units is Units.per_matrix:
         return resid_mlp_spd_metrics(target, monosemantic, ctx)
 
     def ranking(x: Tensor) -> Tensor:
         with torch.no_grad():
-            return compute_attributions(cm, x, ctx.dec.config.attribution)
+            return method.unit_scores(cm, x)
 
     with torch.no_grad():
         m = resid_mlp_metrics(target, monosemantic, ctx.dec.component_weights(), ctx.masked_forward, ranking,

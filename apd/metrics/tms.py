@@ -92,10 +92,13 @@ def identity_recovery(
 
 def tms_metrics(target, dec, ctx) -> dict[str, float]:  # noqa: ANN001  (TMS, Decomposition, apd.evaluation.EvalContext)
     """A run's TMS numbers: :func:`tms_recovery` of the components (SPD: subcomponents) of W (the
-    ``enc`` matrix); for SPD on + ID also :func:`identity_recovery` of the hidden matrix."""
+    ``enc`` matrix); on + ID, for a method whose units live in one matrix each (``Units.per_matrix``:
+    SPD), also :func:`identity_recovery` of the hidden matrix under its evaluation masks."""
+    from apd.methods import Units
+
     out = tms_recovery(target.W, dec.component_weights()["enc"])
-    if ctx.method.name == "spd" and target.hidden is not None:
+    if ctx.method.units is Units.per_matrix and target.hidden is not None:
         onehot = torch.eye(target.config.n_features, device=ctx.device)
-        ci = ctx.eval_masks(onehot)["hidden"].detach().cpu()
-        out |= identity_recovery(dec.component_weights()["hidden"].detach().cpu(), ci, ctx.method.config.ci_threshold)
+        masks = ctx.eval_masks(onehot)["hidden"].detach().cpu()
+        out |= identity_recovery(dec.component_weights()["hidden"].detach().cpu(), masks, ctx.method.active_threshold())
     return out

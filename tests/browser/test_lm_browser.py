@@ -141,7 +141,7 @@ def test_densities_match_the_model(runs, built):
     sae, tc = load_sae(cmp / "saes" / f"{SAE}_seed0"), load_sae(cmp / "saes" / f"{TRANSCODER}_seed0")
     with torch.no_grad():
         mlp_in, acts, _ = model.mlp_io(x)
-        g = cm.causal_importances(x)
+        g = art.decomposition.causal_importances(x, model)
         V_down = art.decomposition.A["mlp.down"][:, 0]  # mlp.down's input directions
         expected = {
             "neurons": acts > 0,
@@ -223,7 +223,7 @@ def test_prompt_encoder_matches_a_direct_computation(runs):
     sae = load_sae(cmp / "saes" / f"{SAE}_seed0")
     with torch.no_grad():
         _, acts, _ = art.target.eval().mlp_io(ids[None])
-        g = art.component_model().causal_importances(ids[None])
+        g = art.decomposition.causal_importances(ids[None], art.target)
         direct = {"neurons": acts[0], f"{SAE}_seed0": sae.encode(acts)[0]}
     tau = art.decomposition.config.ci_threshold
     for t in range(len(ids)):

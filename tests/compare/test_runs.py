@@ -25,6 +25,8 @@ from apd.compare import (
     run_resid_comparison,
     train_sae_cell,
 )
+from apd.compare.lm_report import lm_report
+from apd.compare.toy_report import resid_report, tms_report
 from apd.decomposition import Decomposition
 
 
@@ -60,7 +62,7 @@ def test_a_decompositions_method_fields_come_from_the_decomposition():
     assert decomposition_fields(dec) == {"method": "apd", "architecture": "apd", "seed": 7, "width": 4,
                                          "sparsity_knob": "topk", "sparsity": 1.5}  # fmt: skip
     dec.method = "unknown"
-    with pytest.raises(ValueError, match="DECOMPOSITION_KNOBS"):
+    with pytest.raises(ValueError, match="method 'unknown' is not known"):
         decomposition_fields(dec)
 
 
@@ -68,8 +70,11 @@ def test_comparisons_are_registered_by_target_kind():
     assert comparison_for("tms").run is run_comparison and comparison_for("tms").columns == COLUMNS
     assert comparison_for("resid_mlp").run is run_resid_comparison and comparison_for("resid_mlp").columns == RESID_COLUMNS
     assert comparison_for("lm").run is run_lm_comparison and comparison_for("lm").columns == LM_COLUMNS
+    assert comparison_for("tms").report is tms_report and comparison_for("resid_mlp").report is resid_report
+    assert comparison_for("lm").report is lm_report
     with pytest.raises(ValueError, match="registered kinds: \\['lm', 'resid_mlp', 'tms'\\]"):
         comparison_for("module")
     with pytest.raises(ValueError, match="already registered"):
-        register_comparison(TargetComparison(kind="tms", run=run_comparison, columns=COLUMNS, best_key=lambda a: ()))
+        register_comparison(TargetComparison(kind="tms", run=run_comparison, columns=COLUMNS, best_key=lambda a: (),
+                                             report=lambda inputs, comparison: ""))  # fmt: skip
     assert sorted(COMPARISONS) == ["lm", "resid_mlp", "tms"]
