@@ -429,11 +429,9 @@ def resid_mlp_run_metrics(target: ResidMLP, monosemantic: ResidMLP, ctx) -> dict
     """A run's residual-MLP numbers (:func:`resid_mlp_metrics`) with the run's own masks: the
     method's evaluation masks for the output MSEs and, for the top-1 and scrubbing numbers, the
     component of largest score (APD: attribution; ``Method.unit_scores``); a method whose units live
-    in one matrix each (``Units.per_matrix``: SPD): :func:`resid_mlp_spd_metrics`."""
-    from apd.methods import Units
-
+    in one matrix each (``not Method.units_span_matrices``: SPD): :func:`resid_mlp_spd_metrics`."""
     method, cm = ctx.method, ctx.cm
-    if method.units is Units.per_matrix:
+    if not method.units_span_matrices:
         return resid_mlp_spd_metrics(target, monosemantic, ctx)
 
     def ranking(x: Tensor) -> Tensor:
