@@ -1,0 +1,406 @@
+"""SPD's loss terms against hand computations (SPEC §5.3), built to fail on wrong maths.
+
+The random part of the stochastic masks is controlled, not mocked: ``apd.methods.spd.rand_rows``
+(the one draw function of an SPD step) is replaced by a queue of chosen values, or wrapped to record
+the real draws, and the expected terms are computed from those draws by a plain re-implementation:
+per-row weight matrices W'(m) = Σ_c m_c U_c V_cᵀ + r_Δ (W − Σ_c U_c V_cᵀ), the causal importances
+from the CI functions' parameters, MSE or the KL of softmaxes written out.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import apd.distributed
+import apd.methods.spd as spd_module
+from apd import SPDConfig
+from apd.methods import method_for
+from apd.methods.spd import SPDStep, annealed_p, minimality_scale
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _ci_params(cm, name: str) -> dict[str, Tensor]:
+    """The parameters of an ``mlp`` CI function (one hidden layer): W1 [C, 1, h], b1 [C, h], W2 [C, h, 1], b2 [C, 1]."""
+    p = dict(cm.ci_fn(name).named_parameters())
+    return {"W1": p["layers.net.0.W"], "b1": p["layers.net.0.b"], "W2": p["layers.net.2.W"], "b2": p["layers.net.2.b"]}
+
+
+def _uv(cm, name: str) -> tuple[Tensor, Tensor]:
+    """(U [C, d_out], V [C, d_in]) of a rank-one decomposed linear layer."""
+    layer = cm.layers[name]
+    return layer.B[:, :, 0], layer.A[:, 0, :]
+
+
+def _gelu(z: Tensor) -> Tensor:
+    return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def _pre(cm, name: str, a: Tensor) -> Tensor:
+    """The CI pre-activation [B, C] from the layer input a [B, d_in], written out: per subcomponent c,
+    Σ_h gelu(v_c W1[c,h] + b1[c,h]) W2[c,h] + b2[c] with v_c = V_c · a."""
+    p = _ci_params(cm, name)
+    _, V = _uv(cm, name)
+    v = a @ V.T  # [B, C]
+    hidden = _gelu(v[..., None] * p["W1"][:, 0, :] + p["b1"])  # [B, C, h]
+    return (hidden * p["W2"][:, :, 0]).sum(-1) + p["b2"][:, 0]
+
+
+def _masked_linear(x: Tensor, W: Tensor, bias: Tensor | None, U: Tensor, V: Tensor, m: Tensor, r_delta: Tensor | None) -> Tensor:
+    """y_b = W'_b x_b + bias with the per-row matrix W'_b = Σ_c m_bc U_c V_cᵀ (+ r_Δb (W − Σ_c U_c V_cᵀ))."""
+    W_rows = torch.einsum("bc,co,ci->boi", m, U, V)
+    if r_delta is not None:
+        W_rows = W_rows + r_delta[:, None, None] * (W - U.T @ V)[None]
+    y = torch.einsum("boi,bi->bo", W_rows, x)
+    return y if bias is None else y + bias
+
+
+def _distance(target: Tensor, out: Tensor, kind: str) -> Tensor:
+    if kind == "mse":
+        return ((target - out) ** 2).mean()
+    p, q = torch.softmax(target, -1), torch.softmax(out, -1)
+    return (p * (p.log() - q.log())).sum(-1).mean()  # KL(target ‖ decomposed), mean over rows
+
+
+class _Recorder:
+    """Wraps the real draw function and keeps every draw: (shape asked for, binary?, values)."""
+
+    def __init__(self) -> None:
+        self.draws: list[tuple[tuple[int, ...], bool, Tensor]] = []
+
+    def __call__(self, like: Tensor, binary: bool = False) -> Tensor:
+        r = apd.distributed.rand_rows(like, binary=binary)
+        self.draws.append((tuple(like.shape), binary, r.detach().clone()))
+        return r
+
+
+class _Queue:
+    """Hands out chosen draws in order, checking the shape asked for."""
+
+    def __init__(self, values: list[list]) -> None:
+        self.values = [torch.tensor(v) for v in values]
+
+    def __call__(self, like: Tensor, binary: bool = False) -> Tensor:
+        r = self.values.pop(0)
+        assert r.shape == like.shape, f"draw of shape {tuple(like.shape)} asked for, {tuple(r.shape)} queued"
+        return r.to(like.dtype)
+
+
+# ------------------------------------------------------------------------------ hand-worked numbers, one matrix
+
+
+def _one_matrix(cfg: SPDConfig):
+    """W = [[1, 2]] decomposed into U_0 V_0ᵀ = [[1, 0]], U_1 V_1ᵀ = 2·[[0, 0.5]] = [[0, 1]] (so Δ = [[0, 1]]),
+    with constant causal importances g = (0.5, 1) (pre-activations 0.5 and 1.5: g⁺ = (0.5, 1.005))."""
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    method = method_for(cfg)
+    cm = method.build(nn.Sequential(lin), ["0"])
+    with torch.no_grad():
+        cm.layers["0"].A.copy_(torch.tensor([[[1.0, 0.0]], [[0.0, 0.5]]]))
+        cm.layers["0"].B.copy_(torch.tensor([[[1.0]], [[2.0]]]))
+        for k, v in _ci_params(cm, "0").items():
+            v.zero_()
+            if k == "b2":
+                v.copy_(torch.tensor([[0.5], [1.5]]))
+    return method, cm
+
+
+def test_stochastic_losses_hand_worked_on_one_matrix(monkeypatch):
+    """x = (2, 1), target y = 4. Each draw is (r for the two subcomponents, r_Δ); m = g + (1 − g) r.
+
+    stochastic_recon (S = 2): draw 1 r = (0.2, 0.7), r_Δ = 0.5: m = (0.6, 1), y = 0.6·2 + 1·1 + 0.5·1 = 2.7,
+    error² 1.69; draw 2 r = (0.6, 0.1), r_Δ = 0: m = (0.8, 1), y = 2.6, error² 1.96; mean 1.825.
+    layerwise (one layer, S = 2): r = (0, 0), r_Δ = 1: y = 0.5·2 + 1 + 1 = 3, error² 1;
+    r = (1, 1), r_Δ = 0.5: y = 2 + 1 + 0.5 = 3.5, error² 0.25; mean over layers and samples 0.625.
+    importance minimality, p = 1: 0.5 + 1.005 = 1.505."""
+    cfg = SPDConfig(C=2, n_mask_samples=2, stochastic_recon_coeff=2.0, stochastic_recon_layerwise_coeff=3.0,
+                    importance_minimality_coeff=0.1, importance_minimality_eps=0.0, faithfulness_coeff=0.5)  # fmt: skip
+    method, cm = _one_matrix(cfg)
+    queue = _Queue([[[0.2, 0.7]], [0.5], [[0.6, 0.1]], [0.0], [[0.0, 0.0]], [1.0], [[1.0, 1.0]], [0.5]])
+    monkeypatch.setattr(spd_module, "rand_rows", queue)
+    terms = method.loss_terms(cm, torch.tensor([[2.0, 1.0]]), 0)
+    assert not queue.values  # every draw used: S = 2 for each stochastic loss, a Δ-mask with each
+    assert terms["stochastic_recon"].item() == pytest.approx(1.825, rel=1e-6)
+    assert terms["stochastic_recon_layerwise"].item() == pytest.approx(0.625, rel=1e-6)
+    assert terms["importance_minimality"].item() == pytest.approx(1.505, rel=1e-6)
+    assert terms["faithfulness"].item() == pytest.approx(0.5, rel=1e-6)  # ‖Δ‖² = 1 over N = 2 weights
+    assert terms["total"].item() == pytest.approx(0.5 * 0.5 + 2 * 1.825 + 3 * 0.625 + 0.1 * 1.505, rel=1e-6)
+    assert terms["l0"].item() == 2.0  # both g > τ = 0.1
+
+
+def test_without_the_delta_component_the_masks_scale_the_components_alone(monkeypatch):
+    """The same draws as above without Δ: y = 2.2 and 2.6, errors² 3.24 and 1.96 (mean 2.6); binomial
+    r = (1, 0): m = (1, 1), y = 2 + 1 = 3, error² 1."""
+    cfg = SPDConfig(C=2, n_mask_samples=2, delta_component=False, faithfulness_coeff=1.0,
+                    stochastic_recon_layerwise_coeff=None, importance_minimality_coeff=None)  # fmt: skip
+    method, cm = _one_matrix(cfg)
+    monkeypatch.setattr(spd_module, "rand_rows", _Queue([[[0.2, 0.7]], [[0.6, 0.1]]]))
+    assert method.loss_terms(cm, torch.tensor([[2.0, 1.0]]), 0)["stochastic_recon"].item() == pytest.approx(2.6, rel=1e-6)
+    monkeypatch.setattr(spd_module, "rand_rows", _Queue([[[1.0, 0.0]], [[0.0, 1.0]]]))
+    # r = (0, 1): m = (0.5, 1), y = 1 + 1 = 2, error² 4; mean of 1 and 4
+    assert method.loss_terms(cm, torch.tensor([[2.0, 1.0]]), 0)["stochastic_recon"].item() == pytest.approx(2.5, rel=1e-6)
+
+
+def test_importance_minimality_hand_worked_with_p_eps_and_annealing():
+    """g⁺ = (0.5, 1.005) on every row. p = 2, ε = 0.5: 1² + 1.505² = 3.265025. p annealed from 2 to 1 over
+    steps 0-10 of 10: p(5) = 1.5. The decay from half the run on scales step 8 of 11 (frac 0.8) by 0.4."""
+    x = torch.tensor([[2.0, 1.0], [1.0, -1.0]])
+    method, cm = _one_matrix(SPDConfig(C=2, pnorm=2.0, importance_minimality_eps=0.5))
+    assert method.loss_terms(cm, x, 0)["importance_minimality"].item() == pytest.approx(3.265025, rel=1e-6)
+    cfg = SPDConfig(C=2, steps=10, pnorm=2.0, pnorm_final=1.0, importance_minimality_eps=0.0)
+    method, cm = _one_matrix(cfg)
+    assert annealed_p(cfg, 5) == 1.5
+    assert method.loss_terms(cm, x, 5)["importance_minimality"].item() == pytest.approx(0.5**1.5 + 1.005**1.5, rel=1e-6)
+    cfg = SPDConfig(C=2, steps=11, importance_minimality_decay_start_frac=0.5, importance_minimality_eps=0.0)
+    method, cm = _one_matrix(cfg)
+    assert minimality_scale(cfg, 8) == pytest.approx(0.4)
+    assert method.loss_terms(cm, x, 8)["importance_minimality"].item() == pytest.approx(0.4 * 1.505, rel=1e-6)
+    # frequency term β = 1: each subcomponent's mean times (1 + log2(1 + its sum over the 2 rows))
+    method, cm = _one_matrix(SPDConfig(C=2, importance_minimality_beta=1.0, importance_minimality_eps=0.0))
+    expected = 0.5 * (1 + math.log2(2.0)) + 1.005 * (1 + math.log2(3.01))
+    assert method.loss_terms(cm, x, 0)["importance_minimality"].item() == pytest.approx(expected, rel=1e-6)
+
+
+# ------------------------------------------------------------------- a two-layer MLP against a plain re-implementation
+
+
+def _mlp_setup(cfg: SPDConfig):
+    """Linear(3, 4) → ReLU → Linear(4, 2), three subcomponents per matrix; the CI functions' output biases
+    moved so that the causal importances fall below 0, inside (0, 1) and above 1 on the batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    method = method_for(cfg)
+    cm = method.build(model, ["0", "2"])
+    with torch.no_grad():
+        for n in cm.layer_names:
+            _ci_params(cm, n)["b2"].add_(torch.tensor([[0.4], [0.8], [1.3]]))
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)) * 2
+    return method, cm, model, x
+
+
+def _reference(cm, model, x: Tensor, cfg: SPDConfig, draws: list[Tensor], step: int) -> dict[str, float]:
+    """Every SPD term of one step, written out (the draws in the order the step asks for them: per mask
+    sample and per layer in module order, the subcomponents' r, then r_Δ when there is a Δ-component;
+    first for stochastic_recon, then for the layerwise loss)."""
+    names = ["0", "2"]
+    lins = {"0": model[0], "2": model[2]}
+    draws = list(draws)
+    with torch.no_grad():
+        a0 = x
+        h0 = a0 @ lins["0"].weight.T + lins["0"].bias
+        a2 = torch.relu(h0)
+        target = a2 @ lins["2"].weight.T + lins["2"].bias
+        inputs = {"0": a0, "2": a2}
+        pre = {n: _pre(cm, n, inputs[n]) for n in names}
+        g = {n: pre[n].clamp(0, 1) for n in names}
+        g_up = {n: torch.where(pre[n] > 1, 1 + cfg.leaky_alpha * (pre[n] - 1), pre[n].clamp(0, 1)) for n in names}
+
+        def forward(masked: dict[str, tuple[Tensor, Tensor | None]]) -> Tensor:
+            h = x
+            for i, n in enumerate(names):
+                lin = lins[n]
+                if n in masked:
+                    U, V = _uv(cm, n)
+                    h = _masked_linear(h, lin.weight, lin.bias, U, V, *masked[n])
+                else:
+                    h = h @ lin.weight.T + lin.bias
+                if i == 0:
+                    h = torch.relu(h)
+            return h
+
+        def draw_masks() -> dict[str, tuple[Tensor, Tensor | None]]:
+            out = {}
+            for n in names:
+                r = draws.pop(0)
+                r_delta = draws.pop(0) if cfg.delta_component else None
+                out[n] = (g[n] + (1 - g[n]) * r, r_delta)
+            return out
+
+        S, kind = cfg.n_mask_samples, cfg.output_loss.value
+        terms: dict[str, float] = {}
+        if cfg.coefficient("faithfulness"):
+            sq = sum(((lins[n].weight - _uv(cm, n)[0].T @ _uv(cm, n)[1]) ** 2).sum() for n in names)
+            terms["faithfulness"] = float(sq / sum(lins[n].weight.numel() for n in names))
+        if cfg.coefficient("stochastic_recon"):
+            terms["stochastic_recon"] = float(sum(_distance(target, forward(draw_masks()), kind) for _ in range(S)) / S)
+        if cfg.coefficient("stochastic_recon_layerwise"):
+            total = 0.0
+            for _ in range(S):
+                masks = draw_masks()
+                total += sum(float(_distance(target, forward({n: masks[n]}), kind)) for n in names)
+            terms["stochastic_recon_layerwise"] = total / (len(names) * S)
+        if cfg.coefficient("ci_masked_recon"):
+            terms["ci_masked_recon"] = float(_distance(target, forward({n: (g[n], None) for n in names}), kind))
+        if cfg.coefficient("importance_minimality"):
+            p, eps, beta = annealed_p(cfg, step), cfg.importance_minimality_eps, cfg.importance_minimality_beta
+            total = 0.0
+            for n in names:
+                powered = (g_up[n] + eps) ** p  # [B, C]
+                mean, summed = powered.mean(0), powered.sum(0)
+                total += float((mean * (1 + beta * torch.log2(1 + summed))).sum())
+            terms["importance_minimality"] = total * minimality_scale(cfg, step)
+        terms["l0"] = float(sum((g[n] > cfg.ci_threshold).float().sum(-1).mean() for n in names))
+        assert not draws, f"{len(draws)} draws left over"
+        terms["_g_inside"] = float(sum(((g[n] > 0) & (g[n] < 1)).sum() for n in names))
+        terms["_g_clamped"] = float(sum(((pre[n] < 0) | (pre[n] > 1)).sum() for n in names))
+    return terms
+
+
+COEFFS = {"faithfulness_coeff": 0.7, "stochastic_recon_coeff": 1.3, "stochastic_recon_layerwise_coeff": 0.6,
+          "ci_masked_recon_coeff": 0.9, "importance_minimality_coeff": 0.05}  # fmt: skip
+
+
+def _check_against_reference(monkeypatch, cfg: SPDConfig, step: int = 0) -> list[tuple[tuple[int, ...], bool, Tensor]]:
+    method, cm, model, x = _mlp_setup(cfg)
+    recorder = _Recorder()
+    monkeypatch.setattr(spd_module, "rand_rows", recorder)
+    torch.manual_seed(5)
+    terms = method.loss_terms(cm, x, step)
+    ref = _reference(cm, model, x, cfg, [r for _, _, r in recorder.draws], step)
+    assert ref.pop("_g_inside") >= 4 and ref.pop("_g_clamped") >= 4  # the batch exercises every part of the squashing
+    for name, value in ref.items():
+        assert terms[name].item() == pytest.approx(value, rel=2e-5, abs=1e-9), name
+    expected_total = sum(cfg.coefficient(n) * v for n, v in ref.items() if n != "l0")
+    assert terms["total"].item() == pytest.approx(expected_total, rel=2e-5)
+    assert set(terms) == {"total", "l0", *(n for n in ref if n != "l0")}
+    # the draws asked for: per sample and layer the subcomponents' r [B, C], then r_Δ [B]
+    per_layer = [(6, 3), (6,)] if cfg.delta_component else [(6, 3)]
+    assert [s for s, _, _ in recorder.draws] == per_layer * 2 * cfg.n_mask_samples * 2
+    return recorder.draws
+
+
+@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("output_loss", ["mse", "kl"])
+@pytest.mark.parametrize("delta_component", [True, False])
+def test_every_spd_term_matches_the_written_out_computation(monkeypatch, S, output_loss, delta_component):
+    """stochastic recon averaged over S samples, layerwise averaged over layers and samples, Δ under
+    its own mask, KL of softmaxes, CI-masked recon, faithfulness over all N weights, minimality."""
+    cfg = SPDConfig(C=3, ci_hidden=[2], n_mask_samples=S, output_loss=output_loss, delta_component=delta_component,
+                    **COEFFS)  # fmt: skip
+    draws = _check_against_reference(monkeypatch, cfg)
+    assert not any(binary for _, binary, _ in draws)
+    assert all(bool(((r > 0) & (r < 1)).all()) for _, _, r in draws)  # continuous r ~ U(0, 1)
+
+
+def test_binomial_sampling_draws_each_r_from_zero_and_one(monkeypatch):
+    """sampling=binomial: the subcomponents' r are 0 or 1 (both occur), so each mask is g or 1."""
+    cfg = SPDConfig(C=3, ci_hidden=[2], n_mask_samples=2, sampling="binomial", **COEFFS)
+    draws = _check_against_reference(monkeypatch, cfg)
+    masks = torch.cat([r.flatten() for shape, _, r in draws if len(shape) == 2])
+    assert [binary for shape, binary, _ in draws if len(shape) == 2] == [True] * 8
+    assert set(masks.tolist()) == {0.0, 1.0}
+    # and the real draw function honours it: over many rows about half are ones
+    r = apd.distributed.rand_rows(torch.empty(4000, 3), binary=True)
+    assert set(r.unique().tolist()) == {0.0, 1.0} and abs(r.mean().item() - 0.5) < 0.03
+
+
+def test_importance_minimality_and_its_schedules_match_the_written_out_computation(monkeypatch):
+    """p annealed 2 → 0.5 (at step 7 of 10: 1.25), ε 0.01, the frequency term β = 0.5, the decay from
+    0.3 of the run on (step 7: scale 1 − (0.7 − 0.3)/0.7)."""
+    cfg = SPDConfig(C=3, ci_hidden=[2], steps=11, pnorm=2.0, pnorm_final=0.5, pnorm_anneal_start_frac=0.2,
+                    pnorm_anneal_end_frac=0.8, importance_minimality_eps=0.01, importance_minimality_beta=0.5,
+                    importance_minimality_decay_start_frac=0.3, **COEFFS)  # fmt: skip
+    assert annealed_p(cfg, 7) == pytest.approx(2.0 - 1.5 * (7 / 11 - 0.2) / 0.6)
+    assert minimality_scale(cfg, 7) == pytest.approx(1 - (0.7 - 0.3) / 0.7)
+    _check_against_reference(monkeypatch, cfg, step=7)
+
+
+def test_gradients_of_the_total_match_the_written_out_computation(monkeypatch):
+    """The gradient reaches U, V and the CI functions as the written-out total's does (same draws)."""
+    cfg = SPDConfig(C=3, ci_hidden=[2], n_mask_samples=2, **COEFFS)
+    method, cm, model, x = _mlp_setup(cfg)
+    recorder = _Recorder()
+    monkeypatch.setattr(spd_module, "rand_rows", recorder)
+    params = list(cm.trainable_parameters().values())
+    total = method.loss_terms(cm, x, 0)["total"]
+    got = torch.autograd.grad(total, params)
+
+    draws = [r for _, _, r in recorder.draws]
+    with torch.enable_grad():
+        ref_total = _reference_total_with_grad(cm, model, x, cfg, draws)
+    want = torch.autograd.grad(ref_total, params)
+    for name, a, b in zip(cm.trainable_parameters(), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _reference_total_with_grad(cm, model, x, cfg, draws):
+    """The written-out total of ``_reference`` kept differentiable (the squashing's straight-through
+    gradient: the lower one passes gradient inside [0, 1] and, below 0, α times the downward-pushing part)."""
+    names = ["0", "2"]
+    lins = {"0": model[0], "2": model[2]}
+    draws = list(draws)
+    alpha = cfg.leaky_alpha
+    a2 = torch.relu(x @ lins["0"].weight.T + lins["0"].bias)
+    target = a2 @ lins["2"].weight.T + lins["2"].bias
+    pre = {"0": _pre(cm, "0", x), "2": _pre(cm, "2", a2)}
+    for n in names:  # every pre-activation is away from 0 and 1, where the squashings' subgradients are chosen
+        assert bool(((pre[n] - 0).abs() > 1e-4).all() and ((pre[n] - 1).abs() > 1e-4).all())
+    g = {n: _LowerLeaky.apply(pre[n], alpha) for n in names}
+    g_up = {n: torch.where(pre[n] > 1, 1 + alpha * (pre[n] - 1), pre[n].clamp(0, 1)) for n in names}
+
+    def forward(masked):
+        h = x
+        for i, n in enumerate(names):
+            lin = lins[n]
+            h = _masked_linear(h, lin.weight, lin.bias, *_uv(cm, n), *masked[n]) if n in masked else h @ lin.weight.T + lin.bias
+            if i == 0:
+                h = torch.relu(h)
+        return h
+
+    def draw_masks():
+        out = {}
+        for n in names:
+            r = draws.pop(0)
+            out[n] = (g[n] + (1 - g[n]) * r, draws.pop(0))
+        return out
+
+    S = cfg.n_mask_samples
+    faith = sum(((lins[n].weight - _uv(cm, n)[0].T @ _uv(cm, n)[1]) ** 2).sum() for n in names) / 20
+    recon = sum(_distance(target, forward(draw_masks()), "mse") for _ in range(S)) / S
+    layerwise = 0
+    for _ in range(S):
+        masks = draw_masks()
+        layerwise = layerwise + sum(_distance(target, forward({n: masks[n]}), "mse") for n in names)
+    layerwise = layerwise / (2 * S)
+    ci_recon = _distance(target, forward({n: (g[n], None) for n in names}), "mse")
+    imp = sum(((g_up[n] + cfg.importance_minimality_eps) ** cfg.pnorm).mean(0).sum() for n in names)
+    c = cfg.coefficient
+    return (c("faithfulness") * faith + c("stochastic_recon") * recon + c("stochastic_recon_layerwise") * layerwise
+            + c("ci_masked_recon") * ci_recon + c("importance_minimality") * imp)  # fmt: skip
+
+
+class _LowerLeaky(torch.autograd.Function):
+    """SPEC §5.2's lower-leaky hard sigmoid, written independently of the library's."""
+
+    @staticmethod
+    def forward(ctx, x, alpha):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        below = (x < 0) * torch.minimum(grad, torch.zeros_like(grad)) * ctx.alpha
+        return torch.where(x < 0, below, grad * (x <= 1)), None
+
+
+def test_the_step_asks_for_one_r_per_row_and_subcomponent_and_one_r_delta_per_row():
+    """SPDStep.stochastic_masks with the real draws: m = g + (1 − g) r lies in [g, 1]; r_Δ in [0, 1)."""
+    cfg = SPDConfig(C=3, ci_hidden=[2])
+    method, cm, model, x = _mlp_setup(cfg)
+    ctx = method.step_context(cm, x, 0)
+    assert isinstance(ctx, SPDStep)
+    masks, deltas = ctx.stochastic_masks()
+    for n, g in ctx.ci.items():
+        assert masks[n].shape == g.shape and deltas is not None and deltas[n].shape == g.shape[:-1]
+        assert bool((masks[n] >= g - 1e-7).all() and (masks[n] <= 1).all())
+        r = (masks[n] - g) / (1 - g).clamp_min(1e-6)
+        inside = g < 0.99
+        assert r[inside].std().item() > 0.1  # a random r, not a constant
+        assert bool(((deltas[n] >= 0) & (deltas[n] < 1)).all()) and deltas[n].std().item() > 0.1
