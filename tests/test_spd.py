@@ -319,6 +319,7 @@ def test_seeds_at_once_equal_single_runs_fed_the_same_batches():
     assert not torch.allclose(decs[0].params["ci_fns.0.layers.net.0.W"], decs[1].params["ci_fns.0.layers.net.0.W"])
 
 
+@pytest.mark.slow  # torch.compile: 24 s
 def test_compiled_ci_functions_match_eager():
     """compile_ci=True runs the CI functions through torch.compile: the same training trajectory."""
     batches = [torch.randn(32, 5, generator=torch.Generator().manual_seed(i)) for i in range(6)]
