@@ -57,3 +57,33 @@ def test_act_recon_and_lp_hand_worked():
     assert lp_sparsity_loss(attr, p=1.0, eps=0.0).item() == pytest.approx(((2 + 0 + 1) + (3 + 1 + 0)) / 2)
     assert lp_sparsity_loss(attr, p=0.5, eps=0.0).item() == pytest.approx(((2**0.5 + 0 + 1) + (3**0.5 + 1 + 0)) / 2)
     assert lp_sparsity_loss(attr, p=2.0, eps=0.0).item() == pytest.approx((5 + 10) / 2)  # p = 2: the attribution itself
+
+
+def test_default_eps_is_negligible_and_eps_enters_inside_the_power():
+    from apd.losses.importance_minimality import importance_minimality_loss
+
+    zeros = torch.zeros(3, 2)
+    assert importance_minimality_loss({"a": zeros}, p=1.0).item() < 1e-9
+    assert lp_sparsity_loss(zeros, p=2.0).item() < 1e-9
+    A, B = {"w": torch.zeros(2, 1, 3)}, {"w": torch.zeros(2, 3, 1)}
+    assert simplicity_loss(A, B, torch.ones(4, 2), p=2.0, n_weights=9).item() < 1e-9
+    # ε = 1: (A + 1)^{p/2} per component; rows (4 + 1)^1 + (0 + 1)^1 = 6 and (0 + 1) + (3 + 1) = 5
+    attr = torch.tensor([[4.0, 0.0], [0.0, 3.0]])
+    assert lp_sparsity_loss(attr, p=2.0, eps=1.0).item() == pytest.approx((6 + 5) / 2)
+    assert importance_minimality_loss({"a": attr}, p=2.0, eps=1.0).item() == pytest.approx((25 + 1) / 2 + (1 + 16) / 2)
+
+
+def test_per_position_rows_of_simplicity_and_lp():
+    """[B, T, C] masks and attributions: every (sample, position) is a row, with T != C."""
+    A = {"w": torch.tensor([[[3.0, 4.0]], [[1.0, 0.0]]])}  # (C=2, m=1, d_in=2): ‖A‖² 25, 1
+    B = {"w": torch.tensor([[[1.0]], [[2.0]]])}  # (C, d_out=1, m): ‖B‖² 1, 4 -> terms (p = 1) 5, 2
+    mask = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])  # B = 1, T = 3
+    # Σ rows·terms = 5 + 7 + 2 = 14 over N = 2 weights and 3 rows
+    assert simplicity_loss(A, B, mask, p=1.0, n_weights=2, eps=0.0).item() == pytest.approx(14 / 6)
+    attr = torch.tensor([[[4.0, 0.0], [1.0, 9.0], [0.0, 0.0]]])  # rows: 2, 1 + 3, 0
+    assert lp_sparsity_loss(attr, p=1.0, eps=0.0).item() == pytest.approx(6 / 3)
+
+
+def test_act_recon_says_which_activations_differ():
+    with pytest.raises(ValueError, match=r"activation sets differ or are empty: \['h1', 'h2'\] vs \['h1'\]"):
+        act_recon_loss({"h1": torch.zeros(1), "h2": torch.zeros(1)}, {"h1": torch.zeros(1)})
