@@ -404,3 +404,116 @@ def test_the_step_asks_for_one_r_per_row_and_subcomponent_and_one_r_delta_per_ro
         inside = g < 0.99
         assert r[inside].std().item() > 0.1  # a random r, not a constant
         assert bool(((deltas[n] >= 0) & (deltas[n] < 1)).all()) and deltas[n].std().item() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------- the warm-up
+
+
+def _adamw_by_hand(params: list[Tensor], grads_of, steps: int, lr: float, wd: float) -> None:
+    """AdamW (β 0.9, 0.999, ε 1e-8, decoupled weight decay) written out."""
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t in range(1, steps + 1):
+        grads = grads_of(params)
+        with torch.no_grad():
+            for p, g, m_i, v_i in zip(params, grads, m, v):
+                p.mul_(1 - lr * wd)
+                m_i.mul_(0.9).add_(0.1 * g)
+                v_i.mul_(0.999).add_(0.001 * g * g)
+                p.sub_(lr * (m_i / (1 - 0.9**t)) / ((v_i / (1 - 0.999**t)).sqrt() + 1e-8))
+
+
+def test_the_faithfulness_warmup_is_adamw_on_the_faithfulness_loss_alone():
+    """K AdamW steps (the configured lr and weight decay) on Σ_l ‖W_l − Σ_c U_c V_cᵀ‖² / N, N counting the
+    weights of every matrix; with a leading instance dimension each instance is its own run."""
+    from apd.methods import Factors
+
+    cfg = SPDConfig(C=3, faithfulness_warmup_steps=7, faithfulness_warmup_lr=0.05, faithfulness_warmup_weight_decay=0.2)
+    method, cm, model, x = _mlp_setup(cfg)
+    W = cm.target_weights()
+    names = list(W)
+    start = {n: (cm.layers[n].A.detach().clone(), cm.layers[n].B.detach().clone()) for n in names}
+    N = sum(w.numel() for w in W.values())
+    assert N == 12 + 8
+
+    def grads_of(params):
+        params = [p.detach().requires_grad_() for p in params]
+        loss = sum(((W[n] - torch.einsum("com,cmi->oi", params[2 * i + 1], params[2 * i])) ** 2).sum()
+                   for i, n in enumerate(names)) / N  # fmt: skip
+        return torch.autograd.grad(loss, params)
+
+    expected = [t.clone() for n in names for t in start[n]]
+    _adamw_by_hand(expected, grads_of, 7, 0.05, 0.2)
+
+    factors = Factors(A={n: cm.layers[n].A for n in names}, B={n: cm.layers[n].B for n in names})
+    method.warmup(factors, W)
+    for i, n in enumerate(names):
+        torch.testing.assert_close(cm.layers[n].A.detach(), expected[2 * i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cm.layers[n].B.detach(), expected[2 * i + 1], rtol=1e-5, atol=1e-6)
+        assert cm.layers[n].A.grad is None and cm.layers[n].B.grad is None
+
+    # two instances stacked: each moves as it would alone
+    stacked = Factors(A={n: torch.stack([start[n][0], 2 * start[n][0]]).requires_grad_() for n in names},
+                      B={n: torch.stack([start[n][1], -start[n][1]]).requires_grad_() for n in names})  # fmt: skip
+    method.warmup(stacked, W)
+    for i, n in enumerate(names):
+        torch.testing.assert_close(stacked.A[n][0].detach(), expected[2 * i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stacked.B[n][0].detach(), expected[2 * i + 1], rtol=1e-5, atol=1e-6)
+    second = [t.clone() for n in names for t in (2 * start[n][0], -start[n][1])]
+    _adamw_by_hand(second, grads_of, 7, 0.05, 0.2)
+    for i, n in enumerate(names):
+        torch.testing.assert_close(stacked.A[n][1].detach(), second[2 * i], rtol=1e-5, atol=1e-6)
+
+    # no warm-up steps: nothing moves
+    idle = Factors(A={n: start[n][0].clone().requires_grad_() for n in names}, B={n: start[n][1].clone().requires_grad_() for n in names})
+    method_for(SPDConfig(C=3, faithfulness_warmup_steps=0)).warmup(idle, W)
+    assert all(torch.equal(idle.A[n], start[n][0]) for n in names)
+
+
+# ------------------------------------------------------------------------- squashing at its edges, defaults, C = 1
+
+
+def test_the_hard_sigmoids_at_exactly_0_and_1_and_with_their_default_slope():
+    """The subgradients chosen at the kinks (documented: at 0 the lower one leaks only upwards and the
+    upper one passes nothing; at 1 both pass the gradient), and α = 0.01 by default."""
+    from apd.methods.spd import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+
+    x = torch.tensor([0.0, 0.0, 1.0, -2.0, 3.0], requires_grad=True)
+    g = torch.tensor([3.0, -2.0, 3.0, -1.0, 1.0])
+    (lower_leaky_hard_sigmoid(x) * g).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, -0.02, 3.0, -0.01, 0.0]))
+    x.grad = None
+    up = upper_leaky_hard_sigmoid(x)
+    torch.testing.assert_close(up.detach(), torch.tensor([0.0, 0.0, 1.0, 0.0, 1.02]))
+    (up * g).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([3.0, -2.0, 3.0, 0.0, 0.01]))
+    x.grad = None
+    lower, upper = leaky_hard_sigmoids(x)
+    torch.testing.assert_close(upper.detach(), torch.tensor([0.0, 0.0, 1.0, 0.0, 1.02]))
+    torch.autograd.backward([lower, upper], [g, 2 * g])
+    # at 0: only the lower one's upward leak (g < 0); at 1: both (3 + 6); below 0: the leak; above 1: α·(2g)
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, -0.02, 9.0, -0.01, 0.02]))
+
+
+def test_the_minimality_decay_reaches_zero_at_the_last_step_of_a_two_step_run():
+    cfg = SPDConfig(steps=2, importance_minimality_decay_start_frac=0.0)
+    assert [minimality_scale(cfg, s) for s in (0, 1)] == [1.0, 0.0]
+    assert minimality_scale(SPDConfig(steps=1, importance_minimality_decay_start_frac=0.0), 0) == 1.0
+
+
+def test_one_subcomponent_per_matrix_hand_worked(monkeypatch):
+    """C = 1: W = [[1, 2]], U V_ᵀ = [[1, 1]], Δ = [[0, 1]], g = 0.5; x = (2, 1), target 4. r = 0.5, r_Δ = 1:
+    m = 0.75, y = 0.75·3 + 1·1 = 3.25, error² 0.5625."""
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    cfg = SPDConfig(C=1, stochastic_recon_layerwise_coeff=None, importance_minimality_coeff=None)
+    method = method_for(cfg)
+    cm = method.build(nn.Sequential(lin), ["0"])
+    with torch.no_grad():
+        cm.layers["0"].A.copy_(torch.tensor([[[1.0, 1.0]]]))
+        cm.layers["0"].B.copy_(torch.tensor([[[1.0]]]))
+        for k, v in _ci_params(cm, "0").items():
+            v.fill_(0.5 if k == "b2" else 0.0)
+    monkeypatch.setattr(spd_module, "rand_rows", _Queue([[[0.5]], [1.0]]))
+    assert method.loss_terms(cm, torch.tensor([[2.0, 1.0]]), 0)["stochastic_recon"].item() == pytest.approx(0.5625, rel=1e-6)
