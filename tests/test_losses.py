@@ -87,3 +87,32 @@ def test_per_position_rows_of_simplicity_and_lp():
 def test_act_recon_says_which_activations_differ():
     with pytest.raises(ValueError, match=r"activation sets differ or are empty: \['h1', 'h2'\] vs \['h1'\]"):
         act_recon_loss({"h1": torch.zeros(1), "h2": torch.zeros(1)}, {"h1": torch.zeros(1)})
+
+
+def test_a_registered_loss_is_recorded_ordered_and_needs_its_coefficient(monkeypatch):
+    """register_loss records name, function, methods, order (100 by default) and captured modules;
+    losses_for keeps those of a method with a positive coefficient, by (order, name); a duplicate name
+    and a loss whose method's config lacks ``<name>_coeff`` are refused."""
+    from apd import SPDConfig
+    from apd.losses import LOSSES, losses_for, register_loss
+
+    monkeypatch.setattr("apd.losses.registry.LOSSES", dict(LOSSES))  # registrations below stay in this test
+    from apd.losses import registry
+
+    def captures(config):
+        return ["fc*"]
+
+    def fn(ctx):
+        return torch.tensor(1.0)
+
+    assert register_loss("zz_test", methods=["spd"], captures=captures)(fn) is fn
+    loss = registry.LOSSES["zz_test"]
+    assert (loss.name, loss.fn, loss.methods, loss.order, loss.captures) == ("zz_test", fn, ("spd",), 100, captures)
+    with pytest.raises(ValueError, match=r"a loss named 'zz_test' is already registered \(by tests.test_losses\); pick another name"):
+        register_loss("zz_test", methods=["spd"])(fn)
+    with pytest.raises(TypeError, match="registered for 'spd' but SPDConfig has no field zz_test_coeff"):
+        registry.losses_for("spd", SPDConfig())
+    del registry.LOSSES["zz_test"]
+    names = [l.name for l in registry.losses_for("spd", SPDConfig(faithfulness_coeff=1.0, ci_masked_recon_coeff=0.5))]
+    assert names == ["faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality"]
+    assert [l.name for l in losses_for("spd", SPDConfig())] == ["stochastic_recon", "stochastic_recon_layerwise", "importance_minimality"]
