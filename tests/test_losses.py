@@ -116,3 +116,20 @@ def test_a_registered_loss_is_recorded_ordered_and_needs_its_coefficient(monkeyp
     names = [l.name for l in registry.losses_for("spd", SPDConfig(faithfulness_coeff=1.0, ci_masked_recon_coeff=0.5))]
     assert names == ["faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality"]
     assert [l.name for l in losses_for("spd", SPDConfig())] == ["stochastic_recon", "stochastic_recon_layerwise", "importance_minimality"]
+
+
+def test_kl_of_sequence_logits_sums_over_the_vocabulary_and_averages_over_positions():
+    """[B, T, V] logits: KL(softmax(target) ‖ softmax(out)) per position over the last dimension, then
+    the mean over (sample, position). Position 0: p = (1/4, 3/4) against uniform; position 1: equal."""
+    from apd.losses.distance import output_distance
+
+    target = torch.tensor([[[0.0, math.log(3.0)], [1.0, 2.0]]])  # B = 1, T = 2, V = 2
+    out = torch.tensor([[[5.0, 5.0], [1.0, 2.0]]])
+    kl0 = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert output_distance(target, out, OutputLoss.kl).item() == pytest.approx(kl0 / 2, rel=1e-5)
+    # V = 3 != T = 2: a softmax over the wrong dimension gives another number
+    t3 = torch.tensor([[[0.0, 0.0, math.log(2.0)], [0.0, 0.0, 0.0]]])
+    o3 = torch.zeros(1, 2, 3)
+    p = torch.tensor([0.25, 0.25, 0.5])
+    kl = float((p * (p * 3).log()).sum())
+    assert output_distance(t3, o3, OutputLoss.kl).item() == pytest.approx(kl / 2, rel=1e-5)

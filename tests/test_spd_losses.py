@@ -517,3 +517,233 @@ def test_one_subcomponent_per_matrix_hand_worked(monkeypatch):
             v.fill_(0.5 if k == "b2" else 0.0)
     monkeypatch.setattr(spd_module, "rand_rows", _Queue([[[0.5]], [1.0]]))
     assert method.loss_terms(cm, torch.tensor([[2.0, 1.0]]), 0)["stochastic_recon"].item() == pytest.approx(0.5625, rel=1e-6)
+
+
+def test_one_warmup_step_moves_the_factors():
+    from apd.methods import Factors
+
+    cfg = SPDConfig(C=3, faithfulness_warmup_steps=1)
+    method, cm, model, x = _mlp_setup(cfg)
+    before = cm.layers["0"].A.detach().clone()
+    method.warmup(Factors(A={n: cm.layers[n].A for n in ("0", "2")}, B={n: cm.layers[n].B for n in ("0", "2")}), cm.target_weights())
+    # AdamW's first step moves every entry by about lr (1e-2) against its gradient's sign, plus the decay
+    assert (cm.layers["0"].A.detach() - before).abs().min().item() > 5e-3
+
+
+# ------------------------------------------------------------------------- data-parallel importance minimality
+
+
+def _minimality_rank(rank: int, world: int, port: int, g_full: Tensor, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from apd.losses.importance_minimality import importance_minimality_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        rows = g_full.chunk(world)[rank].clone().requires_grad_()
+        loss = importance_minimality_loss({"a": rows, "b": rows[:, :2] * 0.5}, p=1.5, eps=0.01, beta=0.7)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": rows.grad}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_minimality_frequency_term_over_two_processes_is_the_global_batchs(tmp_path):
+    """Two gloo processes, each with half the rows: each gets the whole batch's loss (the frequency term's
+    sums are global), and its rows' gradient is world-size times their share of the one-process gradient
+    (so the averaged parameter gradient is one process's)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from apd.losses.importance_minimality import importance_minimality_loss
+
+    g_full = torch.rand(6, 3, generator=torch.Generator().manual_seed(0)) * 1.2  # 6 rows, C = 3 (some above 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_minimality_rank, args=(2, port, g_full, str(tmp_path / "r")), nprocs=2, join=True)
+    rows = g_full.clone().requires_grad_()
+    full = importance_minimality_loss({"a": rows, "b": rows[:, :2] * 0.5}, p=1.5, eps=0.01, beta=0.7)
+    full.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"r.{rank}")
+        assert got["loss"].item() == pytest.approx(full.item(), rel=1e-6)
+        torch.testing.assert_close(got["grad"], 2 * rows.grad.chunk(2)[rank], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def test_eval_masks_l0_and_metrics_by_hand():
+    """Evaluation masks are g; L0 counts g > τ per row and layer; the thresholded model runs with
+    masks 1[g > τ]; ci_mean, alive subcomponents (g > τ somewhere), saturated and dead layers."""
+    cfg = SPDConfig(C=3, ci_hidden=[2], ci_threshold=0.3)
+    method, cm, model, x = _mlp_setup(cfg)
+    with torch.no_grad():
+        a2 = torch.relu(model[0](x))
+        g = {"0": _pre(cm, "0", x).clamp(0, 1), "2": _pre(cm, "2", a2).clamp(0, 1)}
+    masks = method.eval_masks(cm, x)
+    for n in g:
+        torch.testing.assert_close(masks[n], g[n])
+        assert not masks[n].requires_grad
+    l0 = method.mask_l0(masks)
+    per = {n: (g[n] > 0.3).float().sum(-1).mean().item() for n in g}
+    assert l0 == pytest.approx({"l0": per["0"] + per["2"], "l0/0": per["0"], "l0/2": per["2"]})
+    target = model(x)
+    metrics = method.eval_metrics(cm, x, masks, target)
+    with torch.no_grad():
+        hard = {n: (g[n] > 0.3).float() for n in g}
+        h = torch.relu(_masked_linear(x, model[0].weight, model[0].bias, *_uv(cm, "0"), hard["0"], None))
+        out = _masked_linear(h, model[2].weight, model[2].bias, *_uv(cm, "2"), hard["2"], None)
+    assert metrics["ci_thresholded_recon_mse"] == pytest.approx(((out - target) ** 2).mean().item(), rel=1e-5)
+    for n in g:
+        assert metrics[f"ci_mean/{n}"] == pytest.approx(g[n].mean().item(), rel=1e-6)
+        assert metrics[f"n_alive/{n}"] == float((g[n] > 0.3).any(0).sum())
+    assert all(0 < hard[n].mean() < 1 for n in hard)  # the threshold keeps some subcomponents and drops others
+    assert metrics["ci_saturated_layers"] == [] and metrics["ci_dead_layers"] == []
+    assert method.run_warnings(metrics) == []
+
+
+def test_saturated_and_dead_layers_are_reported_with_the_fix():
+    cfg = SPDConfig(C=3, ci_hidden=[2])
+    method, cm, model, x = _mlp_setup(cfg)
+    with torch.no_grad():
+        _ci_params(cm, "0")["b2"].fill_(50.0)  # every g = 1 on layer 0
+        _ci_params(cm, "2")["b2"].fill_(-50.0)  # every g = 0 on layer 2
+    masks = method.eval_masks(cm, x)
+    metrics = method.eval_metrics(cm, x, masks, model(x))
+    assert metrics["ci_saturated_layers"] == ["0"] and metrics["ci_dead_layers"] == ["2"]
+    assert metrics["n_alive/0"] == 3.0 and metrics["n_alive/2"] == 0.0
+    assert metrics["ci_mean/0"] == 1.0 and metrics["ci_mean/2"] == 0.0
+    saturated, dead = method.run_warnings(metrics)
+    assert saturated.startswith("the causal importances of ['0'] saturate (g > τ on over 90% of inputs and subcomponents)")
+    assert "raise the coefficient (x3) or C" in saturated
+    assert dead.startswith("every subcomponent of ['2'] is inactive on every input (g <= τ)") and "lower it (/3)" in dead
+    # over 90% of (input, subcomponent) pairs on: saturated (28 of 30); exactly 90% (27 of 30): not
+    on = torch.ones(10, 3)
+    on[0, :2] = 0.0
+    xs = x[:1].expand(10, 3)
+    assert method.eval_metrics(cm, xs, {"0": on, "2": 1 - on}, model(xs))["ci_saturated_layers"] == ["0"]
+    on[1, 0] = 0.0
+    assert method.eval_metrics(cm, xs, {"0": on, "2": 1 - on}, model(xs))["ci_saturated_layers"] == []
+
+
+def test_l0_counts_strictly_above_the_threshold():
+    """g exactly τ is not active: g = (0.1, 1) at τ = 0.1 is one active subcomponent."""
+    method, cm = _one_matrix(SPDConfig(C=2))
+    with torch.no_grad():
+        _ci_params(cm, "0")["b2"].copy_(torch.tensor([[0.1], [1.5]]))
+    terms = method.loss_terms(cm, torch.tensor([[2.0, 1.0]]), 0)
+    assert terms["l0"].item() == 1.0
+    assert method.mask_l0(method.eval_masks(cm, torch.tensor([[2.0, 1.0]])))["l0"] == 1.0
+
+
+# ----------------------------------------------------------------------------------- building and config
+
+
+def test_build_draws_kaiming_factors_and_ci_functions_from_the_seed():
+    """A ~ N(0, 1/d_in)·init_scale, B ~ N(0, 1/C)·init_scale from a generator seeded with the seed (A then
+    B, matrix by matrix); the CI functions from their own stream seeded with seed + 1_000_003."""
+    from apd.ci_functions import MLPCI
+
+    cfg = SPDConfig(C=3, ci_hidden=[2], init_scale=2.0)
+    method = method_for(cfg)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    cm = method.build(model, ["0", "2"], seed=11)
+    gen = torch.Generator().manual_seed(11)
+    for n, (d_out, d_in) in (("0", (4, 3)), ("2", (2, 4))):
+        A = torch.randn(3, 1, d_in, generator=gen) * (2.0 / math.sqrt(d_in))
+        B = torch.randn(3, d_out, 1, generator=gen) * (2.0 / math.sqrt(3))
+        torch.testing.assert_close(cm.layers[n].A.detach(), A)
+        torch.testing.assert_close(cm.layers[n].B.detach(), B)
+    ci_gen = torch.Generator().manual_seed(11 + 1_000_003)
+    for n in ("0", "2"):
+        expected = MLPCI(3, [2], ci_gen)
+        for (k, p), q in zip(cm.ci_fn(n).named_parameters(), expected.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), msg=k)
+    default_seed = method_for(SPDConfig(C=3, ci_hidden=[2], init_scale=2.0, seed=11)).build(model, ["0", "2"])
+    torch.testing.assert_close(default_seed.layers["2"].B, cm.layers["2"].B)
+
+
+def test_build_passes_a_declared_tie_and_sizes_the_second_uses_ci_function():
+    """tied={'dec': 'enc'}: one matrix used twice; the second use's vector CI function reads its input
+    of width d_out of the source, and the step runs."""
+    enc = nn.Linear(4, 2, bias=False)
+    dec = nn.Linear(2, 4)
+    with torch.no_grad():
+        dec.weight.copy_(enc.weight.T)
+    model = nn.Sequential(enc, nn.ReLU(), dec)
+    cfg = SPDConfig(C=3, ci_fn="shared_mlp", ci_hidden=[5])
+    method = method_for(cfg)
+    cm = method.build(model, ["0", "2"], tied={"2": "0"})
+    assert cm.tied_names == {"2": "0"} and cm.matrix_names == ["0"]
+    assert cm.ci_fn("2").layers.net[0].weight.shape == (5, 2) and cm.ci_fn("0").layers.net[0].weight.shape == (5, 4)
+    terms = method.loss_terms(cm, torch.randn(8, 4), 0)
+    assert torch.isfinite(terms["total"])
+
+
+def test_compile_ci_wraps_each_ci_function_in_torch_compile():
+    """Checked without compiling (the compiled run itself is a slow test): the forward is a dynamo wrapper."""
+    cm = method_for(SPDConfig(C=2, compile_ci=True)).build(nn.Sequential(nn.Linear(3, 2)), ["0"])
+    assert callable(cm.ci_fn("0").forward) and hasattr(cm.ci_fn("0").forward, "_torchdynamo_orig_callable")
+
+
+EDGES_OK = [dict(C=1), dict(C_per_module={"0": 1}), dict(ci_hidden=[1]), dict(init_scale=1e-6), dict(leaky_alpha=0.0),
+            dict(pnorm=2.0), dict(pnorm_final=2.0), dict(pnorm_anneal_start_frac=0.5, pnorm_anneal_end_frac=0.5),
+            dict(pnorm_anneal_end_frac=1.0), dict(importance_minimality_decay_start_frac=1.0),
+            dict(importance_minimality_decay_start_frac=0.0), dict(importance_minimality_eps=0.0),
+            dict(importance_minimality_beta=0.0), dict(n_mask_samples=1), dict(faithfulness_warmup_steps=0),
+            dict(faithfulness_warmup_lr=1e-9), dict(faithfulness_warmup_weight_decay=0.0), dict(ci_threshold=0.0),
+            dict(stochastic_recon_coeff=None, ci_masked_recon_coeff=None),  # layerwise alone
+            dict(stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=None, ci_masked_recon_coeff=1.0),
+            dict(delta_component=False, faithfulness_coeff=1e-3)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs", EDGES_OK, ids=lambda k: ",".join(k))
+def test_config_accepts_the_edges_of_every_range(kwargs):
+    SPDConfig(**kwargs)
+
+
+EDGES_BAD = [  # (config, its whole error message)
+    (dict(C_per_module={"0": 1.5}), "SPDConfig.C_per_module['0']=1.5: every matrix needs a whole number of subcomponents >= 1"),
+    (dict(C_per_module={"0": True}), "SPDConfig.C_per_module['0']=True: every matrix needs a whole number of subcomponents >= 1"),
+    (dict(ci_hidden=[4, 0]), "SPDConfig.ci_hidden=[4, 0]: hidden widths must be >= 1"),
+    (dict(init_scale=0.0), "SPDConfig.init_scale=0.0: must be > 0"),
+    (dict(leaky_alpha=1.0), "SPDConfig.leaky_alpha=1.0: must lie in [0, 1)"),
+    (dict(leaky_alpha=-0.1), "SPDConfig.leaky_alpha=-0.1: must lie in [0, 1)"),
+    (dict(pnorm=2.5), "SPDConfig.pnorm=2.5: p must lie in (0, 2] (the paper uses 1 or 2; LMs anneal 2 -> 0.4)"),
+    (dict(pnorm_final=0.0), "SPDConfig.pnorm_final=0.0: must lie in (0, 2], or None for no annealing"),
+    (dict(pnorm_final=2.5), "SPDConfig.pnorm_final=2.5: must lie in (0, 2], or None for no annealing"),
+    (dict(pnorm_anneal_start_frac=0.6, pnorm_anneal_end_frac=0.5),
+     "SPDConfig.pnorm_anneal_start_frac=0.6, pnorm_anneal_end_frac=0.5: need 0 <= start <= end <= 1"),
+    (dict(pnorm_anneal_end_frac=1.5), "SPDConfig.pnorm_anneal_start_frac=0.0, pnorm_anneal_end_frac=1.5: need 0 <= start <= end <= 1"),
+    (dict(importance_minimality_decay_start_frac=-0.1),
+     "SPDConfig.importance_minimality_decay_start_frac=-0.1: must lie in [0, 1] (1: no decay)"),
+    (dict(importance_minimality_eps=-1.0), "SPDConfig.importance_minimality_eps=-1.0: must be >= 0"),
+    (dict(importance_minimality_beta=-1.0), "SPDConfig.importance_minimality_beta=-1.0: must be >= 0"),
+    (dict(n_mask_samples=0), "SPDConfig.n_mask_samples=0: must be >= 1"),
+    (dict(faithfulness_warmup_steps=-1), "SPDConfig.faithfulness_warmup_steps=-1: must be >= 0"),
+    (dict(faithfulness_warmup_lr=0.0), "SPDConfig.faithfulness_warmup_lr=0.0: must be > 0"),
+    (dict(faithfulness_warmup_weight_decay=-0.1), "SPDConfig.faithfulness_warmup_weight_decay=-0.1: must be >= 0"),
+    (dict(ci_threshold=-0.1), "SPDConfig.ci_threshold=-0.1: τ must lie in [0, 1)"),
+    (dict(stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=0.0),
+     "SPDConfig: every reconstruction loss is off (stochastic_recon_coeff, stochastic_recon_layerwise_coeff, "
+     "ci_masked_recon_coeff); without one nothing ties the subcomponents to the target's outputs"),
+    (dict(delta_component=False, faithfulness_coeff=0.0),
+     "SPDConfig: delta_component=False and faithfulness_coeff off: nothing keeps Σ_c U_c V_cᵀ equal to the weights; "
+     "set faithfulness_coeff (e.g. 1.0) or delta_component=True"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs,message", EDGES_BAD, ids=lambda k: ",".join(k) if isinstance(k, dict) else "")
+def test_config_refuses_just_outside_every_range_with_the_whole_message(kwargs, message):
+    from apd import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        SPDConfig(**kwargs)
+    assert str(caught.value) == message
