@@ -300,9 +300,9 @@ def test_binomial_sampling_draws_each_r_from_zero_and_one(monkeypatch):
 
 
 def test_importance_minimality_and_its_schedules_match_the_written_out_computation(monkeypatch):
-    """p annealed 2 → 0.5 (at step 7 of 10: 1.25), ε 0.01, the frequency term β = 0.5, the decay from
-    0.3 of the run on (step 7: scale 1 − (0.7 − 0.3)/0.7)."""
-    cfg = SPDConfig(C=3, ci_hidden=[2], steps=11, pnorm=2.0, pnorm_final=0.5, pnorm_anneal_start_frac=0.2,
+    """p annealed 2 → 0.5 (at step 7 of 11), ε 0.01, the frequency term β = 0.5, the decay from 0.3 of the
+    run on (step 7: scale 1 − (0.7 − 0.3)/0.7), the upper-leaky slope α = 0.2 above 1."""
+    cfg = SPDConfig(C=3, ci_hidden=[2], steps=11, leaky_alpha=0.2, pnorm=2.0, pnorm_final=0.5, pnorm_anneal_start_frac=0.2,
                     pnorm_anneal_end_frac=0.8, importance_minimality_eps=0.01, importance_minimality_beta=0.5,
                     importance_minimality_decay_start_frac=0.3, **COEFFS)  # fmt: skip
     assert annealed_p(cfg, 7) == pytest.approx(2.0 - 1.5 * (7 / 11 - 0.2) / 0.6)
