@@ -133,3 +133,36 @@ def test_kl_of_sequence_logits_sums_over_the_vocabulary_and_averages_over_positi
     p = torch.tensor([0.25, 0.25, 0.5])
     kl = float((p * (p * 3).log()).sum())
     assert output_distance(t3, o3, OutputLoss.kl).item() == pytest.approx(kl / 2, rel=1e-5)
+
+
+def test_apd_loss_terms_read_the_step_act_recon_and_lp_by_hand():
+    """APD in L_p mode (masks all 1): act_recon is the MSE of the captured hidden layer between the target
+    and Σ_c P_c; lp_sparsity is L_p of the step's attributions at the configured p; every registered
+    APD term is in the total with its coefficient."""
+    from torch import nn
+
+    from apd import APDConfig
+    from apd.methods import method_for
+    from apd.methods.apd import attributions_for
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    cfg = APDConfig(C=3, rank=1, topk=None, lp_sparsity_coeff=0.3, lp_sparsity_p=0.7, act_recon_coeff=0.4,
+                    act_recon_modules=["1"], simplicity_coeff=0.2)  # fmt: skip
+    method = method_for(cfg)
+    cm = method.build(model, ["0", "2"])
+    x = torch.randn(5, 3)
+    terms = method.loss_terms(cm, x, 0, capture=method.capture_names(cm))
+    assert set(terms) == {"total", "faithfulness", "minimality", "simplicity", "act_recon", "lp_sparsity", "l0"}
+    with torch.no_grad():
+        P = cm.summed_weights()
+        hidden = torch.relu(x @ model[0].weight.T + model[0].bias)
+        hidden_sum = torch.relu(x @ P["0"].T + model[0].bias)
+        out_sum = hidden_sum @ P["2"].T + model[2].bias
+        attr = attributions_for(cm, x, cfg)
+    assert method.capture_names(cm) == ["1"]
+    assert terms["act_recon"].item() == pytest.approx(((hidden - hidden_sum) ** 2).mean().item(), rel=1e-5)
+    assert terms["minimality"].item() == pytest.approx(((model(x) - out_sum) ** 2).mean().item(), rel=1e-5)
+    assert terms["lp_sparsity"].item() == pytest.approx(lp_sparsity_loss(attr, p=0.7).item(), rel=1e-5)
+    weighted = {"faithfulness": 1.0, "minimality": 1.0, "simplicity": 0.2, "act_recon": 0.4, "lp_sparsity": 0.3}
+    assert terms["total"].item() == pytest.approx(sum(c * terms[n].item() for n, c in weighted.items()), rel=1e-6)
