@@ -5,6 +5,7 @@ import torch
 
 from apd.config import OutputLoss
 from apd.losses import act_recon_loss, faithfulness_loss, lp_sparsity_loss, minimality_loss, simplicity_loss
+from apd.losses.lp_sparsity import lp_sparsity_per_component
 
 
 def test_faithfulness_hand_worked():
@@ -65,6 +66,7 @@ def test_default_eps_is_negligible_and_eps_enters_inside_the_power():
     zeros = torch.zeros(3, 2)
     assert importance_minimality_loss({"a": zeros}, p=1.0).item() < 1e-9
     assert lp_sparsity_loss(zeros, p=2.0).item() < 1e-9
+    assert lp_sparsity_per_component(zeros, p=2.0).max().item() < 1e-9
     A, B = {"w": torch.zeros(2, 1, 3)}, {"w": torch.zeros(2, 3, 1)}
     assert simplicity_loss(A, B, torch.ones(4, 2), p=2.0, n_weights=9).item() < 1e-9
     # ε = 1: (A + 1)^{p/2} per component; rows (4 + 1)^1 + (0 + 1)^1 = 6 and (0 + 1) + (3 + 1) = 5

@@ -619,10 +619,11 @@ def test_saturated_and_dead_layers_are_reported_with_the_fix():
     assert metrics["ci_saturated_layers"] == ["0"] and metrics["ci_dead_layers"] == ["2"]
     assert metrics["n_alive/0"] == 3.0 and metrics["n_alive/2"] == 0.0
     assert metrics["ci_mean/0"] == 1.0 and metrics["ci_mean/2"] == 0.0
-    saturated, dead = method.run_warnings(metrics)
-    assert saturated.startswith("the causal importances of ['0'] saturate (g > τ on over 90% of inputs and subcomponents)")
-    assert "raise the coefficient (x3) or C" in saturated
-    assert dead.startswith("every subcomponent of ['2'] is inactive on every input (g <= τ)") and "lower it (/3)" in dead
+    assert method.run_warnings(metrics) == [
+        "the causal importances of ['0'] saturate (g > τ on over 90% of inputs and subcomponents): "
+        "importance_minimality_coeff is too low for them, or C too small; raise the coefficient (x3) or C",
+        "every subcomponent of ['2'] is inactive on every input (g <= τ): importance_minimality_coeff is too high; lower it (/3)",
+    ]
     # over 90% of (input, subcomponent) pairs on: saturated (28 of 30); exactly 90% (27 of 30): not
     on = torch.ones(10, 3)
     on[0, :2] = 0.0
@@ -637,9 +638,29 @@ def test_l0_counts_strictly_above_the_threshold():
     method, cm = _one_matrix(SPDConfig(C=2))
     with torch.no_grad():
         _ci_params(cm, "0")["b2"].copy_(torch.tensor([[0.1], [1.5]]))
-    terms = method.loss_terms(cm, torch.tensor([[2.0, 1.0]]), 0)
+    x = torch.tensor([[2.0, 1.0]])
+    terms = method.loss_terms(cm, x, 0)
     assert terms["l0"].item() == 1.0
-    assert method.mask_l0(method.eval_masks(cm, torch.tensor([[2.0, 1.0]])))["l0"] == 1.0
+    masks = method.eval_masks(cm, x)
+    assert method.mask_l0(masks)["l0"] == 1.0
+    metrics = method.eval_metrics(cm, x, masks, cm(x))
+    # thresholded: only subcomponent 1 (U_1 V_1ᵀ = [[0, 1]]): y = 1 against the target 4
+    assert metrics["n_alive/0"] == 1.0 and metrics["ci_thresholded_recon_mse"] == pytest.approx(9.0)
+
+
+def test_evaluation_of_a_token_model_counts_every_position():
+    """[B, T, C] masks with T != C: L0 and alive subcomponents over every (sample, position) row."""
+    emb = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7))
+    method = method_for(SPDConfig(C=3, ci_fn="shared_mlp", ci_threshold=0.2))
+    cm = method.build(emb, ["0", "1"])
+    x = torch.randint(0, 7, (2, 5), generator=torch.Generator().manual_seed(0))
+    g = torch.rand(2, 5, 3, generator=torch.Generator().manual_seed(1))
+    g[..., 2] = 0.1  # subcomponent 2 never above τ
+    masks = {"0": g, "1": g.flip(0)}
+    per = (g > 0.2).float().sum(-1).mean().item()
+    assert method.mask_l0(masks) == pytest.approx({"l0": 2 * per, "l0/0": per, "l0/1": per})
+    metrics = method.eval_metrics(cm, x, masks, emb(x))
+    assert metrics["n_alive/0"] == 2.0 and metrics["n_alive/1"] == 2.0
 
 
 # ----------------------------------------------------------------------------------- building and config
