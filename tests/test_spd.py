@@ -236,7 +236,7 @@ def test_ci_masks_from_the_component_model():
     ci = cm.causal_importances(x)
     assert set(ci) == {"0", "2"} and ci["0"].shape == (6, 3) and bool(((ci["0"] >= 0) & (ci["0"] <= 1)).all())
     with torch.no_grad():
-        lin0, lin2 = cm.layers["0"], cm.layers["2"]
+        lin0 = cm.layers["0"]
         a2 = torch.relu(x @ lin0.weight.T + lin0.bias)
         for n, a in (("0", x), ("2", a2)):
             v = a @ cm.layers[n].A[:, 0].T  # inner activations V_cᵀ a
