@@ -133,8 +133,8 @@ def test_stochastic_losses_hand_worked_on_one_matrix(monkeypatch):
 
 
 def test_without_the_delta_component_the_masks_scale_the_components_alone(monkeypatch):
-    """The same draws as above without Δ: y = 2.2 and 2.6, errors² 3.24 and 1.96 (mean 2.6); binomial
-    r = (1, 0): m = (1, 1), y = 2 + 1 = 3, error² 1."""
+    """The same draws as above without Δ: y = 2.2 and 2.6, errors² 3.24 and 1.96 (mean 2.6). Draws of 0 and 1
+    (what binomial sampling gives): r = (1, 0): m = (1, 1), y = 2 + 1 = 3, error² 1; r = (0, 1): error² 4."""
     cfg = SPDConfig(C=2, n_mask_samples=2, delta_component=False, faithfulness_coeff=1.0,
                     stochastic_recon_layerwise_coeff=None, importance_minimality_coeff=None)  # fmt: skip
     method, cm = _one_matrix(cfg)
@@ -147,7 +147,7 @@ def test_without_the_delta_component_the_masks_scale_the_components_alone(monkey
 
 def test_importance_minimality_hand_worked_with_p_eps_and_annealing():
     """g⁺ = (0.5, 1.005) on every row. p = 2, ε = 0.5: 1² + 1.505² = 3.265025. p annealed from 2 to 1 over
-    steps 0-10 of 10: p(5) = 1.5. The decay from half the run on scales step 8 of 11 (frac 0.8) by 0.4."""
+    a 10-step run: p(5) = 1.5. The decay from half the run on scales step 8 of 11 (frac 0.8) by 0.4."""
     x = torch.tensor([[2.0, 1.0], [1.0, -1.0]])
     method, cm = _one_matrix(SPDConfig(C=2, pnorm=2.0, importance_minimality_eps=0.5))
     assert method.loss_terms(cm, x, 0)["importance_minimality"].item() == pytest.approx(3.265025, rel=1e-6)
