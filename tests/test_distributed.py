@@ -61,6 +61,7 @@ def _rank_of(pid: int) -> int | None:
     return int(ranks[0]) if ranks else None
 
 
+@pytest.mark.slow  # three 300-step torchrun jobs: 70 s
 def test_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     _run([*TORCHRUN, "-m", "experiments.decompose", *ARGS, f"hydra.run.dir={full}"], timeout=600)

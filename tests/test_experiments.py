@@ -156,6 +156,27 @@ def test_get_target_trains_when_the_shipped_config_differs():
     assert info["source"] == "trained in this run"
 
 
+def test_main_job_writes_its_artifacts(tmp_path):
+    """The main job shortened to 200 steps (the default run's check; the full 3000-step job is slow):
+    metrics, config, the metrics log, figures and a loadable decomposition."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.decompose", "steps=200", f"hydra.run.dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"results written to {out}" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ["mmcs", "ml2r", "n_recovered_0.9", "faithfulness_loss", "topk_recon_mse", "l0", "wall_seconds"]:
+        assert isinstance(metrics[key], (int, float)), key
+    assert 0 < metrics["mmcs"] <= 1 and metrics["faithfulness_loss"] >= 0
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2
+    assert {p.name for p in (out / "figures").iterdir()} >= {"tms_columns.png", "component_heatmaps.png"}
+    dec = load_decomposition(out)
+    assert dec.step == 200 and dec.component_weights()["enc"].shape == (10, 2, 5)
+
+
+@pytest.mark.slow  # the 3000-step main job: 30 s (fast check: test_main_job_writes_its_artifacts)
 def test_main_job_recovers_tms_5_2_and_writes_its_artifacts(tmp_path):
     """`python -m experiments.decompose` (the README's main job), run as a user would."""
     out = tmp_path / "run"

@@ -5,6 +5,7 @@ import torch
 
 from apd.config import OutputLoss
 from apd.losses import act_recon_loss, faithfulness_loss, lp_sparsity_loss, minimality_loss, simplicity_loss
+from apd.losses.lp_sparsity import lp_sparsity_per_component
 
 
 def test_faithfulness_hand_worked():
@@ -57,3 +58,113 @@ def test_act_recon_and_lp_hand_worked():
     assert lp_sparsity_loss(attr, p=1.0, eps=0.0).item() == pytest.approx(((2 + 0 + 1) + (3 + 1 + 0)) / 2)
     assert lp_sparsity_loss(attr, p=0.5, eps=0.0).item() == pytest.approx(((2**0.5 + 0 + 1) + (3**0.5 + 1 + 0)) / 2)
     assert lp_sparsity_loss(attr, p=2.0, eps=0.0).item() == pytest.approx((5 + 10) / 2)  # p = 2: the attribution itself
+
+
+def test_default_eps_is_negligible_and_eps_enters_inside_the_power():
+    from apd.losses.importance_minimality import importance_minimality_loss
+
+    zeros = torch.zeros(3, 2)
+    assert importance_minimality_loss({"a": zeros}, p=1.0).item() < 1e-9
+    assert lp_sparsity_loss(zeros, p=2.0).item() < 1e-9
+    assert lp_sparsity_per_component(zeros, p=2.0).max().item() < 1e-9
+    A, B = {"w": torch.zeros(2, 1, 3)}, {"w": torch.zeros(2, 3, 1)}
+    assert simplicity_loss(A, B, torch.ones(4, 2), p=2.0, n_weights=9).item() < 1e-9
+    # ε = 1: (A + 1)^{p/2} per component; rows (4 + 1)^1 + (0 + 1)^1 = 6 and (0 + 1) + (3 + 1) = 5
+    attr = torch.tensor([[4.0, 0.0], [0.0, 3.0]])
+    assert lp_sparsity_loss(attr, p=2.0, eps=1.0).item() == pytest.approx((6 + 5) / 2)
+    assert importance_minimality_loss({"a": attr}, p=2.0, eps=1.0).item() == pytest.approx((25 + 1) / 2 + (1 + 16) / 2)
+
+
+def test_per_position_rows_of_simplicity_and_lp():
+    """[B, T, C] masks and attributions: every (sample, position) is a row, with T != C."""
+    A = {"w": torch.tensor([[[3.0, 4.0]], [[1.0, 0.0]]])}  # (C=2, m=1, d_in=2): ‖A‖² 25, 1
+    B = {"w": torch.tensor([[[1.0]], [[2.0]]])}  # (C, d_out=1, m): ‖B‖² 1, 4 -> terms (p = 1) 5, 2
+    mask = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])  # B = 1, T = 3
+    # Σ rows·terms = 5 + 7 + 2 = 14 over N = 2 weights and 3 rows
+    assert simplicity_loss(A, B, mask, p=1.0, n_weights=2, eps=0.0).item() == pytest.approx(14 / 6)
+    attr = torch.tensor([[[4.0, 0.0], [1.0, 9.0], [0.0, 0.0]]])  # rows: 2, 1 + 3, 0
+    assert lp_sparsity_loss(attr, p=1.0, eps=0.0).item() == pytest.approx(6 / 3)
+
+
+def test_act_recon_says_which_activations_differ():
+    with pytest.raises(ValueError, match=r"activation sets differ or are empty: \['h1', 'h2'\] vs \['h1'\]"):
+        act_recon_loss({"h1": torch.zeros(1), "h2": torch.zeros(1)}, {"h1": torch.zeros(1)})
+
+
+def test_a_registered_loss_is_recorded_ordered_and_needs_its_coefficient(monkeypatch):
+    """register_loss records name, function, methods, order (100 by default) and captured modules;
+    losses_for keeps those of a method with a positive coefficient, by (order, name); a duplicate name
+    and a loss whose method's config lacks ``<name>_coeff`` are refused."""
+    from apd import SPDConfig
+    from apd.losses import LOSSES, losses_for, register_loss
+
+    monkeypatch.setattr("apd.losses.registry.LOSSES", dict(LOSSES))  # registrations below stay in this test
+    from apd.losses import registry
+
+    def captures(config):
+        return ["fc*"]
+
+    def fn(ctx):
+        return torch.tensor(1.0)
+
+    assert register_loss("zz_test", methods=["spd"], captures=captures)(fn) is fn
+    loss = registry.LOSSES["zz_test"]
+    assert (loss.name, loss.fn, loss.methods, loss.order, loss.captures) == ("zz_test", fn, ("spd",), 100, captures)
+    with pytest.raises(ValueError, match=r"a loss named 'zz_test' is already registered \(by tests.test_losses\); pick another name"):
+        register_loss("zz_test", methods=["spd"])(fn)
+    with pytest.raises(TypeError, match="registered for 'spd' but SPDConfig has no field zz_test_coeff"):
+        registry.losses_for("spd", SPDConfig())
+    del registry.LOSSES["zz_test"]
+    names = [l.name for l in registry.losses_for("spd", SPDConfig(faithfulness_coeff=1.0, ci_masked_recon_coeff=0.5))]
+    assert names == ["faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality"]
+    assert [l.name for l in losses_for("spd", SPDConfig())] == ["stochastic_recon", "stochastic_recon_layerwise", "importance_minimality"]
+
+
+def test_kl_of_sequence_logits_sums_over_the_vocabulary_and_averages_over_positions():
+    """[B, T, V] logits: KL(softmax(target) ‖ softmax(out)) per position over the last dimension, then
+    the mean over (sample, position). Position 0: p = (1/4, 3/4) against uniform; position 1: equal."""
+    from apd.losses.distance import output_distance
+
+    target = torch.tensor([[[0.0, math.log(3.0)], [1.0, 2.0]]])  # B = 1, T = 2, V = 2
+    out = torch.tensor([[[5.0, 5.0], [1.0, 2.0]]])
+    kl0 = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert output_distance(target, out, OutputLoss.kl).item() == pytest.approx(kl0 / 2, rel=1e-5)
+    # V = 3 != T = 2: a softmax over the wrong dimension gives another number
+    t3 = torch.tensor([[[0.0, 0.0, math.log(2.0)], [0.0, 0.0, 0.0]]])
+    o3 = torch.zeros(1, 2, 3)
+    p = torch.tensor([0.25, 0.25, 0.5])
+    kl = float((p * (p * 3).log()).sum())
+    assert output_distance(t3, o3, OutputLoss.kl).item() == pytest.approx(kl / 2, rel=1e-5)
+
+
+def test_apd_loss_terms_read_the_step_act_recon_and_lp_by_hand():
+    """APD in L_p mode (masks all 1): act_recon is the MSE of the captured hidden layer between the target
+    and Σ_c P_c; lp_sparsity is L_p of the step's attributions at the configured p; every registered
+    APD term is in the total with its coefficient."""
+    from torch import nn
+
+    from apd import APDConfig
+    from apd.methods import method_for
+    from apd.methods.apd import attributions_for
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    cfg = APDConfig(C=3, rank=1, topk=None, lp_sparsity_coeff=0.3, lp_sparsity_p=0.7, act_recon_coeff=0.4,
+                    act_recon_modules=["1"], simplicity_coeff=0.2)  # fmt: skip
+    method = method_for(cfg)
+    cm = method.build(model, ["0", "2"])
+    x = torch.randn(5, 3)
+    terms = method.loss_terms(cm, x, 0, capture=method.capture_names(cm))
+    assert set(terms) == {"total", "faithfulness", "minimality", "simplicity", "act_recon", "lp_sparsity", "l0"}
+    with torch.no_grad():
+        P = cm.summed_weights()
+        hidden = torch.relu(x @ model[0].weight.T + model[0].bias)
+        hidden_sum = torch.relu(x @ P["0"].T + model[0].bias)
+        out_sum = hidden_sum @ P["2"].T + model[2].bias
+        attr = attributions_for(cm, x, cfg)
+    assert method.capture_names(cm) == ["1"]
+    assert terms["act_recon"].item() == pytest.approx(((hidden - hidden_sum) ** 2).mean().item(), rel=1e-5)
+    assert terms["minimality"].item() == pytest.approx(((model(x) - out_sum) ** 2).mean().item(), rel=1e-5)
+    assert terms["lp_sparsity"].item() == pytest.approx(lp_sparsity_loss(attr, p=0.7).item(), rel=1e-5)
+    weighted = {"faithfulness": 1.0, "minimality": 1.0, "simplicity": 0.2, "act_recon": 0.4, "lp_sparsity": 0.3}
+    assert terms["total"].item() == pytest.approx(sum(c * terms[n].item() for n, c in weighted.items()), rel=1e-6)

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from apd.mechanisms import description_bits, find_mechanisms, mechanisms_from_masks
@@ -21,8 +22,8 @@ def test_units_that_always_fire_together_merge_and_those_that_fire_apart_do_not(
     after = description_bits(active, groups, [{0, 1}, {2}, {3}, {4}], alpha=1.0)
     assert after < before
     # by hand: 5 live units, each active input pays log2(5 + 1) + 1 bits; 0, 1 fire on 20 inputs, 2-4 on 5 each
-    assert before == (20 * 2 * (math.log2(6) + 1) + 3 * 5 * (math.log2(6) + 1)) / 20
-    assert after == (20 * (math.log2(5) + 2) + 3 * 5 * (math.log2(5) + 1)) / 20
+    assert before == pytest.approx((20 * 2 * (math.log2(6) + 1) + 3 * 5 * (math.log2(6) + 1)) / 20)
+    assert after == pytest.approx((20 * (math.log2(5) + 2) + 3 * 5 * (math.log2(5) + 1)) / 20)
 
 
 def test_a_rare_unit_is_not_folded_into_a_frequent_one_and_overlap_chains():
@@ -33,10 +34,55 @@ def test_a_rare_unit_is_not_folded_into_a_frequent_one_and_overlap_chains():
     active[:20, 2] = True
     active[1:21, 3] = True
     assert find_mechanisms(active) == [[2, 3], [0], [1]]
-    # by hand, alpha = 3: folding 1 into 0 saves 10 names (log2 4 bits each) and shrinks the other
-    # 140 names from log2 5 to log2 4 bits, but costs 3 bits on the 90 inputs where 0 fires alone
-    saving = 150 * math.log2(5) - 140 * math.log2(4)
-    assert saving < 3 * 90
+    # by hand, alpha = 3, bits per input Σ_g n_g (log2(K + 1) + 3 rank_g) / 100:
+    # apart, K = 4: (20 + 20 + 100 + 10) (log2 5 + 3); found, K = 3: 21 (2 + 6) + (100 + 10) (2 + 3);
+    # 1 folded into 0 as well, K = 2: (21 + 100) (log2 3 + 6)
+    apart = description_bits(active, [[2], [3], [0], [1]], [{2}, {3}, {0}, {1}], alpha=3.0)
+    found = description_bits(active, [[2, 3], [0], [1]], [{2, 3}, {0}, {1}], alpha=3.0)
+    folded = description_bits(active, [[2, 3], [0, 1]], [{2, 3}, {0, 1}], alpha=3.0)
+    assert apart == pytest.approx(150 * (math.log2(5) + 3) / 100)
+    assert found == pytest.approx((21 * 8 + 110 * 5) / 100)
+    assert folded == pytest.approx(121 * (math.log2(3) + 6) / 100)
+    assert found < apart and found < folded  # the greedy merge stopped at the shortest of the three
+
+
+def _greedy_by_brute_force(active: torch.Tensor, alpha: float, min_overlap: float = 0.5) -> list[list[int]]:
+    """The greedy merge written out: each round recomputes description_bits for every allowed merge
+    (groups firing together on >= min_overlap of the rarer one's inputs) and takes the shortest."""
+    groups = [[k] for k in active.any(0).nonzero().flatten().tolist()]
+
+    def bits(gs):
+        return description_bits(active, gs, [set(x) for x in gs], alpha=alpha)
+
+    while len(groups) > 1:
+        current, best = bits(groups), None
+        fired = [active[:, grp].any(1) for grp in groups]
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                if (fired[i] & fired[j]).sum() < min_overlap * min(fired[i].sum(), fired[j].sum()):
+                    continue
+                merged = [grp for k, grp in enumerate(groups) if k not in (i, j)] + [groups[i] + groups[j]]
+                b = bits(merged)
+                if b < current - 1e-9 and (best is None or b < best[0]):
+                    best = (b, merged)
+        if best is None:
+            break
+        groups = best[1]
+    return sorted((sorted(grp) for grp in groups), key=lambda grp: (-len(grp), grp))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
+def test_the_greedy_merge_equals_recomputing_the_description_length_for_every_merge(seed, alpha):
+    """find_mechanisms updates the merge savings incrementally; on random correlated activity (8 units
+    driven by 4 causes, 10% of the bits flipped) it makes the same choices as recomputing the bits."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(300, 4, generator=g) < torch.tensor([0.5, 0.2, 0.1, 0.05])
+    noise = torch.rand(300, 8, generator=g) < 0.1
+    active = base[:, [0, 0, 1, 1, 1, 2, 3, 3]] ^ noise
+    groups = find_mechanisms(active, alpha=alpha)
+    assert groups == _greedy_by_brute_force(active, alpha)
+    assert len(groups) < 8  # something merged (alpha 1 and 3 also keep some groups apart)
 
 
 def test_units_that_never_fire_together_stay_apart_where_names_alone_would_pay_for_joining_them():

@@ -326,12 +326,30 @@ def test_a_method_without_causal_importances_says_where_its_masks_come_from():
 
 
 def test_ci_masks_from_the_component_model():
+    """The causal importances g = clamp(pre-activation, 0, 1) of the CI functions on each layer's own
+    input, the same by every route (the method, its eval masks, the step context), and
+    cm(x, masks=g) runs every layer with the per-row weights Σ_c g_c U_c V_cᵀ."""
     method = method_for(SPDConfig(C=3))
     cm = method.build(_mlp(), ["0", "2"])
     x = torch.randn(6, 5)
     ci = method.causal_importances(cm, x)
     assert set(ci) == {"0", "2"} and ci["0"].shape == (6, 3) and bool(((ci["0"] >= 0) & (ci["0"] <= 1)).all())
-    assert cm(x, masks=ci).shape == (6, 3)
+    with torch.no_grad():
+        lin0 = cm.layers["0"]
+        a2 = torch.relu(x @ lin0.weight.T + lin0.bias)
+        for n, a in (("0", x), ("2", a2)):
+            v = a @ cm.layers[n].A[:, 0].T  # inner activations V_cᵀ a
+            torch.testing.assert_close(ci[n], ci_functions(cm).fn(n)(v[..., None], a).clamp(0, 1))
+        for other in (method.eval_masks(cm, x), method.step_context(cm, x, 0).ci):
+            for n in ci:
+                torch.testing.assert_close(other[n], ci[n])
+        h = x
+        for n in ("0", "2"):
+            layer = cm.layers[n]
+            W_rows = torch.einsum("bc,co,ci->boi", ci[n], layer.B[:, :, 0], layer.A[:, 0])
+            h = torch.einsum("boi,bi->bo", W_rows, h) + layer.bias
+            h = torch.relu(h) if n == "0" else h
+        torch.testing.assert_close(cm(x, masks=ci), h)
 
 
 @pytest.mark.parametrize(
@@ -442,6 +460,7 @@ def test_seeds_at_once_equal_single_runs_fed_the_same_batches():
     assert not torch.allclose(decs[0].params["ci_fns.0.layers.net.0.W"], decs[1].params["ci_fns.0.layers.net.0.W"])
 
 
+@pytest.mark.slow  # torch.compile: 24 s
 def test_compiled_ci_functions_match_eager():
     """compile_ci=True runs the CI functions through torch.compile: the same training trajectory."""
     batches = [torch.randn(32, 5, generator=torch.Generator().manual_seed(i)) for i in range(6)]
@@ -472,6 +491,8 @@ def test_resume_after_a_crash_is_exact(tmp_path):
 
 
 def test_loss_terms_of_a_token_model_per_position():
+    """On token sequences every (sample, position) is a row: the minimality averages g⁺ over all of them,
+    L0 counts per position, and with every mask and Δ-mask at 1 the model is the target."""
     emb = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7))
     cfg = SPDConfig(C=3, output_loss="kl", ci_fn="shared_mlp")
     method = method_for(cfg)
@@ -481,3 +502,10 @@ def test_loss_terms_of_a_token_model_per_position():
     assert set(terms) >= {"total", "stochastic_recon", "stochastic_recon_layerwise", "importance_minimality", "l0"}
     ci = method.causal_importances(cm, x)
     assert ci["0"].shape == (2, 5, 3) and ci["1"].shape == (2, 5, 3)
+    up = method.causal_importances(cm, x, upper_leaky=True)
+    assert terms["importance_minimality"].item() == pytest.approx(sum(g.sum(-1).mean().item() for g in up.values()), rel=1e-5)
+    assert terms["l0"].item() == pytest.approx(sum((g > 0.1).float().sum(-1).mean().item() for g in ci.values()), rel=1e-6)
+    with torch.no_grad():
+        ones = {n: torch.ones(2, 5, 3) for n in ci}
+        torch.testing.assert_close(cm(x, masks=ones, weight_delta_masks={n: torch.ones(2, 5) for n in ci}), emb(x))
+        assert not torch.allclose(cm(x, masks=ones), emb(x), atol=1e-3)

@@ -65,6 +65,7 @@ def test_summarize_a_2d_grid_with_a_run_still_in_progress(tmp_path):
     assert "| 1 | 1 | 1 | 1 | 0 | 100% |" in md and "| 2 | 2 | 1 | 0 | 0 | – |" in md
 
 
+@pytest.mark.slow  # three 1500-step runs in subprocesses: 50 s
 def test_a_run_killed_with_sigkill_resumes_to_the_same_components(tmp_path):
     args = ["steps=1500", "batch_size=256", "n_eval=2000", "method.checkpoint_every=250", "method.log_every=50", "figures=false"]
     straight = tmp_path / "straight"

@@ -75,6 +75,7 @@ def test_resume_across_the_finetune_boundary_is_exact(tms, tmp_path):
     assert resumed.history == full.history
 
 
+@pytest.mark.slow  # two 3000-step runs: 62 s
 def test_finetune_removes_the_shrinkage(tms):
     """The Schatten penalty shrinks each recovered column (ML2R ≈ 0.9); without it for the last
     steps the active component grows back to the target's norm."""
@@ -118,6 +119,7 @@ def test_topk_schedule_moves_k_linearly_then_holds():
         APDConfig(C=10, topk=2.0, topk_start=4.0, batch_topk=False)
 
 
+@pytest.mark.slow  # torch.compile: 33 s
 def test_compiled_loss_matches_eager():
     """compile=True runs the loss terms through torch.compile: the same training trajectory."""
     from torch import nn

@@ -254,6 +254,7 @@ def test_proxies_of_a_one_token_unit_and_a_mixed_unit():
 # ------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow  # 42 s
 def test_reduced_lm_comparison_end_to_end(tmp_path):
     """`python -m experiments.compare experiment=compare_lm_1l`, shrunk: two seeds, APD and SPD a few
     steps inside, one small neuron SAE with resampling and one transcoder."""
