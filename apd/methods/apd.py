@@ -269,6 +269,18 @@ class APD(Method):
                 for A in factors.A.values():
                     A.div_(A.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
+    units_span_matrices = True
+
+    def unit_scores(self, cm: ComponentModel, x: Tensor) -> Masks:
+        """The run's attribution of every component (what ``eval_masks`` selects by)."""
+        with torch.no_grad():
+            return compute_attributions(cm, x, self.config.attribution)
+
+    def unit_selection(self) -> str:
+        c = self.config
+        how = "every component (no top-k)" if c.topk is None else f"{'batch ' if c.batch_topk else ''}top-k, k = {c.topk:g}"
+        return f"its attribution ({c.attribution.value}) where selected ({how})"
+
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
         """Plain top-k (no ``min_active``, no k schedule) on the run's attribution; without top-k, every component."""
         c = self.config

@@ -169,3 +169,19 @@ class Method(ABC):
     def run_warnings(self, metrics: Mapping[str, Any]) -> list[str]:
         """Warnings about a finished run, from its metrics (default: none)."""
         return []
+
+    # ----------------------------------------------------------------- units (for tools that list them: the browser)
+    units_span_matrices: ClassVar[bool] = False
+    """True when one unit spans every decomposed matrix (APD's component c: P_c in each), False when
+    each matrix has its own units (SPD's subcomponents); the eval masks are then one tensor, or one per matrix."""
+    unit_noun: ClassVar[str] = "component"
+    """what one unit is called ("component", "subcomponent")"""
+
+    def unit_scores(self, cm: ComponentModel, x: Tensor) -> Masks:
+        """What the evaluation masks select units by on ``x``, shaped like ``eval_masks`` (default: the
+        masks themselves, e.g. SPD's causal importances)."""
+        return self.eval_masks(cm, x)
+
+    def unit_selection(self) -> str:
+        """How the evaluation masks select units, in words (for the browser's family descriptions)."""
+        return f"evaluation mask above {self.active_threshold():g}"
