@@ -70,8 +70,8 @@ def _top(values: Tensor, k: int) -> list[tuple[int, float]]:
 
 def unit_directions(w: WeightDirections, unit: int, k: int) -> list[Direction]:
     """Unit ``unit``'s read and write :class:`Direction` in matrix ``w.matrix``: the ``k`` entries of
-    largest magnitude, and the ``k`` tokens of largest and of most negative projection where it has
-    a token space (``apd.browser.units``)."""
+    largest magnitude, and where it has a token space (``apd.browser.units``) the ``k`` tokens of
+    largest projection and the ``k`` of most negative (fewer in a vocabulary under 2k: no token is in both)."""
     out = []
     for side, vec, tokens, dims_family, space in (
         ("read", w.read[unit], w.read_tokens, w.read_dims_family, "embedding"),
@@ -83,7 +83,7 @@ def unit_directions(w: WeightDirections, unit: int, k: int) -> list[Direction]:
             matrix=w.matrix, side=side, sigma=round_sig(float(w.sigma[unit])), dims_family=dims_family,
             top_dims=[(int(i), round_sig(float(vec[i]))) for i in idx],
             tokens_pos=None if proj is None else _top(proj, k),
-            tokens_neg=None if proj is None else [(t, -v) for t, v in _top(-proj, k)],
+            tokens_neg=None if proj is None else [(t, -v) for t, v in _top(-proj, min(k, proj.numel() - k))],
             token_space="" if proj is None else space,
         ))  # fmt: skip
     return out
@@ -123,8 +123,8 @@ def build_lm_browser_data(units: LMUnits) -> BrowserData:
         "logit effects": "direct path through the unembedding; LayerNorms' normalisation ignored",
         "weights": "per unit and matrix the top singular pair σ u vᵀ of its weight: read direction v, write "
                    f"direction u; tokens through the embedding (v) and the unembedding (u): {units.tm.stream_rule()}",
-        "alignments": f"{NEURON_SPACE} where both units write there, else {RESID_SPACE}"
-                      + (f"; {CORRELATION} on the tokens read" if cfg.correlation else ""),
+        "alignments": (f"{NEURON_SPACE} where both units write there, else " if units.tm.lm is not None else "")
+                      + RESID_SPACE + (f"; {CORRELATION} on the tokens read" if cfg.correlation else ""),
     }  # fmt: skip
     if layout.skipped:
         meta["left out"] = "; ".join(layout.skipped)

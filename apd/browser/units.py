@@ -332,8 +332,8 @@ class _PerMatrixUnits(_Decomposition):
                 label = "masked output norm"
                 act_text = f"active where its {selection}; activation there \u2016g_c P_c a\u2016, the norm of its masked output (0 elsewhere)"
             else:
-                label = "score"
-                act_text = f"activation: its score, active where its {selection}"
+                label = self.method.unit_score_noun
+                act_text = f"activation: its {label}, active where its {selection}"
             self.families.append(LMFamily(
                 name=self.names[n], kind=self.kind, act_label=label, n_units=self.dec.A[n].shape[0],
                 threshold=0.0 if cfg.unit_activation is UnitActivation.output_norm else self.tau,
@@ -371,7 +371,7 @@ class _SpanningUnits(_Decomposition):
                       f"unembed \u00b7 (its part in {', '.join(self.writers)} applied to the mean of that matrix's input "
                       "over its active tokens): its mean direct write (LayerNorms ignored)")  # fmt: skip
         self.families = [LMFamily(
-            name=self.name, kind=self.kind, act_label="score when selected", n_units=self.dec.C,
+            name=self.name, kind=self.kind, act_label=f"{self.method.unit_score_noun} when selected", n_units=self.dec.C,
             description=f"{self._header()}; activation: {self.method.unit_selection()}, else 0. Logit effects: "
                         f"{logit_text}. Weights: \u03c3 u v\u1d40, the top singular pair of its part in each matrix.",
             weights=[self.weight_directions(n) for n in self.dec.matrix_names],

@@ -270,6 +270,7 @@ class APD(Method):
                     A.div_(A.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     units_span_matrices = True
+    unit_score_noun = "attribution"
 
     def unit_scores(self, cm: ComponentModel, x: Tensor) -> Masks:
         """The run's attribution of every component (what ``eval_masks`` selects by)."""

@@ -176,6 +176,8 @@ class Method(ABC):
     each matrix has its own units (SPD's subcomponents); the eval masks are then one tensor, or one per matrix."""
     unit_noun: ClassVar[str] = "component"
     """what one unit is called ("component", "subcomponent")"""
+    unit_score_noun: ClassVar[str] = "score"
+    """what ``unit_scores`` are called ("attribution", "causal importance")"""
 
     def unit_scores(self, cm: ComponentModel, x: Tensor) -> Masks:
         """What the evaluation masks select units by on ``x``, shaped like ``eval_masks`` (default: the

@@ -410,6 +410,7 @@ class SPD(Method):
         return self.config.ci_threshold
 
     unit_noun = "subcomponent"
+    unit_score_noun = "causal importance"
 
     def unit_selection(self) -> str:
         return f"causal importance g_c > \u03c4 = {self.config.ci_threshold:g}"
