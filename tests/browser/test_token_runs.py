@@ -168,3 +168,31 @@ def test_unit_page_in_chromium(runs, chromium, tmp_path):
     assert re.search("".join(re.escape(f"\u27e8{t}\u27e9") + r"\S*\s*" for t, _ in read.tokens_pos[:2]), weights)
     dom, console = chromium((d / "browser" / "index.html").as_uri(), tmp_path / "token_index.png")
     assert console == [] and "units 1\u201310 of 10" in dom
+
+
+def test_the_browser_names_no_method():
+    """Families are chosen by asking the method (apd.methods.METHODS), never by its name."""
+    from pathlib import Path
+
+    import apd.browser
+    from apd.methods import METHODS
+
+    for path in Path(apd.browser.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        for name in METHODS:
+            for quoted in (f'"{name}"', f"'{name}'"):
+                assert quoted not in text, f"{path.name} names the method {quoted}"
+
+
+def test_score_activation_is_the_causal_importance(runs):
+    from apd.browser.lm import LMBrowserConfig, find_lm_run, load_lm_units
+
+    d, _ = runs["mlp_spd"]
+    units = load_lm_units(find_lm_run(d), LMBrowserConfig(unit_activation="score", n_windows=2))
+    art = load_run(d)
+    x = art.run.target.eval_batch(2, torch.Generator().manual_seed(0))
+    g = method_for(art.decomposition.config).eval_masks(art.component_model(), x)
+    acts = units.activations(x)
+    torch.testing.assert_close(acts["spd.fc_in"], g["fc_in"])
+    fam = units.families[0]
+    assert fam.act_label == "causal importance" and fam.threshold == art.decomposition.config.ci_threshold
