@@ -2,11 +2,11 @@
 
 RUN_DIR holds the browser data: ``browser_data.json`` (or gzip-compressed ``browser_data.json.gz``),
 a :class:`apd.browser.BrowserData` written by ``BrowserData.save`` (the format is described in
-``apd/browser/data.py``). For a run dir of the language model, a decompose run
-(``experiment=spd_lm_1l``) or a comparison run (SAEs, neurons and components side by side), the
-data file is built here when it is missing or stale (its run's files or the settings changed, or
-``--rebuild``) by ``apd.browser.lm`` on held-out text; other runs write theirs with
-``apd.browser.extract_browser_data``. Writes into ``RUN_DIR/browser/`` (or ``--out``)::
+``apd/browser/data.py``). For a run dir of a token model, a decompose run of any target whose
+inputs are token ids (``experiment=spd_lm_1l``, or ``target=module`` with your own token model) or a
+comparison run (SAEs, neurons and components side by side), the data file is built here when it is
+missing or stale (its run's files or the settings changed, or ``--rebuild``) by ``apd.browser.lm``
+on held-out text; other runs write theirs with ``apd.browser.extract_browser_data``. Writes into ``RUN_DIR/browser/`` (or ``--out``)::
 
     index.html                     all units, sortable by density and proxy scores
     units/<family>_<i>.html        one page per unit
@@ -14,7 +14,7 @@ data file is built here when it is missing or stale (its run's files or the sett
 
 Prompt pages come from the prompts stored in the data file, from ``--prompt-acts FILE`` (a JSON list
 of ``PromptActs.to_json()``, computed where the model is), and from ``--prompt TEXT``. The last needs
-the model to compute activations: on a run dir of the language model it is loaded here; other code
+the model to compute activations: on a run dir of the Shakespeare language model it is loaded here; other code
 calls ``build(run_dir, texts, encoder=...)`` or ``main(argv, encoder=...)`` with a function
 ``text -> PromptActs``; without one ``--prompt`` fails.
 Errors (a missing run dir or data file, a corrupt file, a run dir of another target, a prompt with
@@ -135,7 +135,7 @@ def build(
 
 def main(argv: Sequence[str] | None = None, encoder: PromptEncoder | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a run dir of the language model, or one containing browser_data.json")
+    parser.add_argument("run_dir", type=Path, help="a run dir of a token model, or one containing browser_data.json")
     parser.add_argument(
         "--prompt", action="append", default=[], metavar="TEXT", help="add a prompt page (repeatable)"
     )

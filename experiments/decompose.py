@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def decompose_app(cfg: DictConfig, out: Path) -> dict[str, float]:
+    schema.check_known_keys(cfg)  # before anything runs: a +key typo is refused, not ignored
     app: schema.DecomposeApp = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     if app.threads == 0:  # automatic: divide this machine's CPUs among the launcher's parallel jobs
         app.threads = cpu_share(_parallel_jobs())

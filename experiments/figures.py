@@ -1,6 +1,10 @@
 """Matplotlib figures of a decomposition run (kept out of the library)."""
 
+import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -9,20 +13,65 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from apd.experiment import DecomposeRun, RunResult  # noqa: E402
-from apd.methods import Units, method_for  # noqa: E402
+from apd.methods import method_for  # noqa: E402
 from apd.metrics import resid_mlp as rm  # noqa: E402
 
 
-def save_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Path]:
+def save_figures(result: RunResult, run: DecomposeRun, out_dir: Path, metrics_log: Path | None = None) -> list[Path]:
     """The figures of the run's target kind (none for a kind without figures), and for every run its
-    mechanisms (groups of co-active units, from metrics.json) and, for a method with per-matrix units
-    (SPD) on a toy, its evaluation masks (causal importances) on one-feature inputs."""
+    loss curves (from ``metrics_log``, default the run dir's ``metrics.jsonl`` beside ``out_dir``),
+    its mechanisms (groups of co-active units, from metrics.json) and, for a method with per-matrix
+    units (SPD) on a toy, its evaluation masks (causal importances) on one-feature inputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = mechanism_figure(result, out_dir)
-    if method_for(result.decomposition.config).units is Units.per_matrix and run.target.kind in ("tms", "resid_mlp"):
+    log = out_dir.parent / "metrics.jsonl" if metrics_log is None else metrics_log
+    loss_names = [loss.name for loss in method_for(result.decomposition.config).losses]
+    paths = loss_curve_figure(log, loss_names, out_dir) + mechanism_figure(result, out_dir)
+    if not method_for(result.decomposition.config).units_span_matrices and run.target.kind in ("tms", "resid_mlp"):
         paths += ci_figure(result, run, out_dir)
     figures = _FIGURES.get(run.target.kind)
     return paths + (figures(result, run, out_dir) if figures is not None else [])
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (one JSON object per logged step), in order."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_curve_series(records: Sequence[dict[str, Any]], loss_names: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
+    """{name: (steps, values)} of ``total`` and of each loss term in ``loss_names`` that the log holds
+    (terms switched off are absent from it), in the log's order."""
+    out = {}
+    for name in ["total", *loss_names]:
+        rows = [(int(r["step"]), float(r[name])) for r in records if name in r]
+        if rows:
+            out[name] = ([s for s, _ in rows], [v for _, v in rows])
+    return out
+
+
+def plot_loss_curves(records: Sequence[dict[str, Any]], loss_names: Sequence[str]) -> plt.Figure:
+    """Each logged loss term and the total against the step, on a log y axis (values <= 0, which a
+    log axis cannot show, are left out of the line; the legend says how many)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, (name, (steps, values)) in enumerate(loss_curve_series(records, loss_names).items()):
+        kept = [(s, v) for s, v in zip(steps, values) if v > 0 and math.isfinite(v)]
+        dropped = len(values) - len(kept)
+        label = name + (f" ({dropped} values <= 0 not shown)" if dropped else "")
+        ax.plot([s for s, _ in kept], [v for _, v in kept], label=label, lw=2.2 if name == "total" else 1.2,
+                color="k" if name == "total" else plt.cm.tab10(k % 10), marker="." if len(kept) < 30 else None)  # fmt: skip
+    ax.set(yscale="log", xlabel="step", ylabel="loss (unweighted term; total = weighted sum)", title="Loss curves")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def loss_curve_figure(log: Path, loss_names: Sequence[str], out_dir: Path) -> list[Path]:
+    """``loss_curves.png`` from the run's ``metrics.jsonl`` (nothing when the log is missing or empty)."""
+    records = read_metrics_log(log) if log.is_file() else []
+    if not records:
+        return []
+    paths: list[Path] = []
+    _save(plot_loss_curves(records, loss_names), out_dir / "loss_curves.png", paths)
+    return paths
 
 
 def mechanism_figure(result: RunResult, out_dir: Path) -> list[Path]:
@@ -64,17 +113,21 @@ def ci_figure(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Path]
         live = (g > 0.1).any(0).nonzero().flatten()
         g = g[:, live]
         order = g.argmax(0).argsort() if g.numel() else live
-        ax.imshow(g[:, order].numpy() if g.numel() else torch.zeros(n, 1).numpy(), vmin=0, vmax=1, cmap="Blues", aspect="auto")
-        ax.set(title=f"{name}: {len(live)} live of {cm.layers[name].C}", xlabel="subcomponent", ylabel="feature")
+        im = ax.imshow(g[:, order].numpy() if g.numel() else torch.zeros(n, 1).numpy(), vmin=0, vmax=1, cmap="Blues",
+                       aspect="auto")  # fmt: skip
+        ax.set(title=f"{name}: {len(live)} live of {cm.layers[name].C}", xlabel="live subcomponent (ordered by feature)",
+               ylabel="input feature j (x = e_j)")  # fmt: skip
         ax.title.set_fontsize(8)
+        fig.colorbar(im, ax=ax, label="causal importance g")
     fig.suptitle("SPD causal importances on one-feature inputs")
     paths: list[Path] = []
     _save(fig, out_dir / "causal_importances.png", paths)
     return paths
 
 
-def _save(fig: plt.Figure, path: Path, paths: list[Path]) -> None:
-    fig.tight_layout()
+def _save(fig: plt.Figure, path: Path, paths: list[Path], tight: bool = True) -> None:
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     paths.append(path)
@@ -103,14 +156,20 @@ def tms_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> list[Pat
     rows = (C + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows + 0.6), squeeze=False)
     vmax = P.abs().max().item()
+    im = None
     for c, ax in enumerate(axes.flat):
         ax.set(xticks=[], yticks=[])
         if c < C:
-            ax.imshow(P[c].numpy(), cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
+            im = ax.imshow(P[c].numpy(), cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
             ax.set_title(f"P_{c}", fontsize=8)
-    axes[0][0].set(xlabel="feature", ylabel="hidden")
+            ax.set_xlabel("feature", fontsize=7)
+            ax.set_ylabel("hidden", fontsize=7)
+        else:
+            ax.axis("off")
     fig.suptitle("component weights of W (rows: hidden, columns: features; red < 0 < blue)")
-    _save(fig, out_dir / "component_heatmaps.png", paths)
+    fig.tight_layout()
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="weight", shrink=0.8)
+    _save(fig, out_dir / "component_heatmaps.png", paths, tight=False)
     return paths
 
 

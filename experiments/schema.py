@@ -1,11 +1,14 @@
 """Hydra ConfigStore registration: every group option is checked against a dataclass, so a
 misspelt key or a wrong type fails at compose time."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from apd.config import ConfigError
 
 from apd import APDConfig, MethodConfig, SPDConfig
 from apd.experiment import DecomposeRun
@@ -40,6 +43,26 @@ class TrainTargetApp:
     ship: bool = False
     """also write the target into apd/toy_models/pretrained/ (the shipped copy)"""
     threads: int = 1
+
+
+def check_known_keys(cfg: DictConfig, path: str = "") -> None:
+    """Raise :class:`ConfigError` (one line) naming a key that its node's schema dataclass lacks.
+
+    Hydra's ``+key=value`` adds a key even to a struct node, and ``OmegaConf.to_object`` then drops
+    it silently: ``+method.typo=1`` would run a job with the typo ignored. Nodes typed as a plain
+    ``dict`` (``method.C_per_module``, ``target.factory_kwargs``) take any key and are not checked."""
+    schema = OmegaConf.get_type(cfg)
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return
+    fields = [f.name for f in dataclasses.fields(schema)]
+    for key in cfg.keys():
+        name = f"{path}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {name!r} (a +{name}=... override?): {schema.__name__} has "
+                              f"{', '.join(fields)}; fix the spelling")  # fmt: skip
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_known_keys(node, f"{name}.")
 
 
 def register() -> None:

@@ -202,7 +202,8 @@ def test_resid_mlp_run_writes_every_metric(tmp_path):
                        method=OmegaConf.to_object(_compose("decompose", ["experiment=resid_mlp_1"])).method)  # fmt: skip
     result = run_decompose(run, tmp_path, progress=False)
     figures = save_figures(result, run, tmp_path / "figures")
-    assert {p.name for p in figures} == {"neuron_contributions.png", "scrub_antiscrub.png", "top1_onehot_mse.png", "mechanisms.png"}
+    assert {p.name for p in figures} == {"neuron_contributions.png", "scrub_antiscrub.png", "top1_onehot_mse.png", "mechanisms.png",
+                                          "loss_curves.png"}
     assert all(p.stat().st_size > 10_000 for p in figures)
     keys = ["n_features_with_dedicated_component", "n_mono", "n_duo", "n_poly", "n_dead", "nc_slope",
             "top1_onehot_mse", "scrubbed_mse", "antiscrubbed_mse", "topk_recon_mse", "mse_monosemantic_vs_target",
@@ -327,7 +328,8 @@ def test_an_spd_run_on_tms_with_identity_writes_its_metrics_and_figures(tmp_path
         assert key in m, key
     assert m["l0"] == pytest.approx(m["l0/enc"] + m["l0/hidden"] + m["l0/dec"])
     figures = save_figures(result, app, tmp_path / "figures")
-    assert {p.name for p in figures} == {"tms_columns.png", "component_heatmaps.png", "mechanisms.png", "causal_importances.png"}
+    assert {p.name for p in figures} == {"tms_columns.png", "component_heatmaps.png", "mechanisms.png", "causal_importances.png",
+                                          "loss_curves.png"}
 
 
 def test_evaluate_rescores_a_finished_run_and_keeps_the_old_metrics(tmp_path, capsys):

@@ -9,9 +9,13 @@ Three steps, each usable alone:
 3. :func:`build_site` (``apd.browser.render``) writes the HTML. ``python -m experiments.browse
    RUN_DIR`` reads a run dir's data file and does this step.
 
-For the language model (SPEC §6) ``apd.browser.lm`` does step 1 and 2 from a run dir: the MLP's
-neurons, SAE features and parameter components on held-out text (``write_lm_browser_data``), and
-encodes prompts (``LMUnits``); ``experiments.browse`` calls it when the data file is missing or stale.
+For a run of a token model (the language model of SPEC §6, or any target whose inputs are token
+ids, e.g. ``target=module``) three modules do step 1 and 2 from a run dir: ``apd.browser.runs`` finds
+what the run dir holds (decompositions, a comparison's SAEs), ``apd.browser.units`` computes each
+unit family's activations, logit effects, alignments and weights' read and write directions (which
+families a decomposition gives is asked of its method: ``Method.units_span_matrices``), and
+``apd.browser.lm`` formats them into the data file (``write_lm_browser_data``) and encodes prompts
+(``LMUnits``); ``experiments.browse`` calls it when the data file is missing or stale.
 """
 
 from apd.browser.data import (
@@ -20,6 +24,7 @@ from apd.browser.data import (
     BrowserData,
     BrowserDataError,
     Context,
+    Direction,
     Histogram,
     PromptActs,
     QuantileGroup,
@@ -46,6 +51,7 @@ __all__ = [
     "BrowserData",
     "BrowserDataError",
     "Context",
+    "Direction",
     "ExtractConfig",
     "FamilyActs",
     "Histogram",

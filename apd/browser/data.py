@@ -37,6 +37,7 @@ __all__ = [
     "Context",
     "QuantileGroup",
     "Alignment",
+    "Direction",
     "UnitRecord",
     "UnitFamily",
     "PromptActs",
@@ -190,6 +191,48 @@ class Alignment:
 
 
 @dataclass
+class Direction:
+    """One weight direction of a decomposition's unit in one matrix: its ``side="read"`` direction v
+    (the input it responds to) or ``"write"`` direction u (the output it writes), unit vectors of
+    the top singular pair σ u vᵀ of its weight there.
+
+    ``top_dims``: (dimension, entry) for the entries of largest magnitude, largest first;
+    ``dims_family``: the family whose unit i is dimension i (e.g. ``"neurons"``), or None.
+    ``tokens_pos``/``tokens_neg``: (token, projection) for the tokens of largest / most negative
+    projection on the embedding (read side: ``W_E v``) or unembedding (write side: ``W_U u``), where
+    the matrix reads / writes the residual stream; ``token_space`` says which (``"embedding"``,
+    ``"unembedding"``), empty when there are none.
+    """
+
+    matrix: str
+    side: str
+    sigma: float
+    top_dims: list[tuple[int, float]]
+    dims_family: str | None = None
+    tokens_pos: list[tuple[int, float]] | None = None
+    tokens_neg: list[tuple[int, float]] | None = None
+    token_space: str = ""
+
+    def __post_init__(self) -> None:
+        if self.side not in ("read", "write"):
+            raise BrowserDataError(f"direction of {self.matrix}: side must be 'read' or 'write', got {self.side!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"matrix": self.matrix, "side": self.side, "sigma": self.sigma, "top_dims": [list(p) for p in self.top_dims],
+                "dims_family": self.dims_family, "token_space": self.token_space,
+                "tokens_pos": None if self.tokens_pos is None else [list(p) for p in self.tokens_pos],
+                "tokens_neg": None if self.tokens_neg is None else [list(p) for p in self.tokens_neg]}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Direction":
+        return cls(matrix=str(d["matrix"]), side=str(d["side"]), sigma=float(d["sigma"]), top_dims=_pairs(d["top_dims"]),
+                   dims_family=None if d.get("dims_family") is None else str(d["dims_family"]),
+                   tokens_pos=None if d.get("tokens_pos") is None else _pairs(d["tokens_pos"]),
+                   tokens_neg=None if d.get("tokens_neg") is None else _pairs(d["tokens_neg"]),
+                   token_space=str(d.get("token_space", "")))  # fmt: skip
+
+
+@dataclass
 class UnitRecord:
     """Everything the browser shows about one unit.
 
@@ -214,6 +257,7 @@ class UnitRecord:
     - ``logits_pos``/``logits_neg``: (token, effect) for the largest / most negative direct logit
       effects (``FamilyActs.logit_effects``), in that order; ``logit_hist``: histogram over all tokens.
     - ``aligned``: best-matching units of other families (or of the same family), best first.
+    - ``directions``: a decomposition's unit's read and write directions per matrix (:class:`Direction`).
     """
 
     family: str
@@ -233,6 +277,7 @@ class UnitRecord:
     logits_neg: list[tuple[int, float]] | None = None
     logit_hist: Histogram | None = None
     aligned: list[Alignment] = field(default_factory=list)
+    directions: list[Direction] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -258,6 +303,7 @@ class UnitRecord:
             "logits_neg": None if self.logits_neg is None else [list(p) for p in self.logits_neg],
             "logit_hist": None if self.logit_hist is None else self.logit_hist.to_json(),
             "aligned": [a.to_json() for a in self.aligned],
+            "directions": [x.to_json() for x in self.directions],
         }
 
     @classmethod
@@ -283,6 +329,7 @@ class UnitRecord:
             logits_neg=None if d.get("logits_neg") is None else _pairs(d["logits_neg"]),
             logit_hist=None if d.get("logit_hist") is None else Histogram.from_json(d["logit_hist"]),
             aligned=[Alignment.from_json(a) for a in d.get("aligned", [])],
+            directions=[Direction.from_json(x) for x in d.get("directions", [])],
         )
 
 

@@ -26,7 +26,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from apd.browser.data import BrowserData, BrowserDataError, Context, Histogram, PromptActs, UnitFamily, UnitRecord
+from apd.browser.data import (
+    BrowserData,
+    BrowserDataError,
+    Context,
+    Direction,
+    Histogram,
+    PromptActs,
+    UnitFamily,
+    UnitRecord,
+)
 
 __all__ = ["build_site", "render_index", "render_unit", "render_prompt", "display_token", "fmt"]
 
@@ -172,6 +181,63 @@ def _logit_table(vocab: Sequence[str], pairs: Sequence[tuple[int, float]], cls: 
     return f"<div><h3>{_e(title)}</h3><table><tbody>{rows}</tbody></table></div>"
 
 
+def _bar_rows(rows: Sequence[tuple[str, float]], scale: float, cls: str = "") -> str:
+    """Table rows: a label, the value, and a bar of length |value| / scale."""
+    out = []
+    for label, v in rows:
+        width = 0 if scale <= 0 else round(60 * abs(v) / scale)
+        colour = "v-neg" if v < 0 else "v-pos"
+        out.append(f'<tr><td>{label}</td><td class="num {cls or colour}">{_e(fmt(v))}</td>'
+                   f'<td><span class="bar {colour}" style="width:{width}px"></span></td></tr>')  # fmt: skip
+    return "".join(out)
+
+
+def _direction(vocab: Sequence[str], d: Direction) -> str:
+    """One read or write direction: its largest entries (linked to the unit it names, if any) and its
+    tokens of largest and most negative projection."""
+    what = "read direction v (input)" if d.side == "read" else "write direction u (output)"
+    dims = []
+    for i, v in d.top_dims:
+        label = f'<a href="{_e(d.dims_family)}_{i}.html">{_e(d.dims_family)}/{i}</a>' if d.dims_family else f"dim {i}"
+        dims.append((label, v))
+    scale = max((abs(v) for _, v in d.top_dims), default=0.0)
+    parts = [f'<div class="dir"><h3>{_e(what)}</h3><p class="small muted">largest |entries| of the unit vector'
+             f'{" (dimensions are " + _e(d.dims_family) + ")" if d.dims_family else ""}</p>'
+             f'<table class="bars"><tbody>{_bar_rows(dims, scale)}</tbody></table>']  # fmt: skip
+    if d.tokens_pos is not None and d.tokens_neg is not None:
+        how = "W_E v: each token's embedding read along v" if d.side == "read" else "W_U u: direct effect on each logit"
+        tscale = max([abs(v) for _, v in d.tokens_pos + d.tokens_neg], default=0.0)
+        pos = _bar_rows([(_chip(vocab, t), v) for t, v in d.tokens_pos], tscale)
+        neg = _bar_rows([(_chip(vocab, t), v) for t, v in d.tokens_neg], tscale)
+        parts.append(f'<p class="small muted">tokens through the {_e(d.token_space)} ({_e(how)})</p>'
+                     f'<div class="pn"><div><h4>largest</h4><table class="bars"><tbody>{pos}</tbody></table></div>'
+                     f'<div><h4>most negative</h4><table class="bars"><tbody>{neg}</tbody></table></div></div>')  # fmt: skip
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _weights(vocab: Sequence[str], rec: UnitRecord) -> str:
+    """The unit's read and write directions, one row per matrix."""
+    if not rec.directions:
+        return ""
+    by_matrix: dict[str, list[Direction]] = {}
+    for d in rec.directions:
+        by_matrix.setdefault(d.matrix, []).append(d)
+    rows = []
+    for matrix, dirs in by_matrix.items():
+        sigma = dirs[0].sigma
+        cells = "".join(_direction(vocab, d) for d in sorted(dirs, key=lambda d: d.side))
+        rows.append(f'<div class="weights-row"><h3 class="matrix">{_e(matrix)} '
+                    f'<span class="muted small">weight ≈ σ u vᵀ, σ = {_e(fmt(sigma))}</span></h3>'
+                    f'<div class="dirs">{cells}</div></div>')  # fmt: skip
+    return (
+        '<h2 id="weights">Weights: read and write directions</h2><p class="small muted">The top singular pair of the '
+        "unit's weight in each matrix it has a part in (exact for a rank-one subcomponent U Vᵀ: u = U/‖U‖, "
+        "v = V/‖V‖). Token lists: the direct path through the embedding or unembedding, LayerNorms ignored.</p>"
+        + "".join(rows)
+    )
+
+
 def render_unit(data: BrowserData, family: UnitFamily, rec: UnitRecord) -> str:
     """The HTML page of one unit (it lives in ``units/``; links are relative to that folder)."""
     vocab = data.vocab
@@ -252,7 +318,7 @@ def render_unit(data: BrowserData, family: UnitFamily, rec: UnitRecord) -> str:
     desc = f'<p class="muted">{_e(family.description)}</p>' if family.description else ""
     body = (
         f"<h1>{_e(family.kind)} {_e(family.name)}/{rec.index}</h1>{desc}"
-        f'<div class="stats" id="stats">{stats}</div>'
+        f'<div class="stats" id="stats">{stats}</div>{_weights(vocab, rec)}'
         f'<div class="grid"><section>{"".join(side)}</section><section>{"".join(main)}</section></div>'
     )
     return _page(f"{family.name}/{rec.index} \u2013 {data.title}", " ".join(nav), body)

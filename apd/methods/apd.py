@@ -315,6 +315,13 @@ class APD(Method):
                 f"{m.lr:g} ({m.lr_schedule.value}), {steps} steps, batch {batch_size}"
                 + (f", final {m.finetune_frac:g} of the steps without the simplicity term" if m.finetune_frac else ""))  # fmt: skip
 
+    unit_score_noun = "attribution"
+
+    def unit_selection(self) -> str:
+        c = self.config
+        how = "every component (no top-k)" if c.topk is None else f"{'batch ' if c.batch_topk else ''}top-k, k = {c.topk:g}"
+        return f"its attribution ({c.attribution.value}) where selected ({how})"
+
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
         """Plain top-k (no ``min_active``, no k schedule) on the run's attribution; without top-k, every component."""
         c = self.config

@@ -279,3 +279,11 @@ class Method(ABC):
     def run_warnings(self, metrics: Mapping[str, Any]) -> list[str]:
         """Warnings about a finished run, from its metrics (default: none)."""
         return []
+
+    # ----------------------------------------------------------------- units (for tools that list them: the browser)
+    unit_score_noun: ClassVar[str] = "score"
+    """what ``unit_scores`` are called ("attribution", "causal importance")"""
+
+    def unit_selection(self) -> str:
+        """How the evaluation masks select units, in words (for the browser's family descriptions)."""
+        return f"evaluation mask above {self.active_threshold():g}"

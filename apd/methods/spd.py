@@ -427,6 +427,11 @@ class SPD(Method):
     def active_threshold(self) -> float:
         return self.config.ci_threshold
 
+    unit_score_noun = "causal importance"
+
+    def unit_selection(self) -> str:
+        return f"causal importance g_c > \u03c4 = {self.config.ci_threshold:g}"
+
     def mask_l0(self, masks: Masks) -> dict[str, float]:
         tau = self.config.ci_threshold
         assert isinstance(masks, Mapping)

@@ -110,10 +110,10 @@ def test_families_and_unit_counts(runs, built):
     assert len(data.prompts) == 3  # the default prompts, stored with the data
     data = built[cmp]
     assert [(f.name, f.kind, len(f.units)) for f in data.families] == [
-        ("neurons", "neuron", 512),
+        ("neurons", "neuron", 512),  # then the decompositions in the method registry's order
+        ("apd.C8_topk2.seed0", "APD component", 8),
         ("spd.seed0.mlp.up", "SPD subcomponent", C),
         ("spd.seed0.mlp.down", "SPD subcomponent", C),
-        ("apd.C8_topk2.seed0", "APD component", 8),
         (f"{SAE}_seed0", "SAE feature", 64),
         (f"{TRANSCODER}_seed0", "transcoder feature", 32),
     ]
@@ -253,12 +253,12 @@ def test_entry_point_errors(runs, tmp_path):
     spd, _ = runs
     with pytest.raises(SystemExit, match="error: run dir .* does not exist"):
         browse.main([str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="is not a run dir of the language model: it has no run.json"):
+    with pytest.raises(SystemExit, match="is not a run dir of a token model: it has no run.json"):
         browse.main([str(tmp_path), "--rebuild"])
     toy = tmp_path / "toy"
     toy.mkdir()
     (toy / "run.json").write_text(json.dumps({"target": {"kind": "tms", "name": "tms_5_2"}, "method": "apd"}))
-    with pytest.raises(SystemExit, match=r"is a decompose run of 'tms_5_2' \(target kind 'tms'\)"):
+    with pytest.raises(SystemExit, match=r"is a decompose run of 'tms_5_2' \(target kind 'tms'\), whose inputs are not token ids"):
         browse.main([str(toy)])
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -270,7 +270,7 @@ def test_entry_point_errors(runs, tmp_path):
         browse.main([str(spd), "--windows", "100000", "--rebuild"])
     with pytest.raises(BrowserDataError, match="n_windows=0"):
         heldout_windows(128, 0)
-    with pytest.raises(LMRunError, match="no finished decomposition under spd/ or apd/ and no SAE"):
+    with pytest.raises(LMRunError, match="no finished decomposition under apd/ or spd/ and no SAE"):
         (tmp_path / "saes").mkdir()
         find_lm_run(tmp_path)
 
@@ -362,7 +362,7 @@ def test_a_comparison_that_scored_runs_from_elsewhere_browses_them(runs, tmp_pat
 def test_the_comparison_csv_names_only_its_sae_rows(tmp_path):
     """The SAE folders a comparison scored come from its csv rows with SAE numbers; the neurons' and
     decompositions' rows (empty width) and a short row are not SAEs."""
-    from apd.browser.lm import _saes_of_comparison
+    from apd.browser.runs import _saes_of_comparison
 
     assert _saes_of_comparison(tmp_path) is None  # no csv: every SAE folder is taken
     (tmp_path / "comparison.csv").write_text("method,width,sparsity_knob,sparsity,seed\n"
