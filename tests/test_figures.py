@@ -8,7 +8,7 @@ import pytest
 from matplotlib.image import AxesImage, imread
 
 from apd.experiment import DecomposeRun, run_decompose
-from apd.lm_target import LMTargetConfig
+from apd.targets import LMTargetConfig
 from apd.methods import APDConfig, SPDConfig, method_for
 from apd.targets import ModuleTargetConfig, ResidMLPTargetConfig, TMSTargetConfig
 from experiments import figures

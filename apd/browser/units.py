@@ -62,7 +62,7 @@ from apd.browser.runs import LMRunLayout, family_name, shown
 from apd.config import ConfigError
 from apd.decomposition import CheckpointError
 from apd.experiment import RunArtifacts, load_run
-from apd.lm_target import LMTargetConfig
+from apd.targets import LMTargetConfig
 from apd.methods import Method, method_for
 from apd.targets import TargetConfig, get_target
 from apd.toy_models.lm import MLPActivations, TransformerLM
