@@ -176,7 +176,7 @@ def launch() -> None:
     if init_from_env():
         if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
             raise SystemExit("error: torchrun runs one data-parallel decomposition; for a sweep of data-parallel jobs use "
-                             "the SLURM launcher with hydra.launcher.tasks_per_node=N (README, Scale-out)")  # fmt: skip
+                             "the SLURM launcher with hydra.launcher.tasks_per_node=N (docs/guide/scale_out.md)")  # fmt: skip
         if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
             stamp = broadcast_object(time.strftime("%Y-%m-%d_%H-%M-%S"))
             sys.argv.append(f"hydra.run.dir=outputs/decompose/${{hydra:runtime.choices.experiment}}/{stamp}")
