@@ -169,7 +169,9 @@ def read_decomposition(path: str | os.PathLike, seed: int | None = None) -> Save
         _require(obj, ("config", "A", "B", "tied", "target_weights", "step", "history"), p, fmt)
         A, B, tied = obj["A"], obj["B"], json.loads(obj["tied"])
         params = {f"model.{n}.A": A[n] for n in A} | {f"model.{n}.B": B[n] for n in A}  # ComponentModel.param_name
-        return SavedDecomposition(method="apd", config=json.loads(obj["config"]), modules=list(A) + list(tied), tied=tied,
+        from apd.methods.apd import APD  # the earlier single-method format was APD's alone
+
+        return SavedDecomposition(method=APD.name, config=json.loads(obj["config"]), modules=list(A) + list(tied), tied=tied,
                                   params=params, target_weights=obj["target_weights"], step=int(obj["step"]),
                                   history=json.loads(obj["history"]))  # fmt: skip
     if fmt != DECOMPOSITION_FORMAT:

@@ -200,7 +200,7 @@ def resid_mlp_figures(result: RunResult, run: DecomposeRun, out_dir: Path) -> li
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Neuron contributions: target (bars) vs {what} (dots)")
     _save(fig, out_dir / "neuron_contributions.png", paths)
-    if method.units is not Units.shared:  # the scrubbing and top-1 figures switch whole components
+    if not method.units_span_matrices:  # the scrubbing and top-1 figures switch whole components
         return paths
 
     def attributions(x: torch.Tensor) -> torch.Tensor:

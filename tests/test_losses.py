@@ -92,11 +92,12 @@ def test_act_recon_says_which_activations_differ():
 
 
 def test_a_registered_loss_is_recorded_ordered_and_needs_its_coefficient(monkeypatch):
-    """register_loss records name, function, methods, order (100 by default) and captured modules;
-    losses_for keeps those of a method with a positive coefficient, by (order, name); a duplicate name
-    and a loss whose method's config lacks ``<name>_coeff`` are refused."""
+    """register_loss records name, function, order (100 by default) and captured modules; losses_for
+    keeps the named losses (a method's ``loss_names``) with a positive coefficient, by (order, name);
+    a duplicate name, an unknown name and a loss whose config lacks ``<name>_coeff`` are refused."""
     from apd import SPDConfig
     from apd.losses import LOSSES, losses_for, register_loss
+    from apd.methods import SPD
 
     monkeypatch.setattr("apd.losses.registry.LOSSES", dict(LOSSES))  # registrations below stay in this test
     from apd.losses import registry
@@ -107,17 +108,19 @@ def test_a_registered_loss_is_recorded_ordered_and_needs_its_coefficient(monkeyp
     def fn(ctx):
         return torch.tensor(1.0)
 
-    assert register_loss("zz_test", methods=["spd"], captures=captures)(fn) is fn
+    assert register_loss("zz_test", captures=captures)(fn) is fn
     loss = registry.LOSSES["zz_test"]
-    assert (loss.name, loss.fn, loss.methods, loss.order, loss.captures) == ("zz_test", fn, ("spd",), 100, captures)
+    assert (loss.name, loss.fn, loss.order, loss.captures) == ("zz_test", fn, 100, captures)
     with pytest.raises(ValueError, match=r"a loss named 'zz_test' is already registered \(by tests.test_losses\); pick another name"):
-        register_loss("zz_test", methods=["spd"])(fn)
-    with pytest.raises(TypeError, match="registered for 'spd' but SPDConfig has no field zz_test_coeff"):
-        registry.losses_for("spd", SPDConfig())
+        register_loss("zz_test")(fn)
+    with pytest.raises(TypeError, match="the loss 'zz_test' is summed by SPDConfig's method but the config has no field zz_test_coeff"):
+        registry.losses_for([*SPD.loss_names, "zz_test"], SPDConfig())
+    with pytest.raises(ValueError, match=r"no loss is registered under \['zz_nope'\]"):
+        registry.losses_for(["zz_nope"], SPDConfig())
     del registry.LOSSES["zz_test"]
-    names = [l.name for l in registry.losses_for("spd", SPDConfig(faithfulness_coeff=1.0, ci_masked_recon_coeff=0.5))]
+    names = [l.name for l in registry.losses_for(SPD.loss_names, SPDConfig(faithfulness_coeff=1.0, ci_masked_recon_coeff=0.5))]
     assert names == ["faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality"]
-    assert [l.name for l in losses_for("spd", SPDConfig())] == ["stochastic_recon", "stochastic_recon_layerwise", "importance_minimality"]
+    assert [l.name for l in losses_for(SPD.loss_names, SPDConfig())] == ["stochastic_recon", "stochastic_recon_layerwise", "importance_minimality"]
 
 
 def test_kl_of_sequence_logits_sums_over_the_vocabulary_and_averages_over_positions():

@@ -220,7 +220,8 @@ def _reference(cm, model, x: Tensor, cfg: SPDConfig, draws: list[Tensor], step: 
                 out[n] = (g[n] + (1 - g[n]) * r, r_delta)
             return out
 
-        S, kind = cfg.n_mask_samples, cfg.output_loss.value
+        S = cfg.n_mask_samples
+        kind = "mse" if cfg.output_loss is None else cfg.output_loss.value  # unset: MSE (Method.__init__)
         terms: dict[str, float] = {}
         if cfg.coefficient("faithfulness"):
             sq = sum(((lins[n].weight - _uv(cm, n)[0].T @ _uv(cm, n)[1]) ** 2).sum() for n in names)
@@ -473,8 +474,9 @@ def test_the_faithfulness_warmup_is_adamw_on_the_faithfulness_loss_alone():
 
 
 def test_the_hard_sigmoids_at_exactly_0_and_1_and_with_their_default_slope():
-    """The subgradients chosen at the kinks (documented: at 0 the lower one leaks only upwards and the
-    upper one passes nothing; at 1 both pass the gradient), and α = 0.01 by default."""
+    """The subgradients chosen at the kinks (at 0 the lower one leaks only upwards and the upper one
+    passes the gradient; at 1 both pass it), and α = 0.01 by default; the fused pair's backward is
+    the sum of the two separate ones' (bug (e): it used to drop the upper one's at 0)."""
     from apd.methods.spd import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 
     x = torch.tensor([0.0, 0.0, 1.0, -2.0, 3.0], requires_grad=True)
@@ -490,8 +492,8 @@ def test_the_hard_sigmoids_at_exactly_0_and_1_and_with_their_default_slope():
     lower, upper = leaky_hard_sigmoids(x)
     torch.testing.assert_close(upper.detach(), torch.tensor([0.0, 0.0, 1.0, 0.0, 1.02]))
     torch.autograd.backward([lower, upper], [g, 2 * g])
-    # at 0: only the lower one's upward leak (g < 0); at 1: both (3 + 6); below 0: the leak; above 1: α·(2g)
-    torch.testing.assert_close(x.grad, torch.tensor([0.0, -0.02, 9.0, -0.01, 0.02]))
+    # at 0: the lower one's upward leak (g < 0) plus the upper one's 2g; at 1: both (3 + 6); below 0: the leak; above 1: α·(2g)
+    torch.testing.assert_close(x.grad, torch.tensor([6.0, -4.02, 9.0, -0.01, 0.02]))
 
 
 def test_the_minimality_decay_reaches_zero_at_the_last_step_of_a_two_step_run():
