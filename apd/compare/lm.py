@@ -97,6 +97,7 @@ from apd.compare.lm_scoring import (
     top_positions,
     unit_proxies,
 )
+from apd.compare.lm_scoring import __all__ as _scoring_names
 from apd.compare.lm_report import lm_report
 from apd.compare.registry import TargetComparison, check_target_kind, register_comparison
 from apd.compare.runs import Comparison, decomposition_results, row_logger, sae_results, train_sae_cell
@@ -106,32 +107,7 @@ from apd.methods import method_for
 from apd.targets import LMTargetConfig, get_target
 from apd.toy_models.lm import TransformerLM
 
-__all__ = [
-    "LM_COLUMNS",
-    "PROXIES",
-    "LMActivations",
-    "UnitSet",
-    "LMTrained",
-    "lm_activations",
-    "lm_training_data",
-    "logit_scores",
-    "splice_scores",
-    "unit_proxies",
-    "density_columns",
-    "proxy_columns",
-    "top_positions",
-    "evaluate_neurons",
-    "evaluate_sae_lm",
-    "rank_one_directions",
-    "evaluate_decomposition_lm",
-    "matched_cosine",
-    "matched_correlation",
-    "seed_consistency",
-    "sae_component_relations",
-    "relation_summary",
-    "lm_best_key",
-    "run_lm_comparison",
-]
+__all__ = [*_scoring_names, "lm_best_key", "run_lm_comparison"]  # the computing part re-exported (old imports keep working)
 
 
 # ---------------------------------------------------------------------------------------------
