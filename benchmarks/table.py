@@ -57,6 +57,43 @@ PER_SEED = [("TMS 5-2, one seed at a time (decompose)", "test_seeds_one_at_a_tim
             ("TMS 5-2, 12 seeds at once (decompose_seeds)", "test_seeds_at_once[12]")]  # fmt: skip
 
 
+REFERENCE_PRESETS = ["tms_5_2", "tms_5_2_id", "tms_40_10", "tms_40_10_id", "resid_mlp_1", "resid_mlp_2", "resid_mlp_3", "lm_1l"]
+
+
+def _gflops(flops: float) -> str:
+    return f"{flops / 1e9:.2f} G" if flops >= 1e8 else f"{flops / 1e6:.1f} M"
+
+
+def reference_table(benches: dict[str, Any]) -> list[str]:
+    """Per preset: the toolkit's SPD step against goodfire-ai/spd's rebuilt one (``spd_vs_reference``,
+    medians), each step's matmul FLOPs and the GFLOP/s it achieves against the measured sgemm peak
+    (the fastest ``matmul_throughput`` case)."""
+    peaks = [b["extra_info"].get("gflops_per_s") for n, b in benches.items() if n.startswith("test_matmul_throughput")]
+    peak = max((p for p in peaks if p), default=None)
+    rows = []
+    for p in REFERENCE_PRESETS:
+        ours, theirs = benches.get(f"test_spd_vs_reference[{p}-toolkit]"), benches.get(f"test_spd_vs_reference[{p}-reference]")
+        if ours is None or theirs is None:
+            continue
+        t, r = ours["stats"]["median"], theirs["stats"]["median"]
+        f, fr = ours["extra_info"]["flops"], theirs["extra_info"]["flops"]
+        achieved = f / t / 1e9
+        pct = f"{100 * achieved / peak:.1f}%" if peak else "-"
+        comp = ours["extra_info"].get("compile_seconds")
+        rows.append(f"| {p} | {_fmt(t)} | {_fmt(r)} | **{r / t:.2f}×** | {_gflops(f)} | {_gflops(fr)} | {achieved:.2f} | {pct} | "
+                    f"{'' if comp is None else f'{comp:.0f} s'} |")  # fmt: skip
+    if not rows:
+        return []
+    out = ["", "| preset | toolkit step (median) | reference step (median) | reference / toolkit | toolkit FLOPs | reference FLOPs "
+           "| toolkit GFLOP/s | % of sgemm peak | compile_ci warm-up |", "|---|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
+    mm = [(n.split("[")[1].rstrip("]"), b["extra_info"].get("gflops_per_s")) for n, b in sorted(benches.items())
+          if n.startswith("test_matmul_throughput")]  # fmt: skip
+    if mm:
+        out.append("")
+        out.append("sgemm, one thread: " + ", ".join(f"{s} {g:.1f} GFLOP/s" for s, g in mm if g) + ".")
+    return out
+
+
 def _fmt(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -77,6 +114,7 @@ def tables(data: dict[str, Any]) -> str:
         if name in benches:
             n = 12 if name.endswith("[12]") else 1
             lines.append(f"| {label} | {benches[name]['stats']['mean'] / (100 * n) * 1e3:.2f} |")
+    lines += reference_table(benches)
     dp = benches.get("test_data_parallel_throughput", {}).get("extra_info")
     if dp:
         lines += ["", "| data-parallel SPD step, language model (global batch 32 × 128 tokens, gloo, 1 thread per process) | value |",

@@ -1,0 +1,142 @@
+"""One SPD training step of this toolkit against goodfire-ai/spd's torch step rebuilt from its published
+maths (benchmarks/reference_spd.py), for every ``spd_*`` preset, side by side in one run (issue #31).
+
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/test_spd_reference.py --benchmark-json=ref.json
+    python -m benchmarks.table ref.json
+
+Groups: ``spd_vs_reference`` (per preset, ``[<preset>-toolkit]`` and ``[<preset>-reference]``),
+``matmul_throughput`` (sgemm GFLOP/s at one thread, the yardstick for the steps' achieved GFLOP/s).
+Each preset's settings are read from conf/experiment/spd_<preset>.yaml (C, C_per_module, batch, CI
+function, losses, n_mask_samples, Δ-component, output loss, compile_ci); the toolkit side runs as
+the preset runs (``compile_ci`` included: timed after the compiling warm-up step, whose seconds are in
+extra_info) through ``apd.train.train_step``. Before timing, the reference's loss terms are checked
+equal to the toolkit's (rel 1e-5) from the same state and random draws. extra_info: ``flops`` of one
+step (forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode``, which counts
+matmul-type ops only: mm, bmm, addmm, einsum's contractions; no elementwise work).
+"""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from apd import SPDConfig
+from apd.methods import method_for
+from apd.optim import make_optimizer
+from apd.targets import PRETRAINED_DIR, LMTargetConfig, get_target, load_target
+from apd.train import train_step
+from benchmarks.conftest import SMOKE, size
+from benchmarks.reference_spd import ReferenceSPD, paired_loss_terms, reference_optimizer, reference_train_step
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+PRESETS = ["tms_5_2", "tms_5_2_id", "tms_40_10", "tms_40_10_id", "resid_mlp_1", "resid_mlp_2", "resid_mlp_3", "lm_1l"]
+ROUNDS = {"tms_5_2": 60, "tms_5_2_id": 60, "tms_40_10": 60, "tms_40_10_id": 40, "resid_mlp_1": 40, "resid_mlp_2": 20,
+          "resid_mlp_3": 20, "lm_1l": 20}  # fmt: skip
+"""timed steps per side (after one warm-up step); each timed step is preceded by an untimed step of the
+other side, so the two sides' rounds interleave (A, B, A, B, ...) and share the machine's state. The
+group takes ~4-5 min on this 2-core machine with other jobs on it."""
+
+
+def preset(name: str) -> tuple[str, dict, int]:
+    """(target name, the preset's ``method`` block, batch size) of conf/experiment/spd_<name>.yaml."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / f"spd_{name}.yaml"))
+    target = next(d["override /target"] for d in raw["defaults"] if isinstance(d, dict) and "override /target" in d)
+    return target, dict(raw["method"]), int(raw["batch_size"])
+
+
+def _target(name: str):
+    if name == "lm_1l":
+        tcfg = LMTargetConfig()
+        model, _ = get_target(tcfg)
+        return model, tcfg
+    model, tcfg, _ = load_target(PRETRAINED_DIR / f"{name}.pt")
+    return model, tcfg
+
+
+def _count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+class _Case:
+    """Both sides of one preset: the toolkit's component model, the reference copied from its state."""
+
+    def __init__(self, name: str):
+        target_name, kwargs, batch = preset(name)
+        if SMOKE:
+            kwargs["compile_ci"] = False  # compiling takes 10-30 s; compile_ci is tested in tests/test_spd.py
+        model, tcfg = _target(target_name)
+        self.config = SPDConfig(**kwargs)
+        self.method = method_for(self.config)
+        self.cm = self.method.build(model, tcfg.modules())
+        self.ref = ReferenceSPD.from_toolkit(self.cm, self.method, model)
+        self.x = tcfg.batch(size(batch, 2 if target_name == "lm_1l" else 32), torch.Generator().manual_seed(0))
+        ours, theirs = paired_loss_terms(self.cm, self.method, self.ref, self.x, 0)  # same state, same draws
+        for term in ("stochastic_recon", "stochastic_recon_layerwise", "importance_minimality", "total"):
+            if term in ours:
+                assert theirs[term] == pytest.approx(ours[term], rel=1e-5), (name, term, ours, theirs)
+        self.opt = make_optimizer(self.config.optimizer, self.cm.trainable_parameters().values(), self.config.lr)
+        self.ref_opt = reference_optimizer(self.ref, self.config.lr)
+        # FLOPs of one step each, the toolkit's on an eager twin (the count does not depend on compiling)
+        twin_method = method_for(SPDConfig(**{**kwargs, "compile_ci": False}))
+        twin = twin_method.build(model, tcfg.modules())
+        twin_opt = make_optimizer(self.config.optimizer, twin.trainable_parameters().values(), self.config.lr)
+        self.flops = _count_flops(lambda: train_step(twin, twin_opt, self.x, twin_method, 0))
+        self.ref_flops = _count_flops(lambda: reference_train_step(self.ref, self.ref_opt, self.x, 0, self.config))
+        start = time.perf_counter()
+        train_step(self.cm, self.opt, self.x, self.method, 0)  # the warm-up step (compiles the CI functions if set)
+        self.compile_seconds = time.perf_counter() - start if self.config.compile_ci else 0.0
+        self.steps = iter(range(1, 10**9))
+        self.ref_steps = iter(range(1, 10**9))
+
+    def toolkit_step(self) -> None:
+        train_step(self.cm, self.opt, self.x, self.method, next(self.steps))
+
+    def reference_step(self) -> None:
+        reference_train_step(self.ref, self.ref_opt, self.x, next(self.ref_steps), self.config)
+
+
+_CASES: dict[str, _Case] = {}
+
+
+def _case(name: str) -> _Case:
+    if name not in _CASES:
+        _CASES.clear()  # one preset at a time in memory
+        _CASES[name] = _Case(name)
+    return _CASES[name]
+
+
+@pytest.mark.parametrize("name,side", [(p, s) for p in PRESETS for s in ("toolkit", "reference")],
+                         ids=[f"{p}-{s}" for p in PRESETS for s in ("toolkit", "reference")])  # fmt: skip
+@pytest.mark.benchmark(group="spd_vs_reference")
+def test_spd_vs_reference(benchmark, name, side):
+    case = _case(name)
+    fn, other = (case.toolkit_step, case.reference_step) if side == "toolkit" else (case.reference_step, case.toolkit_step)
+    benchmark.pedantic(fn, setup=other, rounds=ROUNDS[name], iterations=1, warmup_rounds=1)  # the other side between rounds
+    benchmark.extra_info.update({"preset": name, "side": side, "flops": case.flops if side == "toolkit" else case.ref_flops,
+                                 "batch": int(case.x.shape[0]), "compile_ci": bool(case.config.compile_ci and side == "toolkit")})  # fmt: skip
+    if side == "toolkit" and case.config.compile_ci:
+        benchmark.extra_info["compile_seconds"] = case.compile_seconds
+
+
+MATMULS = {"1024x100x200": (1024, 100, 200), "2048x128x512": (2048, 128, 512), "1024x1024x1024": (1024, 1024, 1024)}
+"""[m, k] @ [k, n]: a residual-MLP layer's batch through a factor, an LM MLP matrix on a window batch, a large one"""
+
+
+@pytest.mark.parametrize("shape", list(MATMULS))
+@pytest.mark.benchmark(group="matmul_throughput")
+def test_matmul_throughput(benchmark, shape):
+    """sgemm (float32, one thread) at the sizes that matter: GFLOP/s in extra_info (2·m·k·n per product)."""
+    m, k, n = MATMULS[shape]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    out = torch.empty(m, n)
+    benchmark.pedantic(lambda: torch.mm(a, b, out=out), rounds=size(20, 1), iterations=size(5, 1), warmup_rounds=1)
+    flops = 2 * m * k * n
+    benchmark.extra_info["flops"] = flops
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["gflops_per_s"] = flops / benchmark.stats.stats.median / 1e9
