@@ -153,7 +153,8 @@ class MLPCI(nn.Module):
         net = self.layers.net
         # one hidden layer on at least two chunks of rows: mlp_ci (1.5-2x faster on the 3-layer residual
         # MLP's [1024, 200, 16]); on smaller inputs the plain composition's fewer ops are as fast
-        if len(net) == 3 and inner[..., 0].numel() * net[0].W.shape[-1] >= 2 * CHUNK_ELEMENTS:
+        # (under torch.compile the plain composition, which inductor fuses into fewer loops itself)
+        if len(net) == 3 and inner[..., 0].numel() * net[0].W.shape[-1] >= 2 * CHUNK_ELEMENTS and not torch.compiler.is_compiling():
             return mlp_ci(inner[..., 0], net[0].W[:, 0], net[0].b, net[2].W[..., 0], net[2].b[:, 0])
         return self.layers(inner)[..., 0]
 
@@ -168,7 +169,14 @@ class VectorMLPCI(nn.Module):
 
     def forward(self, inner: Float[Tensor, "... C 1"], layer_input: Tensor) -> Float[Tensor, "... C"]:
         a = inner[..., 0] if self.reads_inner else layer_input
-        return self.layers(a.unsqueeze(-2).expand(*a.shape[:-1], self.C, a.shape[-1]))[..., 0]
+        # the first layer reads the same vector for every c: one matmul a @ [d_in, C·h] instead of
+        # a batched one over a materialised [..., C, d_in]
+        first, *rest = self.layers.net
+        C, d_in, d_out = first.W.shape
+        x = (a @ first.W.permute(1, 0, 2).reshape(d_in, C * d_out)).view(*a.shape[:-1], C, d_out) + first.b
+        for layer in rest:
+            x = layer(x)
+        return x[..., 0]
 
 
 class SharedMLPCI(nn.Module):

@@ -89,3 +89,22 @@ def test_mlp_ci_under_vmap_with_different_randomness_matches_a_loop_over_seeds(m
     # and each seed's slice is that seed's own gradient
     p0 = [p[0].clone().requires_grad_() for p in stacked]
     torch.testing.assert_close(torch.autograd.grad(mlp_ci(v_ours[0], *p0).sin().sum(), p0)[1], g_ours[1][0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("hidden", [[], [4], [4, 3]])
+@pytest.mark.parametrize("reads_inner", [False, True])
+def test_vector_mlp_first_layer_as_one_matmul_matches_the_expanded_composition(hidden, reads_inner):
+    """VectorMLPCI's first layer is a @ W reshaped to [d_in, C·h]: the values and gradients of the
+    parallel layers applied to the input repeated for every subcomponent."""
+    C, d = 5, 6
+    fn = cif.VectorMLPCI(C, C if reads_inner else d, hidden, torch.Generator().manual_seed(3), reads_inner).double()
+    inner = torch.randn(4, 3, C, 1, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 3, d, dtype=torch.float64, requires_grad=True)
+    out = fn(inner, a)
+    src = inner[..., 0] if reads_inner else a
+    ref = fn.layers(src.unsqueeze(-2).expand(*src.shape[:-1], C, src.shape[-1]))[..., 0]  # the old, materialised way
+    assert out.shape == (4, 3, C)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    params = [inner if reads_inner else a, *fn.parameters()]
+    for x, y in zip(torch.autograd.grad(out.sin().sum(), params), torch.autograd.grad(ref.sin().sum(), params)):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
