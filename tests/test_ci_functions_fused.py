@@ -108,3 +108,18 @@ def test_vector_mlp_first_layer_as_one_matmul_matches_the_expanded_composition(h
     params = [inner if reads_inner else a, *fn.parameters()]
     for x, y in zip(torch.autograd.grad(out.sin().sum(), params), torch.autograd.grad(ref.sin().sum(), params)):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_mlp_ci_second_derivatives_match_the_composition(monkeypatch):
+    """create_graph=True backward passes (Adahessian) differentiate mlp_ci's backward: the same
+    Hessian-vector products as the plain composition's."""
+    monkeypatch.setattr(cif, "CHUNK_ELEMENTS", 16)
+    C, H = 3, 2
+    v = torch.randn(5, C, dtype=torch.float64, requires_grad=True)
+    params = [p.requires_grad_() for p in _params(C, H, seed=4)]
+    hvps = []
+    for fn in (mlp_ci, _plain):
+        grads = torch.autograd.grad(fn(v, *params).pow(3).sum(), [v, *params], create_graph=True)
+        hvps.append(torch.autograd.grad(sum((g * g.detach().sin()).sum() for g in grads), [v, *params]))
+    for a, b in zip(*hvps):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
