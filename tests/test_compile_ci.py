@@ -45,6 +45,7 @@ def test_auto_compiles_the_ci_functions_only_when_the_run_is_long_enough(monkeyp
     x = torch.randn(16, 5)
     with torch.no_grad():
         method.causal_importances(cm, x)  # evaluation does not decide
+    method.causal_importances(cm, x)["0"].sum().backward()  # nor a user's gradient through g (a loaded decomposition)
     assert wrapped == [] and ci_functions(cm).auto_compile_steps == steps
     method.loss_terms(cm, x, 0)["total"].backward()
     # 16 rows · 3 subcomponents · 4 hidden per layer use, 2 uses: 384 activations a step

@@ -418,7 +418,7 @@ class SPD(Method):
         with this config's ``leaky_alpha``."""
         alpha, fns = self.config.leaky_alpha, ci_functions(cm)
         acts = {n: inner[n] if inner is not None else cm.layers[n].component_acts(a_in[n]) for n in cm.layer_names}
-        if getattr(fns, "auto_compile_steps", None) is not None and torch.is_grad_enabled():
+        if inner is not None and getattr(fns, "auto_compile_steps", None) is not None and torch.is_grad_enabled():  # a training step
             _auto_compile(fns, acts, self.config)
         lower, upper = {}, {}
         for n in cm.layer_names:
