@@ -86,6 +86,11 @@ CHUNK_ELEMENTS = 1 << 17
 float32: every intermediate of a chunk stays in a core's L2 cache; 1 MiB on this machine's AMD EPYC)"""
 
 
+FUSED_MIN_C = 64
+"""MLPCI takes ``mlp_ci`` from this many subcomponents on (its [n, 1, C] broadcasts run along rows of
+C; at C 20, TMS 5-2's, the plain composition was as fast or faster on a quiet core)"""
+
+
 def _chunk_rows(C: int, H: int) -> int:
     return max(1, CHUNK_ELEMENTS // (C * H))
 
@@ -151,10 +156,12 @@ class MLPCI(nn.Module):
 
     def forward(self, inner: Float[Tensor, "... C 1"], layer_input: Tensor) -> Float[Tensor, "... C"]:
         net = self.layers.net
-        # one hidden layer on at least two chunks of rows: mlp_ci (1.5-2x faster on the 3-layer residual
-        # MLP's [1024, 200, 16]); on smaller inputs the plain composition's fewer ops are as fast
-        # (under torch.compile the plain composition, which inductor fuses into fewer loops itself)
-        if len(net) == 3 and inner[..., 0].numel() * net[0].W.shape[-1] >= 2 * CHUNK_ELEMENTS and not torch.compiler.is_compiling():
+        # one hidden layer, C >= FUSED_MIN_C, at least two chunks of rows: mlp_ci (1.5-2x faster on the
+        # 3-layer residual MLP's [1024, 200, 16]); on smaller inputs the plain composition's fewer ops
+        # are as fast (under torch.compile the plain composition: inductor fuses it into fewer loops)
+        C, H = net[0].W.shape[0], net[0].W.shape[-1]
+        if (len(net) == 3 and C >= FUSED_MIN_C and inner[..., 0].numel() * H >= 2 * CHUNK_ELEMENTS
+                and not torch.compiler.is_compiling()):  # fmt: skip
             return mlp_ci(inner[..., 0], net[0].W[:, 0], net[0].b, net[2].W[..., 0], net[2].b[:, 0])
         return self.layers(inner)[..., 0]
 

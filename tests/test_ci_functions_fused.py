@@ -43,12 +43,13 @@ def test_mlp_ci_passes_gradcheck():
 
 
 def test_mlpci_module_takes_the_fused_path_on_large_inputs_with_the_same_results(monkeypatch):
-    """MLPCI switches to mlp_ci from two chunks of hidden activations on; the values and parameter
+    """MLPCI switches to mlp_ci from FUSED_MIN_C subcomponents and two chunks of hidden activations on; the values and parameter
     gradients are the plain module's (state_dict names unchanged: the checkpoints still load)."""
     calls = []
     real = cif.mlp_ci
     monkeypatch.setattr(cif, "mlp_ci", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(cif, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(cif, "FUSED_MIN_C", 6)
     m = MLPCI(6, [4], torch.Generator().manual_seed(0)).double()
     assert list(m.state_dict()) == ["layers.net.0.W", "layers.net.0.b", "layers.net.2.W", "layers.net.2.b"]
     inner = torch.randn(9, 5, 6, 1, dtype=torch.float64, requires_grad=True)
@@ -61,6 +62,9 @@ def test_mlpci_module_takes_the_fused_path_on_large_inputs_with_the_same_results
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     calls.clear()
     m(torch.randn(2, 6, 1, dtype=torch.float64), None)  # 2·6·4 = 48 < 2·64 hidden activations: plain
+    assert calls == []
+    monkeypatch.setattr(cif, "FUSED_MIN_C", 7)
+    m(inner, None)  # fewer subcomponents than FUSED_MIN_C: plain
     assert calls == []
 
 
