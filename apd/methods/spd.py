@@ -44,7 +44,7 @@ from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
-__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CIFunctions", "ci_functions", "CI_FNS", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
+__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CompileCI", "CIFunctions", "ci_functions", "CI_FNS", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
            "stochastic_mask", "annealed_p", "minimality_scale"]
 
 
@@ -53,6 +53,28 @@ class Sampling(str, Enum):
 
     continuous = "continuous"  # r ~ U(0, 1)
     binomial = "binomial"  # r ∈ {0, 1} with probability 1/2 each
+
+
+class CompileCI(str, Enum):
+    """Whether the causal-importance functions run through ``torch.compile`` (``SPDConfig.compile_ci``).
+    ``true``/``false`` of older configs and checkpoints read as on/off."""
+
+    off = "off"
+    on = "on"
+    auto = "auto"  # on where the run is long enough to pay for the compiling (SPDConfig.compile_ci)
+
+    @classmethod
+    def _missing_(cls, value: object) -> "CompileCI | None":
+        if isinstance(value, bool):
+            return cls.on if value else cls.off
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return cls.on if value.lower() == "true" else cls.off
+        return None
+
+
+AUTO_COMPILE_ACTIVATION_STEPS = 6e9
+"""``compile_ci=auto`` compiles when steps × (hidden CI activations per step) reaches this: a cold
+compile costs about what this many activations' eager work saves (see ``SPDConfig.compile_ci``)"""
 
 
 @dataclass(kw_only=True)
@@ -86,11 +108,19 @@ class SPDConfig(MethodConfig):
     """scale of the Kaiming-style initialisation of U and V"""
     leaky_alpha: float = 0.01
     """slope of the leaky parts of the hard sigmoids"""
-    compile_ci: bool = False
-    """run the causal-importance functions through ``torch.compile`` (single-seed runs; off for seeds
-    trained at once). Their elementwise work ([batch, C, hidden] GELUs) dominates small targets: on
-    TMS 40-10 at C 200 the step took 0.52x the eager time after about 10-25 s of compiling
-    (benchmarks/README.md), so it pays for runs of more than a few hundred steps"""
+    compile_ci: CompileCI = CompileCI.off
+    """run the causal-importance functions through ``torch.compile``: off, on, or auto (single-seed
+    runs; off for seeds trained at once; true/false read as on/off). auto compiles the ``mlp`` CI
+    functions when the run is long enough to pay for it: when steps × N·Σ_l C_l·H (the hidden CI
+    activations of a step: N rows, C_l subcomponents of layer use l, hidden width H) reaches
+    ``AUTO_COMPILE_ACTIVATION_STEPS`` = 6e9, decided at the first training step (N known then).
+    Measured with ``python -m benchmarks.compile_ci_cost CASE`` (one thread, the 2-core CPU shared
+    with other jobs, 2026-12-05): TMS 5-2 (C 20, batch 1024: 0.66 M activations a step) compiled in
+    60 s with a cold inductor cache (5.6 s warm) and then saved 5.5-6 ms a step, so it pays after
+    ~10,000 steps (its preset runs 3000: eager); the 3-layer residual MLP (C 200: 19.7 M a step)
+    compiled in 10 s (4.6 s warm) and saved 13-67 ms of a 0.9-1 s step (its 10,000 steps: compiled).
+    The threshold is 60 s / (6 ms / 0.66 M activations) ≈ 6.5e9, rounded down; a resumed run decides
+    again from ``steps``"""
 
     # losses
     faithfulness_coeff: float | None = None
@@ -305,6 +335,16 @@ def ci_functions(cm: ComponentModel) -> CIFunctions:
     return fns
 
 
+def _auto_compile(fns: CIFunctions, acts: Mapping[str, Tensor], config: SPDConfig) -> None:
+    """``compile_ci=auto`` at the first training step: compile the CI functions when the run's
+    steps × hidden CI activations per step reach ``AUTO_COMPILE_ACTIVATION_STEPS``."""
+    steps, fns.auto_compile_steps = fns.auto_compile_steps, None  # type: ignore[assignment]
+    per_step = sum(a.shape[:-1].numel() * config.ci_hidden[0] for a in acts.values())  # rows·C·H per layer use
+    if steps * per_step >= AUTO_COMPILE_ACTIVATION_STEPS:
+        for fn in fns:
+            fn.forward = torch.compile(fn.forward)  # type: ignore[method-assign]
+
+
 def _d_in(cm: ComponentModel, name: str) -> int:
     layer = cm.layers[name]
     if name in cm.tied_names:  # the second use reads in the source's output space
@@ -328,7 +368,7 @@ class SPD(Method):
     def vectorised(self) -> "SPD":
         """The default rules; the CI functions run eagerly inside the seeds' vmap (``compile_ci`` off)."""
         method = super().vectorised()
-        return self._with(compile_ci=False) if self.config.compile_ci else method  # type: ignore[return-value]
+        return self._with(compile_ci=CompileCI.off) if self.config.compile_ci is not CompileCI.off else method  # type: ignore[return-value]
 
     def unit_scores(self, cm: ComponentModel, x: Tensor) -> dict[str, Tensor]:
         """The causal importances g (what the evaluation masks are)."""
@@ -363,9 +403,12 @@ class SPD(Method):
             layer = cm.layers[n]
             reads_inner = isinstance(layer, EmbeddingComponents)
             fns[n] = make_ci_fn(c.ci_fn, layer.C, _d_in(cm, n), list(c.ci_hidden), generator, reads_inner)
-            if c.compile_ci:
+            if c.compile_ci is CompileCI.on:
                 fns[n].forward = torch.compile(fns[n].forward)  # type: ignore[method-assign]
-        cm.set_method_module(CI_FNS, CIFunctions(fns, cm.layer_names))
+        ci_fns = CIFunctions(fns, cm.layer_names)
+        if c.compile_ci is CompileCI.auto and c.ci_fn is CIFn.mlp:
+            ci_fns.auto_compile_steps = c.steps  # decided at the first training step (_auto_compile)
+        cm.set_method_module(CI_FNS, ci_fns)
         return cm.to(next(iter(cm.target_weights().values())).device)
 
     def importances_from_inputs(self, cm: ComponentModel, a_in: Mapping[str, Tensor],
@@ -374,10 +417,12 @@ class SPD(Method):
         already computed): the one causal-importance path (training, evaluation, users), squashed
         with this config's ``leaky_alpha``."""
         alpha, fns = self.config.leaky_alpha, ci_functions(cm)
+        acts = {n: inner[n] if inner is not None else cm.layers[n].component_acts(a_in[n]) for n in cm.layer_names}
+        if inner is not None and getattr(fns, "auto_compile_steps", None) is not None and torch.is_grad_enabled():  # a training step
+            _auto_compile(fns, acts, self.config)
         lower, upper = {}, {}
         for n in cm.layer_names:
-            acts = inner[n] if inner is not None else cm.layers[n].component_acts(a_in[n])
-            lower[n], upper[n] = leaky_hard_sigmoids(fns.fn(n)(acts, a_in[n]), alpha)
+            lower[n], upper[n] = leaky_hard_sigmoids(fns.fn(n)(acts[n], a_in[n]), alpha)
         return lower, upper
 
     def causal_importances(self, cm: ComponentModel, x: Tensor, *, upper_leaky: bool = False) -> dict[str, Tensor]:

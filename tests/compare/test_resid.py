@@ -258,7 +258,7 @@ def test_reduced_resid_mlp_comparison_end_to_end(tmp_path):
     inside for a few steps, two transcoder widths, one neuron SAE."""
     out = tmp_path / "run"
     shrink = ["seeds=[0]", "apd.steps=10", 'apd_overrides=["batch_size=64","n_eval=200"]', "n_eval=1000",
-              "spd.steps=10", 'spd_overrides=["batch_size=64","n_eval=200","method.compile_ci=false"]',
+              "spd.steps=10", 'spd_overrides=["batch_size=64","n_eval=200","method.compile_ci=off"]',
               "sae_train.steps=40", "sae_train.batch_size=256",
               "saes.transcoder_batchtopk.widths=[100,130]", "saes.transcoder_batchtopk.sparsity_values=[1.28]",
               "saes.sae_batchtopk.widths=[100]", "saes.sae_batchtopk.sparsity_values=[1.28]"]  # fmt: skip
