@@ -13,8 +13,7 @@ def stochastic_recon_layerwise_loss(ctx) -> Float[Tensor, ""]:  # noqa: ANN001  
     for _ in range(ctx.config.n_mask_samples):
         masks, deltas = ctx.stochastic_masks()
         for n, m in masks.items():
-            out = ctx.cm(ctx.x, masks={n: m}, weight_delta_masks=None if deltas is None else {n: deltas[n]},
-                         inner_acts=ctx.inner_acts((n,)))
+            out = ctx.masked_out({n: m}, None if deltas is None else {n: deltas[n]})
             d = output_distance(ctx.target_out, out, ctx.config.output_loss)
             total = d if total is None else total + d
             count += 1

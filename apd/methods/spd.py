@@ -25,6 +25,7 @@ a run warning says "saturated"). Start at the default, then move by factors of 3
 reconstruction loss is small (e.g. < 1e-3 of the output's variance) at the smallest L0.
 """
 
+import contextlib
 import dataclasses
 import fnmatch
 from collections import Counter
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from apd.ci_functions import CIFn, make_ci_fn
-from apd.component_model import ComponentModel, Masks, resolve_modules
+from apd.component_model import CallRecord, ComponentModel, Masks, resolve_modules
 from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import ConfigError, LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
@@ -213,6 +214,26 @@ class SPDStep(StepContext):
     """the layer uses in the order of their first call in the target pass"""
     called_once: frozenset[str] = frozenset()
     """the layer uses that the target pass calls exactly once"""
+    record: CallRecord | None = None
+    """the target pass's submodule calls and outputs (None: not recorded; every masked pass runs in full)"""
+
+    def masked_out(self, masks: Mapping[str, Tensor], deltas: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The model's output with ``masks`` on their layer uses (Δ-components under ``deltas``), the
+        others at their target weights: ``cm(x, masks=masks, weight_delta_masks=deltas)``, taking from
+        the target pass what it already has. The modules that return before the first masked layer use's
+        call ran at the target's weights on the same input (``CallRecord.reusable``): their recorded
+        outputs stand in for them; that layer use's inner activations V_cᵀ a (``inner_acts``), and its
+        W a where it has no bias (the Δ-component's), are the target pass's."""
+        first = next((n for n in self.call_order if n in masks), None)
+        reuse, wx = None, None
+        if self.record is not None and first is not None and first in self.called_once:
+            reuse = self.record.reusable(first)
+            layer = self.cm.layers[first]
+            if deltas is not None and first in deltas and layer.bias is None and first in self.record.outputs \
+                    and self.record.unchanged(first):  # fmt: skip
+                wx = {first: self.record.outputs[first][0]}
+        return self.cm(self.x, masks=masks, weight_delta_masks=deltas, inner_acts=self.inner_acts(masks),
+                       target_wx=wx, reuse=reuse)  # fmt: skip
 
     def inner_acts(self, masked: Collection[str]) -> dict[str, Tensor]:
         """The inner activations a masked forward can take from the target pass instead of recomputing
@@ -391,7 +412,8 @@ class SPD(Method):
 
     def step_context(self, cm: ComponentModel, x: Tensor, step: int, capture: Sequence[str] = ()) -> SPDStep:
         calls: list[str] = []  # the layer uses in call order (decomposed layers are leaf modules)
-        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True, calls=calls) as a_in:
+        record = contextlib.nullcontext() if torch.compiler.is_compiling() else cm.record_calls()
+        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True, calls=calls) as a_in, record as rec:
             target_out = cm(x)
         # computed once with their graph: the CI functions read them, and the masked forwards reuse them
         # where a layer receives the target's input (SPDStep.inner_acts)
@@ -399,7 +421,8 @@ class SPD(Method):
         ci, ci_upper = self.importances_from_inputs(cm, a_in, inner)
         counts = Counter(calls)
         return SPDStep(cm=cm, x=x, config=self.config, step=step, target_out=target_out, ci=ci, ci_upper=ci_upper,
-                       inner=inner, call_order=tuple(counts), called_once=frozenset(n for n, k in counts.items() if k == 1))  # fmt: skip
+                       inner=inner, call_order=tuple(counts), called_once=frozenset(n for n, k in counts.items() if k == 1),
+                       record=rec)  # fmt: skip
 
     def warmup(self, factors: Factors, target_weights: Mapping[str, Tensor]) -> None:
         """The faithfulness warm-up: ``faithfulness_warmup_steps`` AdamW steps on ‖W − Σ_c B_c A_c‖²/N

@@ -1,0 +1,143 @@
+"""SPD's step takes from the target pass what it already computed (the modules before a masked pass's
+first masked layer, that layer's W a): the same losses and gradients as running every pass in full."""
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from apd import ComponentModel, SPDConfig, decompose_seeds
+from apd.methods import method_for
+from apd.toy_models.lm import LMConfig, TransformerLM
+from apd.toy_models.resid_mlp import ResidMLP, ResidMLPConfig
+from apd.toy_models.tms import TMS, TMSConfig
+
+
+def _full_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switch the reuse off: the step records no calls, so every masked pass runs the whole model."""
+    monkeypatch.setattr(ComponentModel, "record_calls", lambda self: contextlib.nullcontext())
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return x.mul_(2)
+
+
+class _InPlace(nn.Module):
+    """Changes its first layer's output in place after it returned (doubles it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.act, self.b, self.c = nn.Linear(5, 6, bias=False), _Double(), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(self.act(self.a(x)))))
+
+
+class _Twice(nn.Module):
+    """One Linear applied twice, between two others."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.sq, self.out = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.sq(torch.relu(self.sq(self.inp(x)))))
+
+
+def _case(name: str):
+    """(model, modules, batch, config overrides) in float64."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # TMS draws its weights from the global generator
+    if name == "resid_mlp_3":
+        model = ResidMLP(ResidMLPConfig(n_features=12, d_embed=16, d_mlp=12, n_layers=3))
+        x = (torch.rand(16, 12, generator=g) < 0.2) * torch.rand(16, 12, generator=g) * 2 - 1
+        return model, ["layers.*.mlp_in", "layers.*.mlp_out"], x, {}
+    if name == "tms_id":
+        model = TMS(TMSConfig(n_features=5, n_hidden=2, identity=True))
+        return model, ["enc", "hidden", "dec"], torch.rand(16, 5, generator=g), {}
+    if name == "lm":
+        model = TransformerLM(LMConfig(vocab_size=11, seq_len=6, d_model=8, n_heads=2, d_mlp=12))
+        return model, ["mlp.up", "mlp.down"], torch.randint(0, 11, (3, 6), generator=g), {"output_loss": "kl", "ci_fn": "shared_mlp"}
+    if name == "in_place":
+        return _InPlace(), ["a", "b", "c"], torch.randn(16, 5, generator=g), {}
+    if name == "twice":
+        return _Twice(), ["inp", "sq", "out"], torch.randn(16, 5, generator=g), {}
+    raise KeyError(name)
+
+
+def _terms_and_grads(case: str):
+    model, modules, x, extra = _case(case)
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    method = method_for(SPDConfig(C=4, ci_masked_recon_coeff=1.0, n_mask_samples=2, **extra))
+    cm = method.build(model, modules)
+    cm.double()
+    torch.manual_seed(3)
+    terms = method.loss_terms(cm, x, 0)
+    params = cm.trainable_parameters()
+    grads = torch.autograd.grad(terms["total"], list(params.values()))
+    return {k: v.item() for k, v in terms.items()}, dict(zip(params, grads))
+
+
+@pytest.mark.parametrize("case", ["resid_mlp_3", "tms_id", "lm", "in_place", "twice"])
+def test_reusing_the_target_pass_gives_the_same_losses_and_gradients(case, monkeypatch):
+    reused, g_reused = _terms_and_grads(case)
+    _full_passes(monkeypatch)
+    full, g_full = _terms_and_grads(case)
+    assert reused.keys() == full.keys() and reused["stochastic_recon_layerwise"] > 0
+    assert reused == pytest.approx(full, rel=1e-12, abs=1e-15)
+    for n in g_full:
+        torch.testing.assert_close(g_reused[n], g_full[n], rtol=1e-10, atol=1e-14)
+
+
+def test_reusable_modules_are_the_outermost_ones_called_once_before_the_first_masked_layer():
+    method = method_for(SPDConfig(C=3))
+    model, modules, x, _ = _case("resid_mlp_3")
+    ctx = method.step_context(method.build(model, modules), x, 0)
+    r = ctx.record
+    assert r.reusable("layers.0.mlp_in") == {}  # nothing runs before it but the embedding product (no module)
+    assert set(r.reusable("layers.0.mlp_out")) == {"layers.0.mlp_in", "layers.0.act"}
+    assert set(r.reusable("layers.2.mlp_in")) == {"layers.0", "layers.1"}  # whole blocks, not their parts
+    torch.testing.assert_close(r.reusable("layers.1.mlp_in")["layers.0"], ctx.cm.model.layers[0](x @ model.W_E.T))
+    # a module called twice is never reused; one changed in place after it returned is not either
+    ctx2 = method.step_context(method.build(_Twice(), ["inp", "sq", "out"]), x[:, :5], 0)
+    assert set(ctx2.record.reusable("out")) == {"inp"} and ctx2.record.calls["sq"] == 2
+    ctx3 = method.step_context(method.build(_InPlace(), ["a", "b", "c"]), x[:, :5], 0)
+    assert set(ctx3.record.reusable("c")) == {"act", "b"}  # "a"'s output was overwritten in place
+    assert not ctx3.record.unchanged("a")
+
+
+def test_a_module_given_its_output_is_not_run_and_its_output_is_not_shared():
+    model = _InPlace()
+    cm = ComponentModel(model, ["b"], C=2, rank=1)
+    x = torch.randn(4, 5)
+    seen = []
+    cm.model.a.register_forward_pre_hook(lambda mod, args: seen.append("a"))
+    stand_in = torch.ones(4, 6)
+    out = cm(x, reuse={"a": stand_in})
+    torch.testing.assert_close(out, model.c(torch.tanh(model.b(2 * torch.ones(4, 6)))))
+    torch.testing.assert_close(stand_in, torch.ones(4, 6))  # the module after it doubled a copy
+    assert "forward" not in cm.model.a.__dict__  # restored
+    cm(x)
+    assert seen == ["a", "a"]  # its hooks still see the call (the output above shows that its forward did not run)
+
+
+def test_seeds_at_once_train_the_same_with_and_without_the_reuse(monkeypatch):
+    """Under vmap: a few steps of two seeds at once give the same factors either way."""
+    model, modules, x, _ = _case("resid_mlp_3")
+    cfg = SPDConfig(C=3, steps=3, faithfulness_warmup_steps=2, lr=1e-2)
+
+    def run():
+        torch.manual_seed(0)
+        return decompose_seeds(model, lambda: x, cfg, modules, [0, 1], progress=False)
+
+    reused = run()
+    _full_passes(monkeypatch)
+    full = run()
+    for a, b in zip(reused, full):
+        for n in a.params:
+            torch.testing.assert_close(a.params[n], b.params[n], rtol=1e-5, atol=1e-7)
