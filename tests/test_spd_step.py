@@ -99,10 +99,11 @@ def test_reusable_modules_are_the_outermost_ones_called_once_before_the_first_ma
     model, modules, x, _ = _case("resid_mlp_3")
     ctx = method.step_context(method.build(model, modules), x, 0)
     r = ctx.record
-    assert r.reusable("layers.0.mlp_in") == {}  # nothing runs before it but the embedding product (no module)
-    assert set(r.reusable("layers.0.mlp_out")) == {"layers.0.mlp_in", "layers.0.act"}
-    assert set(r.reusable("layers.2.mlp_in")) == {"layers.0", "layers.1"}  # whole blocks, not their parts
+    assert set(r.reusable("layers.0.mlp_in")) == {"embed"}
+    assert set(r.reusable("layers.0.mlp_out")) == {"embed", "layers.0.mlp_in", "layers.0.act"}
+    assert set(r.reusable("layers.2.mlp_in")) == {"embed", "layers.0", "layers.1"}  # whole blocks, not their parts
     torch.testing.assert_close(r.reusable("layers.1.mlp_in")["layers.0"], ctx.cm.model.layers[0](x @ model.W_E.T))
+    torch.testing.assert_close(r.reusable("layers.0.mlp_in")["embed"], x @ model.W_E.T)
     # a module called twice is never reused; one changed in place after it returned is not either
     ctx2 = method.step_context(method.build(_Twice(), ["inp", "sq", "out"]), x[:, :5], 0)
     assert set(ctx2.record.reusable("out")) == {"inp"} and ctx2.record.calls["sq"] == 2
@@ -141,3 +142,4 @@ def test_seeds_at_once_train_the_same_with_and_without_the_reuse(monkeypatch):
     for a, b in zip(reused, full):
         for n in a.params:
             torch.testing.assert_close(a.params[n], b.params[n], rtol=1e-5, atol=1e-7)
+
