@@ -143,3 +143,57 @@ def test_seeds_at_once_train_the_same_with_and_without_the_reuse(monkeypatch):
         for n in a.params:
             torch.testing.assert_close(a.params[n], b.params[n], rtol=1e-5, atol=1e-7)
 
+
+def test_subset_routing_by_hand(monkeypatch):
+    """Two layers, two inputs; the draws patched: input 0 routes only the second layer (k = 1), input 1
+    both (k = 2). The one pass's loss is the MSE of per-input weights built by hand."""
+    import apd.methods.spd as spd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 2, bias=False)).double()
+    method = method_for(SPDConfig(C=2, layer_routing="uniform_k_subset", importance_minimality_coeff=None))
+    cm = method.build(model, ["0", "1"]).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    r = {"0": torch.tensor([[0.3, 0.6], [0.1, 0.8]]), "1": torch.tensor([[0.5, 0.2], [0.9, 0.4]])}
+    r_delta = {"0": torch.tensor([0.25, 0.75]), "1": torch.tensor([0.4, 0.6])}
+    draws = iter([r["0"], r_delta["0"], r["1"], r_delta["1"],  # the stochastic masks, layer by layer
+                  torch.tensor([0.2, 0.7]),  # k = floor(2u) + 1: 1, 2
+                  torch.tensor([[0.9, 0.1], [0.3, 0.5]])])  # the order of the layers: input 0 takes layer 1 first
+    monkeypatch.setattr(spd, "rand_rows", lambda like, binary=False: next(draws).to(like.dtype).expand_as(like).clone())
+    terms = method.loss_terms(cm, x, 0)
+    assert set(terms) == {"total", "stochastic_recon", "l0"}  # the layerwise loss is off: the one pass stands in for it
+    ctx = method.step_context(cm, x, 0)  # the same causal importances (the draws above are used up)
+    with torch.no_grad():
+        P = cm.component_weights()  # [C, d_out, d_in]
+        W = cm.target_weights()
+        out = []
+        for b, routed in enumerate([{"1"}, {"0", "1"}]):
+            h = x[b]
+            for n in ("0", "1"):
+                if n in routed:
+                    m = ctx.ci[n][b] + (1 - ctx.ci[n][b]) * r[n][b].double()
+                    w = torch.einsum("c,coi->oi", m, P[n]) + r_delta[n][b].double() * (W[n] - P[n].sum(0))
+                else:
+                    w = W[n]
+                h = w @ h
+            out.append(h)
+        target = model(x)
+        want = (torch.stack(out) - target).pow(2).mean()
+    assert terms["stochastic_recon"].item() == pytest.approx(want.item(), rel=1e-10)
+    assert terms["total"].item() == pytest.approx(want.item(), rel=1e-10)
+
+
+def test_subset_routes_draw_k_uniformly_then_a_uniform_subset():
+    from apd.methods.spd import subset_routes
+
+    torch.manual_seed(0)
+    routes = subset_routes({n: torch.zeros(20_000) for n in "abc"})
+    on = torch.stack([routes[n] for n in "abc"], -1)
+    k = on.sum(-1)
+    assert k.min() == 1 and k.max() == 3
+    for j in (1, 2, 3):
+        assert (k == j).float().mean().item() == pytest.approx(1 / 3, abs=0.015)
+    # every layer equally often: E[k]/L = 2/3
+    assert on.float().mean(0).tolist() == pytest.approx([2 / 3] * 3, abs=0.015)
+    with pytest.raises(ValueError, match="different leading shapes"):
+        subset_routes({"a": torch.zeros(4), "b": torch.zeros(4, 2)})

@@ -45,7 +45,7 @@ from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
-__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CIFunctions", "ci_functions", "CI_FNS", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
+__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "LayerRouting", "subset_routes", "CIFunctions", "ci_functions", "CI_FNS", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
            "stochastic_mask", "annealed_p", "minimality_scale"]
 
 
@@ -54,6 +54,20 @@ class Sampling(str, Enum):
 
     continuous = "continuous"  # r ~ U(0, 1)
     binomial = "binomial"  # r ∈ {0, 1} with probability 1/2 each
+
+
+class LayerRouting(str, Enum):
+    """Which layers the stochastic reconstruction masks in its passes."""
+
+    all_and_layerwise = "all_and_layerwise"
+    """every layer masked at once (stochastic_recon), then each layer alone (stochastic_recon_layerwise):
+    1 + L masked forward passes per mask sample (the paper's)"""
+    uniform_k_subset = "uniform_k_subset"
+    """one masked pass per mask sample, on a random subset of the layers drawn for every input (every
+    position of a sequence): k uniform in 1..L, then k of the L layer uses uniformly; the others run at
+    their target weights (VPD's subset routing, SPEC §7). Its loss is logged as stochastic_recon and
+    weighted by stochastic_recon_coeff; stochastic_recon_layerwise is off. A different objective: see
+    the measured comparison in conf/method/spd.yaml before a preset uses it"""
 
 
 @dataclass(kw_only=True)
@@ -121,6 +135,8 @@ class SPDConfig(MethodConfig):
     n_mask_samples: int = 1
     """S, stochastic masks per batch (S = 1 suffices)"""
     sampling: Sampling = Sampling.continuous
+    layer_routing: LayerRouting = LayerRouting.all_and_layerwise
+    """which layers the stochastic reconstruction's passes mask (see ``LayerRouting``)"""
     delta_component: bool = True
     """add Δ = W − Σ_c U_c V_cᵀ under its own random mask in the stochastic losses"""
     output_loss: OutputLoss | None = None
@@ -164,6 +180,9 @@ class SPDConfig(MethodConfig):
         need(self.faithfulness_warmup_weight_decay >= 0,
              f"SPDConfig.faithfulness_warmup_weight_decay={self.faithfulness_warmup_weight_decay}: must be >= 0")  # fmt: skip
         need(0 <= self.ci_threshold < 1, f"SPDConfig.ci_threshold={self.ci_threshold}: τ must lie in [0, 1)")
+        need(self.layer_routing is LayerRouting.all_and_layerwise or self.coefficient("stochastic_recon") > 0,
+             f"SPDConfig.layer_routing={self.layer_routing.value} routes the stochastic_recon loss, which is off "
+             "(stochastic_recon_coeff); set stochastic_recon_coeff (e.g. 1.0) or layer_routing=all_and_layerwise")  # fmt: skip
         recon = [f.name for f in dataclasses.fields(self) if f.name.endswith("recon_coeff") or "_recon_" in f.name]
         need(sum(self.coefficient(n.removesuffix("_coeff")) for n in recon) > 0,
              f"SPDConfig: every reconstruction loss is off ({', '.join(recon)}); without one nothing ties the "
@@ -255,9 +274,41 @@ class SPDStep(StepContext):
                 deltas[n] = rand_rows(g[..., 0])
         return masks, deltas
 
+    def routed_masks(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One draw of stochastic masks with a random subset of the layer uses routed through them per
+        input (``subset_routes``): a routed use gets (m, r_Δ) as ``stochastic_masks`` draws them; one not
+        routed gets m = 1 and Δ-mask 1, which is exactly its target weight (Σ_c P_c x + (W − Σ_c P_c) x
+        computed as 0·(V_cᵀ a) U + W a), with no gradient to its components or causal importances."""
+        masks, deltas = self.stochastic_masks()
+        routes = subset_routes({n: g[..., 0] for n, g in self.ci.items()})
+        out_m, out_d = {}, {}
+        for n, m in masks.items():
+            on = routes[n]
+            out_m[n] = torch.where(on.unsqueeze(-1), m, torch.ones_like(m))
+            routed_delta = deltas[n] if deltas is not None else torch.zeros_like(on, dtype=m.dtype)
+            out_d[n] = torch.where(on, routed_delta, torch.ones_like(routed_delta))
+        return out_m, out_d
+
     def metrics(self) -> dict[str, Tensor]:
         tau = self.config.ci_threshold
         return {"l0": sum((g > tau).float().sum(-1).mean() for g in self.ci.values())}  # type: ignore[dict-item]
+
+
+def subset_routes(like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Uniform-k subset routing: for every input position (the entries of each ``like[n]``, [*lead]; the
+    layer uses must share one lead shape), k uniform in 1..L and then k of the L layer uses uniformly;
+    {use: bool [*lead], True where routed}. Drawn with ``rand_rows`` (data-parallel ranks draw the
+    global batch's)."""
+    names = list(like)
+    leads = {tuple(t.shape) for t in like.values()}
+    if len(leads) != 1:
+        raise ValueError(f"subset routing draws one subset per input position, but the layer uses' inputs have different "
+                         f"leading shapes {sorted(leads)}; use layer_routing=all_and_layerwise for this model")  # fmt: skip
+    first = like[names[0]]
+    L = len(names)
+    k = (rand_rows(first) * L).long().clamp_max(L - 1) + 1  # [*lead], uniform in 1..L
+    ranks = rand_rows(first.unsqueeze(-1).expand(*first.shape, L)).argsort(-1).argsort(-1)  # a random order of the uses
+    return {n: ranks[..., i] < k for i, n in enumerate(names)}
 
 
 def _key_matches(name: str, key: str) -> bool:
