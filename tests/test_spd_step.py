@@ -129,6 +129,9 @@ def test_a_module_given_its_output_is_not_run_and_its_output_is_not_shared():
 
 def test_seeds_at_once_train_the_same_with_and_without_the_reuse(monkeypatch):
     """Under vmap: a few steps of two seeds at once give the same factors either way."""
+    from apd.methods.spd import SPD
+
+    monkeypatch.setattr(SPD, "vmap_seeds", lambda self, device: True)
     model, modules, x, _ = _case("resid_mlp_3")
     cfg = SPDConfig(C=3, steps=3, faithfulness_warmup_steps=2, lr=1e-2)
 
@@ -197,3 +200,21 @@ def test_subset_routes_draw_k_uniformly_then_a_uniform_subset():
     assert on.float().mean(0).tolist() == pytest.approx([2 / 3] * 3, abs=0.015)
     with pytest.raises(ValueError, match="different leading shapes"):
         subset_routes({"a": torch.zeros(4), "b": torch.zeros(4, 2)})
+
+
+def test_seeds_at_once_one_after_another_equal_the_vmapped_instances(monkeypatch):
+    """On the CPU SPD's seeds at once run their instances one after another within the step; with
+    deterministic losses that is exactly what vmapping them gives."""
+    from apd.methods.spd import SPD
+
+    cfg = SPDConfig(C=3, steps=6, lr=1e-2, faithfulness_warmup_steps=2, grad_clip_norm=0.5, ci_masked_recon_coeff=1.0,
+                    stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=None)  # fmt: skip
+    model, modules, x, _ = _case("resid_mlp_3")
+    assert not method_for(cfg).vmap_seeds(torch.device("cpu"))
+    looped = decompose_seeds(model, lambda: x, cfg, modules, [0, 1], progress=False)
+    monkeypatch.setattr(SPD, "vmap_seeds", lambda self, device: True)
+    vmapped = decompose_seeds(model, lambda: x, cfg, modules, [0, 1], progress=False)
+    for a, b in zip(looped, vmapped):
+        assert a.history[-1]["total"] == pytest.approx(b.history[-1]["total"], rel=1e-5)
+        for n in a.params:
+            torch.testing.assert_close(a.params[n], b.params[n], rtol=1e-5, atol=1e-7)
