@@ -65,7 +65,7 @@ class LayerRouting(str, Enum):
     uniform_k_subset = "uniform_k_subset"
     """one masked pass per mask sample, on a random subset of the layers drawn for every input (every
     position of a sequence): k uniform in 1..L, then k of the L layer uses uniformly; the others run at
-    their target weights (VPD's subset routing, SPEC §7). Its loss is logged as stochastic_recon and
+    their target weights (the subset routing of VPD, "Interpreting Language Model Parameters", Goodfire 2026). Its loss is logged as stochastic_recon and
     weighted by stochastic_recon_coeff; stochastic_recon_layerwise is off. A different objective: see
     the measured comparison in conf/method/spd.yaml before a preset uses it"""
 
