@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import fnmatch
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from apd.components import (
     TransposedComponents,
 )
 
-__all__ = ["ComponentModel", "resolve_modules", "ModuleSelectionError", "TRANSPOSED_LINEAR_CLASS_NAMES", "Masks"]
+__all__ = ["ComponentModel", "resolve_modules", "ModuleSelectionError", "TRANSPOSED_LINEAR_CLASS_NAMES", "Masks", "CallRecord"]
 
 Masks = Tensor | Mapping[str, Tensor]
 """One mask tensor for every decomposed module (components shared by all, as APD's are), or a
@@ -298,6 +299,8 @@ class ComponentModel(nn.Module):
         shift: Mapping[str, Tensor] | None = None,
         replace: Mapping[str, Tensor] | None = None,
         inner_acts: Mapping[str, Tensor] | None = None,
+        target_wx: Mapping[str, Tensor] | None = None,
+        reuse: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """``shift`` maps layer names to tensors added to those layers' outputs; ``replace`` maps
         layer names to tensors used as those layers' outputs in place of computing them;
@@ -305,12 +308,21 @@ class ComponentModel(nn.Module):
         ``inner_acts`` maps layer names to their inner activations [*lead, C, m] on the input they will
         receive in this pass (``layers[n].component_acts(a)``), so that they are not computed again: only
         valid where that input is what the caller says (e.g. the target's own, when no decomposed layer
-        before it is masked)."""
+        before it is masked); ``target_wx`` likewise maps layer names to W a (no bias) on that input;
+        ``reuse`` maps submodule names to outputs they are known to return in this pass (``CallRecord.reusable``):
+        those modules are not run, (a copy of) their recorded output is returned in their place."""
+        if reuse:
+            with _reusing(self.model, reuse):
+                return self.forward(x, masks, delta=delta, weight_delta_masks=weight_delta_masks, shift=shift,
+                                    replace=replace, inner_acts=inner_acts, target_wx=target_wx)  # fmt: skip
         overrides: dict[str, Tensor] = {f"{name}.shift": v for name, v in (shift or {}).items()}
         overrides |= {f"{name}.replace": v for name, v in (replace or {}).items()}
         if inner_acts:
             self._check_names("inner_acts", inner_acts)
             overrides |= {f"{name}.inner": v for name, v in inner_acts.items()}
+        if target_wx:
+            self._check_names("target_wx", target_wx)
+            overrides |= {f"{name}.target_wx": v for name, v in target_wx.items()}
         overrides |= self._per_layer("mask", masks)
         overrides |= self._per_layer("delta", delta)
         if weight_delta_masks:
@@ -371,6 +383,100 @@ class ComponentModel(nn.Module):
         """
         with cm_capture(self, names, inputs, require_grad, calls) as cache:
             yield cache
+
+    @contextlib.contextmanager
+    def record_calls(self) -> Iterator["CallRecord"]:
+        """Record, during the block (one pass of the target), when every submodule of the model starts and
+        ends and what it returns, so that later passes can skip the modules that run before their first
+        changed layer (``CallRecord.reusable``, ``forward(reuse=...)``)."""
+        record = CallRecord()
+        handles = []
+        for name, mod in self.model.named_modules():
+            if name:
+                handles.append(mod.register_forward_pre_hook(record._pre_hook(name)))
+                handles.append(mod.register_forward_hook(record._post_hook(name)))
+        try:
+            yield record
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class CallRecord:
+    """The order of the submodule calls of one pass, and their outputs (``ComponentModel.record_calls``).
+
+    A module that the pass called exactly once and that returned before the first call of a layer L ran
+    entirely at the target's weights, on inputs that depend on nothing L changes; a later pass on the
+    same input that changes only L and layers called after it gets the same output from it. Such a pass
+    can take the recorded output instead of running the module (``reusable``). The model must be
+    deterministic (eval mode, no random draws before L); an output changed in place after its module
+    returned (version counter moved) is not reused, and each reuse hands out a copy."""
+
+    def __init__(self) -> None:
+        self.clock = 0
+        self.start: dict[str, int] = {}
+        self.end: dict[str, int] = {}
+        self.calls: Counter[str] = Counter()
+        self.outputs: dict[str, tuple[Tensor, int]] = {}
+        self._reusable: dict[str, dict[str, Tensor]] = {}
+
+    def _pre_hook(self, name: str):  # noqa: ANN202
+        def hook(mod: nn.Module, args: tuple) -> None:
+            self.calls[name] += 1
+            self.start.setdefault(name, self.clock)
+            self.clock += 1
+
+        return hook
+
+    def _post_hook(self, name: str):  # noqa: ANN202
+        def hook(mod: nn.Module, args: tuple, out: object) -> None:
+            self.end[name] = self.clock
+            self.clock += 1
+            if isinstance(out, Tensor):
+                self.outputs[name] = (out, _version(out))
+
+        return hook
+
+    def reusable(self, first: str) -> dict[str, Tensor]:
+        """{module: its recorded output} for the outermost modules called once that returned before the
+        first call of the module ``first`` (which must have been called) and whose output is unchanged."""
+        if first in self._reusable:
+            return self._reusable[first]
+        t = self.start[first]
+        ok = {n for n in self.outputs if self.calls[n] == 1 and self.end[n] < t and self.unchanged(n)}
+        outer = {n: self.outputs[n][0] for n in ok if n.rpartition(".")[0] not in ok}
+        self._reusable[first] = outer
+        return outer
+
+    def unchanged(self, name: str) -> bool:
+        """Whether the recorded output of ``name`` is still what the module returned (no in-place change since)."""
+        out, version = self.outputs[name]
+        return _version(out) == version
+
+
+def _version(t: Tensor) -> int:
+    """The version counter of ``t``'s storage (through vmap's wrappers, whose own counter does not move)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t._version
+
+
+@contextlib.contextmanager
+def _reusing(model: nn.Module, outputs: Mapping[str, Tensor]) -> Iterator[None]:
+    """Within the block, each named submodule returns a copy of its given output instead of running."""
+    named = dict(model.named_modules())
+    patched = []
+    try:
+        for name, out in outputs.items():
+            mod = named[name]
+            if "forward" in mod.__dict__:  # its forward is already replaced on the instance: leave it alone
+                continue
+            mod.forward = lambda *args, _out=out, **kwargs: _out.clone()  # type: ignore[method-assign]
+            patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
 
 
 @contextlib.contextmanager

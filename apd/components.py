@@ -30,6 +30,8 @@ position of its sample.
 - ``inner`` [*lead, C, m]: the inner activations A_c x of this very input, computed earlier (SPD's
   step computes them once for the causal-importance functions); used in place of recomputing them.
   The caller vouches that they belong to the input the layer receives; only the shape is checked.
+- ``target_wx`` [*lead, d_out]: W x (no bias) of this very input, computed earlier (the target pass's
+  output of a layer without bias), used by ``weight_delta_mask`` in place of recomputing it.
 
 ``delta`` makes attributions exact one-liners: ∂f/∂t_c at t = 0 is Σ_l ⟨∂f/∂h_l, P_{c,l} a_l⟩
 (the gradient attribution), and t = -e_c gives f(x; θ* - P_c) (the ablation attribution).
@@ -124,13 +126,14 @@ class Components(nn.Module, ABC):
     shift: Tensor | None
     replace: Tensor | None
     inner: Tensor | None
+    target_wx: Tensor | None
 
     kind: str = "base"
 
     def __init__(self, bias: Tensor | None):
         super().__init__()
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        for name in ("mask", "delta", "weight_delta_mask", "shift", "replace", "inner"):
+        for name in ("mask", "delta", "weight_delta_mask", "shift", "replace", "inner", "target_wx"):
             self.register_buffer(name, None, persistent=False)
 
     @property
@@ -203,7 +206,8 @@ class Components(nn.Module, ABC):
             if self.weight_delta_mask is not None:  # Σ s_c P_c x + w (W x − Σ P_c x)
                 w = self.weight_delta_mask
                 y = self.combine(inner * (s - w.reshape(*w.shape, *([1] * (s.dim() - w.dim())))))
-                y = y + _scale_for(w, y) * self.target_forward(x)
+                wx = self.target_forward(x) if self.target_wx is None else self.target_wx
+                y = y + _scale_for(w, y) * wx
             else:
                 y = self.combine(inner * s)
             if delta is not None:

@@ -81,7 +81,7 @@ class DecomposeRun:
     n_eval: int = 10_000
     """fresh samples for the output-level metrics"""
     n_seeds: int = 1
-    """train seeds seed, seed+1, ..., seed+n_seeds-1 at once in this process (vectorised instances,
+    """train seeds seed, seed+1, ..., seed+n_seeds-1 at once in this process (stacked instances,
     ``apd.decompose_seeds``); each seed gets its own ``seed_<s>/`` run dir"""
 
     def __post_init__(self) -> None:

@@ -3,7 +3,9 @@
 ``decompose`` trains one seed; ``decompose_seeds`` trains several seeds at once in one process:
 the trained tensors of N seeds are stacked along a leading instance dimension and the whole loss
 (target pass, attributions or causal importances, masks, every term) runs under
-``torch.func.vmap``, so a small target pays its per-operation overhead once, not N times. The
+``torch.func.vmap``, so a small target pays its per-operation overhead once, not N times (a method
+may say that vmap does not pay on a device, ``vmap_seeds``: SPD on the CPU; its instances then run one
+after another within each step, on slices of the same stacked tensors). The
 instances never interact: each starts exactly as ``decompose`` with its seed starts, draws its own
 batches (N draws per step from the global RNGs seeded with the first seed, so equal in distribution
 to a single run, not bitwise), and has its own gradient clipping; the optimiser must be element-wise
@@ -207,6 +209,9 @@ class _Run:
         self.cm = cms[0]
         self.cms = cms
         self.capture = method.capture_names(self.cm)
+        self.vmapped = getattr(method, "vmap_seeds", lambda device: True)(device)
+        """seeds at once: their instances vmapped in each step, or (where the method says vmap does not pay on
+        this device) run one after another on slices of the same stacked tensors, which get the same updates"""
         if stacked:
             own = [cm.trainable_parameters() for cm in cms]
             self.params = {n: torch.stack([o[n].detach() for o in own]).requires_grad_(True) for n in own[0]}
@@ -249,7 +254,11 @@ class _Run:
         def one_instance(p: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
             return functional_call(self.loss_module, {f"cm.{n}": v for n, v in p.items()}, (x, step))
 
-        terms = vmap(one_instance, randomness="different")(params, x)
+        if self.vmapped:
+            terms = vmap(one_instance, randomness="different")(params, x)
+        else:  # one instance after another, each on its slices of the stacked tensors (its own graph)
+            outs = [one_instance({n: p[i] for n, p in params.items()}, x[i]) for i in range(len(self.seeds))]
+            terms = {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
         bad = ~torch.isfinite(terms["total"].detach())
         if bad.any():
             which = [s for s, b in zip(self.seeds, bad.tolist()) if b]

@@ -25,6 +25,7 @@ a run warning says "saturated"). Start at the default, then move by factors of 3
 reconstruction loss is small (e.g. < 1e-3 of the output's variance) at the smallest L0.
 """
 
+import contextlib
 import dataclasses
 import fnmatch
 from collections import Counter
@@ -37,14 +38,15 @@ import torch
 from torch import Tensor, nn
 
 from apd.ci_functions import CIFn, make_ci_fn
-from apd.component_model import ComponentModel, Masks, resolve_modules
+from apd.component_model import CallRecord, ComponentModel, Masks, resolve_modules
 from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import ConfigError, LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
-__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CompileCI", "CIFunctions", "ci_functions", "CI_FNS", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
+__all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CompileCI", "LayerRouting", "subset_routes", "CIFunctions", "ci_functions", "CI_FNS",
+           "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
            "stochastic_mask", "annealed_p", "minimality_scale"]
 
 
@@ -75,6 +77,20 @@ class CompileCI(str, Enum):
 AUTO_COMPILE_ACTIVATION_STEPS = 6e9
 """``compile_ci=auto`` compiles when steps × (hidden CI activations per step) reaches this: a cold
 compile costs about what this many activations' eager work saves (see ``SPDConfig.compile_ci``)"""
+
+
+class LayerRouting(str, Enum):
+    """Which layers the stochastic reconstruction masks in its passes."""
+
+    all_and_layerwise = "all_and_layerwise"
+    """every layer masked at once (stochastic_recon), then each layer alone (stochastic_recon_layerwise):
+    1 + L masked forward passes per mask sample (the paper's)"""
+    uniform_k_subset = "uniform_k_subset"
+    """one masked pass per mask sample, on a random subset of the layers drawn for every input (every
+    position of a sequence): k uniform in 1..L, then k of the L layer uses uniformly; the others run at
+    their target weights (the subset routing of VPD, "Interpreting Language Model Parameters", Goodfire 2026). Its loss is logged as stochastic_recon and
+    weighted by stochastic_recon_coeff; stochastic_recon_layerwise is off. A different objective: see
+    the measured comparison in conf/method/spd.yaml before a preset uses it"""
 
 
 @dataclass(kw_only=True)
@@ -150,6 +166,8 @@ class SPDConfig(MethodConfig):
     n_mask_samples: int = 1
     """S, stochastic masks per batch (S = 1 suffices)"""
     sampling: Sampling = Sampling.continuous
+    layer_routing: LayerRouting = LayerRouting.all_and_layerwise
+    """which layers the stochastic reconstruction's passes mask (see ``LayerRouting``)"""
     delta_component: bool = True
     """add Δ = W − Σ_c U_c V_cᵀ under its own random mask in the stochastic losses"""
     output_loss: OutputLoss | None = None
@@ -193,6 +211,9 @@ class SPDConfig(MethodConfig):
         need(self.faithfulness_warmup_weight_decay >= 0,
              f"SPDConfig.faithfulness_warmup_weight_decay={self.faithfulness_warmup_weight_decay}: must be >= 0")  # fmt: skip
         need(0 <= self.ci_threshold < 1, f"SPDConfig.ci_threshold={self.ci_threshold}: τ must lie in [0, 1)")
+        need(self.layer_routing is LayerRouting.all_and_layerwise or self.coefficient("stochastic_recon") > 0,
+             f"SPDConfig.layer_routing={self.layer_routing.value} routes the stochastic_recon loss, which is off "
+             "(stochastic_recon_coeff); set stochastic_recon_coeff (e.g. 1.0) or layer_routing=all_and_layerwise")  # fmt: skip
         recon = [f.name for f in dataclasses.fields(self) if f.name.endswith("recon_coeff") or "_recon_" in f.name]
         need(sum(self.coefficient(n.removesuffix("_coeff")) for n in recon) > 0,
              f"SPDConfig: every reconstruction loss is off ({', '.join(recon)}); without one nothing ties the "
@@ -243,6 +264,26 @@ class SPDStep(StepContext):
     """the layer uses in the order of their first call in the target pass"""
     called_once: frozenset[str] = frozenset()
     """the layer uses that the target pass calls exactly once"""
+    record: CallRecord | None = None
+    """the target pass's submodule calls and outputs (None: not recorded; every masked pass runs in full)"""
+
+    def masked_out(self, masks: Mapping[str, Tensor], deltas: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The model's output with ``masks`` on their layer uses (Δ-components under ``deltas``), the
+        others at their target weights: ``cm(x, masks=masks, weight_delta_masks=deltas)``, taking from
+        the target pass what it already has. The modules that return before the first masked layer use's
+        call ran at the target's weights on the same input (``CallRecord.reusable``): their recorded
+        outputs stand in for them; that layer use's inner activations V_cᵀ a (``inner_acts``), and its
+        W a where it has no bias (the Δ-component's), are the target pass's."""
+        first = next((n for n in self.call_order if n in masks), None)
+        reuse, wx = None, None
+        if self.record is not None and first is not None and first in self.called_once:
+            reuse = self.record.reusable(first)
+            layer = self.cm.layers[first]
+            if deltas is not None and first in deltas and layer.bias is None and first in self.record.outputs \
+                    and self.record.unchanged(first):  # fmt: skip
+                wx = {first: self.record.outputs[first][0]}
+        return self.cm(self.x, masks=masks, weight_delta_masks=deltas, inner_acts=self.inner_acts(masks),
+                       target_wx=wx, reuse=reuse)  # fmt: skip
 
     def inner_acts(self, masked: Collection[str]) -> dict[str, Tensor]:
         """The inner activations a masked forward can take from the target pass instead of recomputing
@@ -264,9 +305,41 @@ class SPDStep(StepContext):
                 deltas[n] = rand_rows(g[..., 0])
         return masks, deltas
 
+    def routed_masks(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One draw of stochastic masks with a random subset of the layer uses routed through them per
+        input (``subset_routes``): a routed use gets (m, r_Δ) as ``stochastic_masks`` draws them; one not
+        routed gets m = 1 and Δ-mask 1, which is exactly its target weight (Σ_c P_c x + (W − Σ_c P_c) x
+        computed as 0·(V_cᵀ a) U + W a), with no gradient to its components or causal importances."""
+        masks, deltas = self.stochastic_masks()
+        routes = subset_routes({n: g[..., 0] for n, g in self.ci.items()})
+        out_m, out_d = {}, {}
+        for n, m in masks.items():
+            on = routes[n]
+            out_m[n] = torch.where(on.unsqueeze(-1), m, torch.ones_like(m))
+            routed_delta = deltas[n] if deltas is not None else torch.zeros_like(on, dtype=m.dtype)
+            out_d[n] = torch.where(on, routed_delta, torch.ones_like(routed_delta))
+        return out_m, out_d
+
     def metrics(self) -> dict[str, Tensor]:
         tau = self.config.ci_threshold
         return {"l0": sum((g > tau).float().sum(-1).mean() for g in self.ci.values())}  # type: ignore[dict-item]
+
+
+def subset_routes(like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Uniform-k subset routing: for every input position (the entries of each ``like[n]``, [*lead]; the
+    layer uses must share one lead shape), k uniform in 1..L and then k of the L layer uses uniformly;
+    {use: bool [*lead], True where routed}. Drawn with ``rand_rows`` (data-parallel ranks draw the
+    global batch's)."""
+    names = list(like)
+    leads = {tuple(t.shape) for t in like.values()}
+    if len(leads) != 1:
+        raise ValueError(f"subset routing draws one subset per input position, but the layer uses' inputs have different "
+                         f"leading shapes {sorted(leads)}; use layer_routing=all_and_layerwise for this model")  # fmt: skip
+    first = like[names[0]]
+    L = len(names)
+    k = (rand_rows(first) * L).long().clamp_max(L - 1) + 1  # [*lead], uniform in 1..L
+    ranks = rand_rows(first.unsqueeze(-1).expand(*first.shape, L)).argsort(-1).argsort(-1)  # a random order of the uses
+    return {n: ranks[..., i] < k for i, n in enumerate(names)}
 
 
 def _key_matches(name: str, key: str) -> bool:
@@ -370,6 +443,14 @@ class SPD(Method):
         method = super().vectorised()
         return self._with(compile_ci=CompileCI.off) if self.config.compile_ci is not CompileCI.off else method  # type: ignore[return-value]
 
+    def vmap_seeds(self, device: torch.device) -> bool:
+        """Whether seeds trained at once (``decompose_seeds``) vmap their instances in each step: not on the
+        CPU, where 5 vmapped seeds took 1.21x / 1.51x / 1.25x the time per seed of a one-seed step (TMS 5-2,
+        TMS 40-10, residual MLP 1 layer: the CI functions' elementwise work on [batch, C, hidden] dominates
+        and runs slower under vmap) and one instance after another 0.94x / 1.00x / 0.99x (one thread, CPU
+        time, medians of 10 interleaved blocks of 5 steps, 2026-12-05 on a shared machine)."""
+        return device.type != "cpu"
+
     def unit_scores(self, cm: ComponentModel, x: Tensor) -> dict[str, Tensor]:
         """The causal importances g (what the evaluation masks are)."""
         return self.causal_importances(cm, x)
@@ -436,7 +517,8 @@ class SPD(Method):
 
     def step_context(self, cm: ComponentModel, x: Tensor, step: int, capture: Sequence[str] = ()) -> SPDStep:
         calls: list[str] = []  # the layer uses in call order (decomposed layers are leaf modules)
-        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True, calls=calls) as a_in:
+        record = contextlib.nullcontext() if torch.compiler.is_compiling() else cm.record_calls()
+        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True, calls=calls) as a_in, record as rec:
             target_out = cm(x)
         # computed once with their graph: the CI functions read them, and the masked forwards reuse them
         # where a layer receives the target's input (SPDStep.inner_acts)
@@ -444,7 +526,8 @@ class SPD(Method):
         ci, ci_upper = self.importances_from_inputs(cm, a_in, inner)
         counts = Counter(calls)
         return SPDStep(cm=cm, x=x, config=self.config, step=step, target_out=target_out, ci=ci, ci_upper=ci_upper,
-                       inner=inner, call_order=tuple(counts), called_once=frozenset(n for n, k in counts.items() if k == 1))  # fmt: skip
+                       inner=inner, call_order=tuple(counts), called_once=frozenset(n for n, k in counts.items() if k == 1),
+                       record=rec)  # fmt: skip
 
     def warmup(self, factors: Factors, target_weights: Mapping[str, Tensor]) -> None:
         """The faithfulness warm-up: ``faithfulness_warmup_steps`` AdamW steps on ‖W − Σ_c B_c A_c‖²/N

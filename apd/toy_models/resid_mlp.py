@@ -102,6 +102,14 @@ def _embedding(config: ResidMLPConfig) -> Float[Tensor, "d_embed n_features"]:
     return W_E / W_E.norm(dim=0, keepdim=True)
 
 
+class _Embed(nn.Module):
+    """r = x W_Eᵀ as a module of its own, without state (W_E stays the model's buffer): a decomposition's
+    masked passes then take its output from the target pass instead of recomputing it."""
+
+    def forward(self, x: Float[Tensor, "B n_features"], W_E: Float[Tensor, "d_embed n_features"]) -> Float[Tensor, "B d_embed"]:
+        return x @ W_E.T
+
+
 class ResidMLP(nn.Module):
     """Residual MLP target: r = W_E x; r += W_out ReLU(W_in r) per layer; ŷ = W_U r.
 
@@ -114,6 +122,7 @@ class ResidMLP(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("W_E", _embedding(config))
+        self.embed = _Embed()
         self.layers = nn.ModuleList(
             ResidMLPBlock(config.d_embed, config.d_mlp_per_layer) for _ in range(config.n_layers)
         )
@@ -135,7 +144,7 @@ class ResidMLP(nn.Module):
         return mlp_pairs(self.config.n_layers)
 
     def forward(self, x: Float[Tensor, "B n_features"]) -> Float[Tensor, "B n_features"]:
-        r = x @ self.W_E.T
+        r = self.embed(x, self.W_E)
         for layer in self.layers:
             r = r + layer(r)
         return r @ self.W_E  # = (W_U r)ᵀ per sample
