@@ -13,6 +13,6 @@ def stochastic_recon_loss(ctx) -> Float[Tensor, ""]:  # noqa: ANN001  (apd.metho
     for _ in range(ctx.config.n_mask_samples):
         masks, deltas = ctx.stochastic_masks()
         d = output_distance(ctx.target_out, ctx.cm(ctx.x, masks=masks, weight_delta_masks=deltas,
-                                                        inner_acts=ctx.inner_acts(masks)), ctx.config.output_loss)
+                                                        inner_acts=ctx.inner_acts(masks)), ctx.config.output_loss, ctx.valid)
         total = d if total is None else total + d
     return total / ctx.config.n_mask_samples

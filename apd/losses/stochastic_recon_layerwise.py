@@ -15,7 +15,7 @@ def stochastic_recon_layerwise_loss(ctx) -> Float[Tensor, ""]:  # noqa: ANN001  
         for n, m in masks.items():
             out = ctx.cm(ctx.x, masks={n: m}, weight_delta_masks=None if deltas is None else {n: deltas[n]},
                          inner_acts=ctx.inner_acts((n,)))
-            d = output_distance(ctx.target_out, out, ctx.config.output_loss)
+            d = output_distance(ctx.target_out, out, ctx.config.output_loss, ctx.valid)
             total = d if total is None else total + d
             count += 1
     return total / count

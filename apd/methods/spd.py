@@ -42,6 +42,7 @@ from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import ConfigError, LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
+from apd.model_io import masked_mean
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
 __all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CIFunctions", "ci_functions", "CI_FNS", "lower_leaky_hard_sigmoid", "upper_leaky_hard_sigmoid", "leaky_hard_sigmoids",
@@ -236,7 +237,7 @@ class SPDStep(StepContext):
 
     def metrics(self) -> dict[str, Tensor]:
         tau = self.config.ci_threshold
-        return {"l0": sum((g > tau).float().sum(-1).mean() for g in self.ci.values())}  # type: ignore[dict-item]
+        return {"l0": sum(masked_mean((g > tau).float().sum(-1), self.valid) for g in self.ci.values())}  # type: ignore[dict-item]
 
 
 def _key_matches(name: str, key: str) -> bool:
