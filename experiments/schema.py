@@ -12,7 +12,7 @@ from apd.config import ConfigError
 
 from apd import APDConfig, MethodConfig, SPDConfig
 from apd.experiment import DecomposeRun
-from apd.targets import LMTargetConfig, ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
+from apd.targets import HFTargetConfig, LMTargetConfig, ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 
 
 class LoggerKind(str, Enum):
@@ -65,12 +65,20 @@ def check_known_keys(cfg: DictConfig, path: str = "") -> None:
             check_known_keys(node, f"{name}.")
 
 
+def run_name(experiment: str | None, target: str) -> str:
+    """A run dir's name: the preset's, or the target's for a run without one (your own target)."""
+    return target if experiment in (None, "", "None", "null") else experiment
+
+
 def register() -> None:
+    if not OmegaConf.has_resolver("apd_run_name"):
+        OmegaConf.register_new_resolver("apd_run_name", run_name)
     cs = ConfigStore.instance()
     cs.store(group="target", name="tms_schema", node=TMSTargetConfig)
     cs.store(group="target", name="resid_mlp_schema", node=ResidMLPTargetConfig)
     cs.store(group="target", name="module_schema", node=ModuleTargetConfig)
     cs.store(group="target", name="lm_schema", node=LMTargetConfig)
+    cs.store(group="target", name="hf_schema", node=HFTargetConfig)
     cs.store(group="method", name="apd_schema", node=APDConfig)
     cs.store(group="method", name="spd_schema", node=SPDConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
