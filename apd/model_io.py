@@ -66,7 +66,10 @@ class ModelIO:
     output_fn: OutputFn | None = None
 
     def args(self, x: Tensor) -> tuple[tuple, dict[str, Tensor]]:
-        """Positional and keyword arguments of the model for the batch ``x``."""
+        """Positional and keyword arguments of the model for the batch ``x`` (a dict batch given as is
+        is passed as keywords too)."""
+        if isinstance(x, Mapping):
+            return (), dict(x)
         if self.keys is None:
             return (x,), {}
         if x.dim() != 3 or x.shape[1] != len(self.keys):
@@ -74,15 +77,11 @@ class ModelIO:
                              f"got {tuple(x.shape)}")  # fmt: skip
         return (), {k: x[:, i] for i, k in enumerate(self.keys)}
 
-    def model_input(self, x: Tensor) -> Tensor:
-        """The token ids of a packed batch (its ``input_ids`` entry, else its first), else ``x``."""
-        if self.keys is None:
-            return x
-        return x[:, self.keys.index("input_ids") if "input_ids" in self.keys else 0]
-
     def valid_positions(self, x: Tensor) -> Tensor | None:
         """[B, T] 0/1: the positions of a packed batch its ``attention_mask`` keeps; None when every
         position counts."""
+        if isinstance(x, Mapping):
+            return x.get(MASK_KEY)
         if self.keys is None or MASK_KEY not in self.keys:
             return None
         return x[:, self.keys.index(MASK_KEY)]
