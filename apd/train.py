@@ -380,7 +380,15 @@ def _train(
                     cm.io = ModelIO(source.keys, output_fn)
                 _check_first_batch(run.cm, x[0] if stacked else x)
             if stacked:
-                terms = run.stacked_step(opt, x, step)
+                try:
+                    terms = run.stacked_step(opt, x, step)
+                except RuntimeError as e:
+                    if source.keys is None or "data-dependent control flow" not in str(e):
+                        raise
+                    raise DataError(f"decompose_seeds vmaps the model over the seeds, and the model's code branches on "
+                                    f"the values of the dict batch's {list(source.keys)} (Hugging Face's attention-mask "
+                                    "handling does), which vmap cannot follow; call decompose once per seed, or give "
+                                    "unpadded token windows (a tensor of input_ids)") from e  # fmt: skip
             else:
                 terms = _Run.single_step(method, run.cm, run.params, run.factors, opt, x, step, run.capture)
             bar.update(1)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from apd import DataError, Decomposition, ModuleSelectionError, SPDConfig, decompose
+from apd import DataError, Decomposition, ModuleSelectionError, SPDConfig, decompose, decompose_seeds
 from apd.losses.distance import output_distance
 from apd.losses.importance_minimality import importance_minimality_loss
 from apd.methods import method_for
@@ -203,3 +203,11 @@ def test_output_fn_picks_the_compared_tensor():
     assert seen and set(seen) == {"CausalLMOutputWithPast"}
     x = padded_batch()["input_ids"]
     assert dec.component_model(x).shape == (4, 8, 10)
+
+
+def test_seeds_at_once_on_token_windows_and_a_clear_error_for_padded_dict_batches():
+    config = SPDConfig(C=4, steps=2, output_loss="kl", faithfulness_warmup_steps=1)
+    decs = decompose_seeds(gpt2(), lambda: padded_batch()["input_ids"], config, modules=GPT2_ALL, seeds=[0, 1], progress=False)
+    assert [d.tied for d in decs] == [{"lm_head": "transformer.wte"}] * 2
+    with pytest.raises(DataError, match="call decompose once per seed"):
+        decompose_seeds(gpt2(), padded_batch, config, modules=["lm_head"], seeds=[0, 1], progress=False)
