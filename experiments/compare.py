@@ -46,6 +46,7 @@ def spd_template(app: compare_schema.CompareApp) -> DecomposeRun | None:
 
 def _preset(app: compare_schema.CompareApp, experiment: str, overrides: list[str]) -> DecomposeRun:
     cfg = hydra.compose(config_name="decompose", overrides=[f"experiment={experiment}", *overrides])
+    schema.check_known_keys(cfg)  # an override given for the preset with a typo is refused
     preset: schema.DecomposeApp = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     return DecomposeRun(target=preset.target, method=preset.method, seed=0, batch_size=preset.batch_size,
                         threads=app.threads, n_eval=preset.n_eval, device=preset.device)  # fmt: skip
@@ -104,6 +105,7 @@ def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
 def main(cfg: DictConfig) -> None:
+    schema.exit_on_unknown_keys(cfg)  # before anything runs: a +key typo is refused, not ignored
     out = Path(HydraConfig.get().runtime.output_dir)
     compare_app(cfg, out)
     print(f"results written to {out}")

@@ -2,6 +2,7 @@
 misspelt key or a wrong type fails at compose time."""
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -68,6 +69,16 @@ def check_known_keys(cfg: DictConfig, path: str = "") -> None:
 def run_name(experiment: str | None, target: str) -> str:
     """A run dir's name: the preset's, or the target's for a run without one (your own target)."""
     return target if experiment in (None, "", "None", "null") else experiment
+
+
+def exit_on_unknown_keys(cfg: DictConfig) -> None:
+    """:func:`check_known_keys` for an entry point: a typo ends the job with the one-line error on
+    stderr and exit status 2, before anything runs."""
+    try:
+        check_known_keys(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def register() -> None:

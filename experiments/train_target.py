@@ -14,6 +14,7 @@ from experiments import schema  # noqa: F401  (registers the config schemas)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_target")
 def main(cfg: DictConfig) -> None:
+    schema.exit_on_unknown_keys(cfg)  # before anything trains: a +key typo is refused, not ignored
     app: schema.TrainTargetApp = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     torch.set_num_threads(app.threads)
     out = Path(HydraConfig.get().runtime.output_dir)

@@ -58,3 +58,18 @@ def test_the_entry_point_fails_before_training(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'method.typo'") and "topk" in lines[0]
     assert not (out / "run.json").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("module,override,key", [
+    ("experiments.train_target", "+target.n_hiden=3", "target.n_hiden"),
+    ("experiments.compare", "+apd_typo=1", "apd_typo"),
+])  # fmt: skip
+def test_the_other_entry_points_fail_before_running(tmp_path, module, override, key):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", module, override, f"hydra.run.dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: unknown config key {key!r}"), proc.stderr[-2000:]
+    assert not any(out.glob("*.pt")) and not (out / "comparison.md").exists()

@@ -98,6 +98,15 @@ def _describe_model(units: LMUnits) -> str:
     return f"{units.target.name}: {type(units.model).__name__}, {n_params:,} parameters, {units.tm.vocab_size} tokens"
 
 
+def _kinds_phrase(kinds: list[str]) -> str:
+    """The index title's list of what the run's families are ("neurons, SAE features and SPD
+    subcomponents"), in family order, each kind once."""
+    plural = [k + "s" for k in dict.fromkeys(kinds)]
+    if len(plural) <= 1:
+        return plural[0] if plural else "units"
+    return ", ".join(plural[:-1]) + " and " + plural[-1]
+
+
 def build_lm_browser_data(units: LMUnits) -> BrowserData:
     """The browser data of every family of ``units`` on the configured windows, with alignments,
     weight directions and (with a tokenizer) the configured prompts; ``settings["lm_browser"]``
@@ -133,7 +142,7 @@ def build_lm_browser_data(units: LMUnits) -> BrowserData:
         notes.append("tokens are shown by id (the browser has no tokenizer for this target); no stored prompts")
     if notes:
         meta["notes"] = "; ".join(notes)
-    kinds = "neurons, SAE features and components" if units.tm.lm is not None else "components"
+    kinds = _kinds_phrase([f.kind for f in units.families])
     title = f"{layout.run_dir.name}: {kinds} of {units.target.name}"
     data = extract_browser_data(tokens, units.vocab, families, alignments, cfg.extract, prompts, title, meta)
     for fam in units.families:

@@ -52,6 +52,10 @@ def test_families_vocab_and_text(runs):
         "mlp_spd": [("spd.fc_in", "SPD subcomponent", 5), ("spd.fc_out", "SPD subcomponent", 5)],
         "mlp_apd": [("apd", "APD component", 4)],
     }
+    # the index title names what the run holds (no SAEs here, no neurons without a transformer MLP)
+    assert runs["lm_spd"][1].title.endswith(": neurons and SPD subcomponents of tiny_lm")
+    assert runs["mlp_spd"][1].title.endswith(": SPD subcomponents of embed_mlp")
+    assert runs["mlp_apd"][1].title.endswith(": APD components of embed_mlp")
     d, data = runs["mlp_spd"]
     assert data.vocab == [f"\u27e8{i}\u27e9" for i in range(VOCAB)] and data.prompts == []
     assert data.n_tokens == N_WINDOWS * 12 and data.seq_len == 12
