@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import difflib
 import fnmatch
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +20,7 @@ from apd.components import (
     TiedLinear,
     TransposedComponents,
 )
+from apd.model_io import ModelIO, as_output_tensor
 
 __all__ = ["ComponentModel", "resolve_modules", "ModuleSelectionError", "TRANSPOSED_LINEAR_CLASS_NAMES", "Masks", "CallRecord"]
 
@@ -66,6 +68,16 @@ def _refuse_read_directly(named: dict[str, nn.Module], name: str) -> None:
             )
 
 
+def _close_names(pattern: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(pattern, candidates, n=5, cutoff=0.6)
+    return f"close names: {close}; " if close else ""
+
+
+def _shortlist(names: list[str], limit: int = 40) -> str:
+    """``names``, or for a large model its first ``limit`` and a count of the rest."""
+    return str(names) if len(names) <= limit else f"{names[:limit]} and {len(names) - limit} more"
+
+
 def resolve_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names of the modules matched by fnmatch ``patterns``, in ``named_modules`` order.
 
@@ -86,7 +98,8 @@ def resolve_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
         if not hits:
             raise ModuleSelectionError(
                 f"module pattern {pattern!r} matches no module of {type(model).__name__}; "
-                f"decomposable (nn.Linear, nn.Embedding, Conv1D) modules are: {candidates}"
+                f"{_close_names(pattern, candidates)}decomposable (nn.Linear, nn.Embedding, Conv1D) modules are: "
+                f"{_shortlist(candidates)}"
             )
         bad = [n for n in hits if _kind(named[n]) is None]
         if bad and len(bad) == len(hits):
@@ -167,13 +180,15 @@ class ComponentModel(nn.Module):
         for name, src in ties.items():
             source = self.layers[src]
             assert isinstance(source, LinearComponents)
-            comp = TransposedComponents(source, named[name].bias)  # type: ignore[arg-type]
+            comp = TransposedComponents(source, getattr(named[name], "bias", None))
             self.model.set_submodule(name, comp)
             self.layers[name] = comp
             self.kinds[name] = "tied"
         self.layer_names = [n for n in names]  # every use, in module order
         self.method_module_names: list[str] = []
         """the names of the modules a method attached (``set_method_module``), in attachment order"""
+        self.io = ModelIO()
+        """how the model is called and its output read (``apd.model_io``: dict batches, ``.logits``)"""
 
     @staticmethod
     def _components_per_matrix(C: int | Mapping[str, int], names: list[str]) -> dict[str, int]:
@@ -190,8 +205,37 @@ class ComponentModel(nn.Module):
         return out
 
     @staticmethod
-    def _find_ties(named: dict[str, nn.Module], names: list[str], declared: dict[str, str]) -> dict[str, str]:
+    def _shared_weights(named: dict[str, nn.Module], names: list[str]) -> dict[str, str]:
+        """Ties found by identity: {second use: matrix} for selected modules whose ``weight`` is one
+        ``Parameter`` (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``). An ``nn.Linear`` sharing
+        an ``nn.Embedding``'s table computes with its transpose in nn.Linear layout: it is the second use
+        of the embedding's matrix. Any other sharing is refused."""
+        owner: dict[int, str] = {}
         ties: dict[str, str] = {}
+        for name in names:
+            w = getattr(named[name], "weight", None)
+            if not isinstance(w, nn.Parameter) or isinstance(named[name], TiedLinear):
+                continue
+            first = owner.setdefault(id(w), name)
+            if first == name:
+                continue
+            a, b = named[first], named[name]
+            if isinstance(a, nn.Embedding) and isinstance(b, nn.Linear):
+                ties[name] = first
+            elif isinstance(a, nn.Linear) and isinstance(b, nn.Embedding):
+                ties[first] = name
+            else:
+                raise ModuleSelectionError(
+                    f"{first!r} and {name!r} share one weight Parameter ({type(a).__name__} and {type(b).__name__}), "
+                    "which apd decomposes as one matrix only for an nn.Embedding and the nn.Linear reading it "
+                    f"(tied embeddings); select only one of them (e.g. modules=[{first!r}])"
+                )
+        return ties
+
+    @staticmethod
+    def _find_ties(named: dict[str, nn.Module], names: list[str], declared: dict[str, str]) -> dict[str, str]:
+        ties: dict[str, str] = ComponentModel._shared_weights(named, names)
+        declared = {n: src for n, src in declared.items() if ties.get(n) != src}  # re-declared identity ties
         by_id = {id(mod): n for n, mod in named.items()}
         for name in names:
             mod = named[name]
@@ -260,8 +304,11 @@ class ComponentModel(nn.Module):
         return {n: self.layers[n].target_weight() for n in self.matrix_names}
 
     def component_weights(self) -> dict[str, Float[Tensor, "C d_out d_in"]]:
-        """P_c per decomposed matrix (tied second uses are not repeated)."""
-        return {n: self.layers[n].component_weights() for n in self.matrix_names}  # type: ignore[operator]
+        """P_c per decomposed matrix (tied second uses are not repeated), in the layout of the module's
+        own ``weight``: [C, d_out, d_in] for ``nn.Linear``, [C, d_in, d_out] for a transposed-layout
+        linear (GPT-2's ``Conv1D``), [C, d, vocab] for an embedding (its table transposed)."""
+        out = {n: self.layers[n].component_weights() for n in self.matrix_names}  # type: ignore[operator]
+        return {n: w.transpose(1, 2) if self.kinds[n] == "transposed_linear" else w for n, w in out.items()}
 
     def summed_weights(self) -> dict[str, Float[Tensor, "d_out d_in"]]:
         """Σ_c P_c per decomposed matrix."""
@@ -328,9 +375,14 @@ class ComponentModel(nn.Module):
         if weight_delta_masks:
             self._check_names("weight_delta_masks", weight_delta_masks)
             overrides |= {f"{name}.weight_delta_mask": v for name, v in weight_delta_masks.items()}
-        if not overrides:
-            return self.model(x)
-        return functional_call(self.model, overrides, (x,))
+        args, kwargs = self.io.args(x)
+        out = self.model(*args, **kwargs) if not overrides else functional_call(self.model, overrides, args, kwargs)
+        return as_output_tensor(out, self.io.output_fn)
+
+    def valid_positions(self, x: Tensor) -> Tensor | None:
+        """[B, T] 0/1: the positions of ``x`` every loss and metric counts (a dict batch's
+        ``attention_mask``); None when all count."""
+        return self.io.valid_positions(x)
 
     def _check_names(self, what: str, mapping: Mapping[str, Tensor]) -> None:
         unknown = [n for n in mapping if n not in self.layers]

@@ -80,11 +80,13 @@ class Decomposition:
         return counts.pop()
 
     def component_weights(self, include_tied: bool = True) -> dict[str, Float[Tensor, "C d_out d_in"]]:
-        """{module name: P_c for every c} in nn.Linear layout (an embedding's is [C, d, vocab]);
-        sums over C to ≈ the module's weight. Tied second uses appear under their own name as the
-        transposes (unless ``include_tied=False``)."""
+        """{module name: P_c for every c} in the layout of the module's own ``weight``: nn.Linear's
+        [C, d_out, d_in], a transposed-layout linear's (GPT-2's ``Conv1D``) [C, d_in, d_out], an
+        embedding's [C, d, vocab] (its table transposed); sums over C to ≈ the module's weight. Tied
+        second uses appear under their own name as the transposes (unless ``include_tied=False``)."""
         A, B = self.A, self.B
         out = {n: torch.einsum("com,cmi->coi", B[n], A[n]) for n in A}
+        out = {n: w.transpose(1, 2) if self.kinds.get(n) == "transposed_linear" else w for n, w in out.items()}
         if include_tied:
             out |= {n: out[src].transpose(1, 2) for n, src in self.tied.items()}
         return out

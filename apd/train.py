@@ -53,6 +53,7 @@ from apd.distributed import (
 )
 from apd.methods import Factors, InstanceView, Method, method_for
 from apd.methods.base import VECTORISABLE_OPTIMIZERS
+from apd.model_io import ModelIO, OutputFn, check_output_fn
 
 __all__ = ["decompose", "decompose_seeds", "train_step", "loss_terms", "as_floats", "NonFiniteLossError", "NonFiniteTargetError",
            "check_target_finite", "CHECKPOINT_NAME", "VECTORISABLE_OPTIMIZERS", "LogCallback", "SeedsCallback"]  # fmt: skip
@@ -173,13 +174,14 @@ def _check_first_batch(cm: ComponentModel, x: Tensor) -> None:
             out = cm(x)
     except Exception as e:
         raise DataError(
-            f"the target model cannot run on a batch of shape {tuple(x.shape)} and dtype {x.dtype} ({type(e).__name__}: {e}); "
+            f"the target model cannot run on a batch of {cm.io.describe(x)} ({type(e).__name__}: {e}); "
             "check that the data yields inputs the model accepts, batch first"
         ) from e
     if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
         raise DataError(
             f"the target's output for a batch of {x.shape[0]} is "
-            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; decomposition needs one tensor with the batch first"
+            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; decomposition needs one tensor with the batch first "
+            "(a tensor, or an output with .logits; pass output_fn=lambda out: ... to pick another tensor)"
         )
     cm.check_layers_are_called(x)
 
@@ -351,6 +353,7 @@ def _train(
     model: nn.Module, data: Iterable | Callable[[], Tensor], method: Method, modules: Sequence[str], seeds: list[int],
     stacked: bool, tied: dict[str, str] | None, on_log: Callable[[int, int, dict[str, float]], None] | None,
     checkpoint_dir: str | Path | None, resume: bool, progress: bool, recorded: MethodConfig | None = None,
+    output_fn: OutputFn | None = None,
 ) -> list[Decomposition]:  # fmt: skip
     config = method.config
     device = torch.device(config.device)
@@ -382,9 +385,19 @@ def _train(
             else:
                 x = shard(source.next()).to(device)  # data-parallel: this rank's rows of the global batch
             if step == start:
+                for cm in run.cms:  # dict batches (packed by the source) and the output reader
+                    cm.io = ModelIO(source.keys, output_fn)
                 _check_first_batch(run.cm, x[0] if stacked else x)
             if stacked:
-                terms = run.stacked_step(opt, x, step)
+                try:
+                    terms = run.stacked_step(opt, x, step)
+                except RuntimeError as e:
+                    if source.keys is None or "data-dependent control flow" not in str(e):
+                        raise
+                    raise DataError(f"decompose_seeds vmaps the model over the seeds, and the model's code branches on "
+                                    f"the values of the dict batch's {list(source.keys)} (Hugging Face's attention-mask "
+                                    "handling does), which vmap cannot follow; call decompose once per seed, or give "
+                                    "unpadded token windows (a tensor of input_ids)") from e  # fmt: skip
             else:
                 terms = _Run.single_step(method, run.cm, run.params, run.factors, opt, x, step, run.capture)
             bar.update(1)
@@ -421,6 +434,7 @@ def decompose(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    output_fn: OutputFn | None = None,
 ) -> Decomposition:
     """Decompose the weights of ``model``'s layers matched by ``modules`` (fnmatch patterns over
     ``named_modules``: ``nn.Linear``, ``nn.Embedding`` or a transposed-layout linear) with the method
@@ -428,8 +442,13 @@ def decompose(
 
     ``data`` is an iterable of input batches (or ``(input, label)`` tuples; re-iterated when
     exhausted) or a zero-argument callable returning a batch; inputs may be of any dtype (integer
-    token ids included). ``tied={"dec": "enc"}`` declares that ``dec`` holds ``enc``'s weight
-    transposed (``TiedLinear`` layers are tied automatically). ``callback(step, terms)`` is called
+    token ids included), or dicts of [B, T] token tensors such as a tokenizer's output (the model is
+    called as ``model(**batch)``; positions its ``attention_mask`` zeroes are left out of every loss
+    and metric). The model's output is used when it is a tensor, else its ``.logits`` (a Hugging Face
+    ``ModelOutput``, a dict or a tuple's first element: ``apd.model_io``), else ``output_fn(output)``.
+    ``tied={"dec": "enc"}`` declares that ``dec`` holds ``enc``'s weight transposed (``TiedLinear``
+    layers, and an ``nn.Linear`` whose weight *is* a selected embedding's, are tied automatically).
+    ``callback(step, terms)`` is called
     every ``config.log_every`` steps. With ``checkpoint_dir``, a checkpoint (components, optimiser,
     RNG and data position) is written atomically every ``config.checkpoint_every`` steps and at the
     end, and with ``resume=True`` a run finds its last checkpoint there and continues exactly where
@@ -442,7 +461,8 @@ def decompose(
     """
     method = method_for(config)
     on_log = None if callback is None else (lambda seed, step, terms: callback(step, terms))
-    (dec,) = _train(model, data, method, modules, [config.seed], False, tied, on_log, checkpoint_dir, resume, progress)
+    (dec,) = _train(model, data, method, modules, [config.seed], False, tied, on_log, checkpoint_dir, resume, progress,
+                    output_fn=check_output_fn(output_fn))
     return dec
 
 
@@ -458,6 +478,7 @@ def decompose_seeds(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    output_fn: OutputFn | None = None,
 ) -> list[Decomposition]:
     """``decompose`` for every seed in ``seeds`` at once (see the module docstring); returns one
     Decomposition per seed, in order. ``config.seed`` is replaced by each seed; ``data`` is drawn
@@ -471,4 +492,4 @@ def decompose_seeds(
         raise ConfigError(f"seeds={seeds} repeats a seed; give distinct seeds")
     run_method = method.vectorised()
     return _train(model, data, run_method, modules, seeds, True, tied, callback, checkpoint_dir, resume, progress,
-                  recorded=method.config)  # as given (output_loss resolved), before the changes vmap needs
+                  recorded=method.config, output_fn=check_output_fn(output_fn))  # as given (output_loss resolved), before the changes vmap needs

@@ -167,5 +167,11 @@ def main(argv: Sequence[str] | None = None, encoder: PromptEncoder | None = None
     return index
 
 
+def cli() -> int:
+    """The ``apd-browse`` console script (from any folder): ``main`` on the command line, exit status 0."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

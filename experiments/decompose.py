@@ -37,6 +37,7 @@ def decompose_app(cfg: DictConfig, out: Path) -> dict[str, float]:
     if app.threads == 0:  # automatic: divide this machine's CPUs among the launcher's parallel jobs
         app.threads = cpu_share(_parallel_jobs())
     check_run_dir(out, app)  # before config.yaml is rewritten: a different run there is refused
+    warn_token_batch(app)
     if not is_main():  # data-parallel: the other ranks train; rank 0 writes the run dir
         return run_decompose(app, out).metrics
     (out / "config.yaml").write_text(resolved_yaml(app))
@@ -50,6 +51,23 @@ def decompose_app(cfg: DictConfig, out: Path) -> dict[str, float]:
     if app.figures:
         save_figures(result, app, out / "figures")
     return result.metrics
+
+
+def warn_token_batch(app: schema.DecomposeApp) -> str | None:
+    """Warn (and return the warning) when your own target's inputs are token windows and a step reads
+    more than 65,536 tokens (the default batch_size of 2048 is sized for the toys' single vectors)."""
+    from apd.targets import ModuleTargetConfig
+
+    if not isinstance(app.target, ModuleTargetConfig):
+        return None
+    x = app.target.batch(2, None)
+    if x.is_floating_point() or x.dim() < 2 or app.batch_size * x[0].numel() <= 65_536:
+        return None
+    msg = (f"target.data gives token windows of {x[0].numel()} tokens and batch_size={app.batch_size} makes "
+           f"{app.batch_size * x[0].numel():,} tokens a step; token runs use batch_size=16 n_eval=64 "
+           "(experiment=spd_lm_1l's): set them on the command line")  # fmt: skip
+    log.warning(msg)
+    return msg
 
 
 def _decompose_seeds_app(cfg: DictConfig, app: schema.DecomposeApp, out: Path) -> dict[str, float]:
@@ -116,7 +134,12 @@ def _parallel_jobs() -> int | None:
     return len(os.sched_getaffinity(0)) if n_jobs < 0 else n_jobs  # joblib: -1 = one job per CPU
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="decompose")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+"""conf/ beside experiments/, absolute: the ``apd-decompose`` script finds it from any folder (Hydra
+reads a relative config_path against the running script's folder, the virtualenv's bin/ for a script)"""
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="decompose")
 def main(cfg: DictConfig) -> float:
     init_from_env()  # several tasks of one SLURM job step: one data-parallel run (torchrun: done in launch())
     finished = False
@@ -168,18 +191,44 @@ def _other_rank(cfg: DictConfig, out: Path) -> float:
     return float("nan")
 
 
+OWN_TARGETS = ("module", "hf")
+"""targets that are your own model: the default preset (``experiment=tms_5_2``, a TMS run's settings) does
+not apply to them"""
+TOKEN_DEFAULTS = {"batch_size": "16", "n_eval": "64"}
+"""batch sizes for token windows (``experiment=spd_lm_1l``'s: 16 windows a step, 64 for the metrics)
+in place of the toy targets' 2048 inputs a step and 10,000 for the metrics"""
+
+
+def own_target_overrides(argv: list[str]) -> list[str]:
+    """The overrides ``launch`` adds for a run of your own target (``target=module`` or ``target=hf``)
+    given with no ``experiment=``: ``~experiment`` (the default preset belongs to another target; its
+    method settings would be refused by ``method=spd``), and for ``target=hf`` the token batch sizes
+    of ``TOKEN_DEFAULTS`` where the command line sets none. A run dir is named after the target
+    (``outputs/decompose/<target.name>/...``, ``conf/decompose.yaml``)."""
+    target = next((a.split("=", 1)[1] for a in argv if a.startswith("target=")), None)
+    if target not in OWN_TARGETS:
+        return []
+    keys = {a.lstrip("~+").split("=", 1)[0] for a in argv}
+    extra = [] if "experiment" in keys else ["~experiment"]
+    if target == "hf":
+        extra += [f"{k}={v}" for k, v in TOKEN_DEFAULTS.items() if k not in keys]
+    return extra
+
+
 def launch() -> None:
-    """``python -m experiments.decompose`` and ``torchrun --nproc_per_node=N -m experiments.decompose``.
+    """``python -m experiments.decompose`` and ``torchrun --nproc_per_node=N -m experiments.decompose``
+    (and the ``apd-decompose`` console script, from any folder).
 
     Under torchrun the process group starts here; every rank then runs in the same run dir (rank 0's
     ``hydra.run.dir``, broadcast, when none is given), and ranks > 0 keep Hydra from writing theirs."""
+    sys.argv += own_target_overrides(sys.argv[1:])
     if init_from_env():
         if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
             raise SystemExit("error: torchrun runs one data-parallel decomposition; for a sweep of data-parallel jobs use "
                              "the SLURM launcher with hydra.launcher.tasks_per_node=N (docs/guide/scale_out.md)")  # fmt: skip
         if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
             stamp = broadcast_object(time.strftime("%Y-%m-%d_%H-%M-%S"))
-            sys.argv.append(f"hydra.run.dir=outputs/decompose/${{hydra:runtime.choices.experiment}}/{stamp}")
+            sys.argv.append(f"hydra.run.dir=outputs/decompose/${{apd_run_name:${{hydra:runtime.choices.experiment}},${{target.name}}}}/{stamp}")
         if not is_main():
             sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
         main()

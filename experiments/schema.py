@@ -13,7 +13,7 @@ from apd.config import ConfigError
 
 from apd import APDConfig, MethodConfig, SPDConfig
 from apd.experiment import DecomposeRun
-from apd.targets import LMTargetConfig, ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
+from apd.targets import HFTargetConfig, LMTargetConfig, ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 
 
 class LoggerKind(str, Enum):
@@ -66,6 +66,11 @@ def check_known_keys(cfg: DictConfig, path: str = "") -> None:
             check_known_keys(node, f"{name}.")
 
 
+def run_name(experiment: str | None, target: str) -> str:
+    """A run dir's name: the preset's, or the target's for a run without one (your own target)."""
+    return target if experiment in (None, "", "None", "null") else experiment
+
+
 def exit_on_unknown_keys(cfg: DictConfig) -> None:
     """:func:`check_known_keys` for an entry point: a typo ends the job with the one-line error on
     stderr and exit status 2, before anything runs."""
@@ -77,11 +82,14 @@ def exit_on_unknown_keys(cfg: DictConfig) -> None:
 
 
 def register() -> None:
+    if not OmegaConf.has_resolver("apd_run_name"):
+        OmegaConf.register_new_resolver("apd_run_name", run_name)
     cs = ConfigStore.instance()
     cs.store(group="target", name="tms_schema", node=TMSTargetConfig)
     cs.store(group="target", name="resid_mlp_schema", node=ResidMLPTargetConfig)
     cs.store(group="target", name="module_schema", node=ModuleTargetConfig)
     cs.store(group="target", name="lm_schema", node=LMTargetConfig)
+    cs.store(group="target", name="hf_schema", node=HFTargetConfig)
     cs.store(group="method", name="apd_schema", node=APDConfig)
     cs.store(group="method", name="spd_schema", node=SPDConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)

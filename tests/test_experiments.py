@@ -99,7 +99,8 @@ def test_a_seed_or_device_set_on_the_method_alone_is_kept():
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_target_composes(target):
-    app = OmegaConf.to_object(_compose("train_target", [f"target={target}"] + (MODULE_EXAMPLE if target == "module" else [])))
+    extra = {"module": MODULE_EXAMPLE, "hf": ["target.path=DIR", "target.modules=[lm_head]"]}.get(target, [])
+    app = OmegaConf.to_object(_compose("train_target", [f"target={target}", *extra]))
     assert app.target.name == target
     assert app.target.modules()
 

@@ -172,6 +172,7 @@ def test_ablation_and_activation_attributions_per_position(block):
     with cm.capture(["up", "down"], inputs=True) as a_in, torch.no_grad():
         cm(x)
     P = cm.component_weights()
+    P["up"] = P["up"].transpose(1, 2)  # component_weights() is in Conv1D's own layout [C, d_in, d_out]
     manual = sum((P[n][c] @ a_in[n][b, t]).pow(2).sum() for n in ("up", "down"))
     assert act[b, t, c].item() == pytest.approx(manual.item(), rel=1e-5)
 
@@ -197,7 +198,7 @@ def test_apd_trains_on_token_batches_with_per_position_masks(block, mode):
     assert logged[-1]["total"] < logged[0]["total"]
     assert logged[-1]["l0"] == pytest.approx(2.0, abs=0.01)  # 2 active components per *position*
     assert dec.component_weights()["embed"].shape == (6, D, V)
-    assert dec.component_weights()["up"].shape == (6, MLP, D)
+    assert dec.component_weights()["up"].shape == (6, D, MLP)  # the layout of Conv1D's own weight [d_in, d_out]
 
 
 @pytest.mark.parametrize("attribution", ["ablation", "activation"])

@@ -9,4 +9,4 @@ from apd.losses.registry import register_loss
 def ci_masked_recon_loss(ctx) -> Float[Tensor, ""]:  # noqa: ANN001  (apd.methods.spd.SPDStep)
     """D(f(x | every layer masked with its causal importances g), f(x | W)) (SPEC §5.3, optional):
     the model the run is evaluated with, trained to reconstruct the target directly."""
-    return output_distance(ctx.target_out, ctx.masked_out(ctx.ci), ctx.config.output_loss)
+    return output_distance(ctx.target_out, ctx.masked_out(ctx.ci), ctx.config.output_loss, ctx.valid)

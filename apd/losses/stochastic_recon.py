@@ -14,6 +14,6 @@ def stochastic_recon_loss(ctx) -> Float[Tensor, ""]:  # noqa: ANN001  (apd.metho
     total = None
     for _ in range(ctx.config.n_mask_samples):
         masks, deltas = ctx.routed_masks() if routed else ctx.stochastic_masks()
-        d = output_distance(ctx.target_out, ctx.masked_out(masks, deltas), ctx.config.output_loss)
+        d = output_distance(ctx.target_out, ctx.masked_out(masks, deltas), ctx.config.output_loss, ctx.valid)
         total = d if total is None else total + d
     return total / ctx.config.n_mask_samples

@@ -17,7 +17,7 @@ def stochastic_recon_layerwise_loss(ctx) -> Float[Tensor, ""] | None:  # noqa: A
         masks, deltas = ctx.stochastic_masks()
         for n, m in masks.items():
             out = ctx.masked_out({n: m}, None if deltas is None else {n: deltas[n]})
-            d = output_distance(ctx.target_out, out, ctx.config.output_loss)
+            d = output_distance(ctx.target_out, out, ctx.config.output_loss, ctx.valid)
             total = d if total is None else total + d
             count += 1
     return total / count

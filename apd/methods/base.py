@@ -79,6 +79,12 @@ class StepContext:
         """Logged numbers that are not loss terms (e.g. L0)."""
         return {}
 
+    @property
+    def valid(self) -> Tensor | None:
+        """[B, T] 0/1: the positions every loss and metric averages over (a dict batch's
+        ``attention_mask``, ``apd.model_io``); None when every position counts."""
+        return self.cm.valid_positions(self.x)
+
 
 @dataclass
 class Factors:

@@ -43,6 +43,7 @@ from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import ConfigError, LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
 from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
+from apd.model_io import masked_mean
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
 __all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CompileCI", "LayerRouting", "subset_routes", "CIFunctions", "ci_functions", "CI_FNS",
@@ -322,7 +323,7 @@ class SPDStep(StepContext):
 
     def metrics(self) -> dict[str, Tensor]:
         tau = self.config.ci_threshold
-        return {"l0": sum((g > tau).float().sum(-1).mean() for g in self.ci.values())}  # type: ignore[dict-item]
+        return {"l0": sum(masked_mean((g > tau).float().sum(-1), self.valid) for g in self.ci.values())}  # type: ignore[dict-item]
 
 
 def subset_routes(like: Mapping[str, Tensor]) -> dict[str, Tensor]:
