@@ -1,4 +1,4 @@
-"""A global causal-importance function (VPD, SPEC §7; ``SPDConfig.ci_fn=global_mlp``).
+"""A global causal-importance function (VPD, "Interpreting Language Model Parameters", 2026; ``SPDConfig.ci_fn=global_mlp``).
 
 The per-layer CI functions of ``apd.ci_functions`` see one layer's input, so a layer's g cannot use
 what another layer sees (an attention query's importance depends on the keys). VPD's global CI

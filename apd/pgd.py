@@ -1,4 +1,4 @@
-"""Adversarial masks by projected gradient ascent (VPD, SPEC §7).
+"""Adversarial masks by projected gradient ascent (VPD: "Interpreting Language Model Parameters", Goodfire 2026).
 
 SPD's stochastic masks m = g + (1 − g)·r draw the sources r ∈ [0, 1] at random; VPD's adversary
 chooses them to make the output distance D (KL to the target's logits, or MSE) as large as it can:

@@ -13,7 +13,7 @@ def _is_vmapped(x: Tensor) -> bool:
 
 @register_loss("adversarial_recon", order=15)
 def adversarial_recon_loss(ctx) -> Float[Tensor, ""]:  # noqa: ANN001  (apd.methods.spd.SPDStep)
-    """VPD's persistent-PGD reconstruction (SPEC §7): D(f(x | masks m = g + (1 − g)·r), f(x | W)) with
+    """VPD's persistent-PGD reconstruction (apd.pgd): D(f(x | masks m = g + (1 − g)·r), f(x | W)) with
     the sources r ∈ [0, 1] chosen against the decomposition: each step the run's persistent sources
     (``apd.pgd.PersistentSources``, per batch row and position) take ``adversarial_steps``
     projected sign-gradient ascent steps of ``adversarial_step_size`` on D, with g held fixed;
