@@ -213,6 +213,8 @@ class TrainingCheckpoint:
     rng: list[dict[str, Any]]
     data_consumed: int
     histories: list[list[dict[str, float]]]
+    method_state: list[dict[str, Tensor]] = field(default_factory=list)
+    """every rank's ``Method.training_state`` in rank order (empty: the method keeps none)"""
 
     def seed_state(self, seed: int | None = None, path: Path | str = "the checkpoint") -> SavedDecomposition:
         """Seed ``seed``'s decomposition at this step (default: the first seed)."""
@@ -246,6 +248,7 @@ def write_checkpoint(path: Path, ckpt: TrainingCheckpoint) -> None:
             "world_size": len(ckpt.rng),
             "data_consumed": ckpt.data_consumed,
             "histories": json.dumps(ckpt.histories),
+            "method_state": ckpt.method_state,
         },
         path,
     )
@@ -280,6 +283,7 @@ def read_checkpoint(path: Path, obj: dict[str, Any] | None = None) -> TrainingCh
         rng=obj["rng"] if isinstance(obj["rng"], list) else [obj["rng"]],  # one process: a bare dict
         data_consumed=int(obj["data_consumed"]),
         histories=json.loads(obj["histories"]),
+        method_state=list(obj.get("method_state", [])),  # absent in files written before it existed
     )
 
 

@@ -34,6 +34,7 @@ class CIFn(str, Enum):
     mlp = "mlp"
     vector_mlp = "vector_mlp"
     shared_mlp = "shared_mlp"
+    global_mlp = "global_mlp"  # one network over every layer's input (apd.global_ci.GlobalMLPCI, built by SPD)
 
 
 def _normal(shape: tuple[int, ...], fan_in: int, gain: float, generator: torch.Generator) -> nn.Parameter:
@@ -202,6 +203,8 @@ def make_ci_fn(kind: CIFn, C: int, d_in: int, hidden: list[int], generator: torc
     """A causal-importance function for a layer with C subcomponents and inputs of width d_in
     (``reads_inner``: the layer's input is a token index; read the inner activations instead)."""
     kind = CIFn(kind)
+    if kind is CIFn.global_mlp:
+        raise ValueError("ci_fn=global_mlp is one network for all layers (apd.global_ci.GlobalMLPCI), not a per-layer function")
     if kind is CIFn.mlp:
         return MLPCI(C, hidden, generator)
     width = C if reads_inner else d_in

@@ -294,6 +294,7 @@ class _Run:
              histories: list[list[dict[str, float]]]) -> None:  # fmt: skip
         """Write the checkpoint (rank 0; every rank's RNG state in rank order)."""
         rng = gather_objects(_rng_state())
+        method_state = gather_objects(self.method.training_state(self.cm))
         if not is_main():
             return
         cm = self.cm
@@ -302,6 +303,7 @@ class _Run:
             kinds=dict(cm.kinds), target_weights={n: w.detach().cpu() for n, w in cm.target_weights().items()},
             seeds=self.seeds, stacked=self.stacked, step=step, params={n: p.detach().cpu() for n, p in self.params.items()},
             optimizer=opt.state_dict(), rng=rng, data_consumed=source.consumed, histories=histories,
+            method_state=method_state if any(method_state) else [],
         ))  # fmt: skip
 
     def load(self, path: Path, opt: torch.optim.Optimizer, source: BatchSource) -> tuple[int, list[list[dict[str, float]]]]:
@@ -331,6 +333,8 @@ class _Run:
         opt.load_state_dict(ckpt.optimizer)
         source.skip(ckpt.data_consumed)  # iterables only; before the RNG state is restored
         _set_rng_state(ckpt.rng[rank])
+        if ckpt.method_state:
+            self.method.load_training_state(self.cm, ckpt.method_state[rank])
         return ckpt.step, ckpt.histories
 
     # ------------------------------------------------------------------ results

@@ -755,7 +755,7 @@ EDGES_BAD = [  # (config, its whole error message)
     (dict(ci_threshold=-0.1), "SPDConfig.ci_threshold=-0.1: τ must lie in [0, 1)"),
     (dict(stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=0.0),
      "SPDConfig: every reconstruction loss is off (stochastic_recon_coeff, stochastic_recon_layerwise_coeff, "
-     "ci_masked_recon_coeff); without one nothing ties the subcomponents to the target's outputs"),
+     "ci_masked_recon_coeff, adversarial_recon_coeff); without one nothing ties the subcomponents to the target's outputs"),
     (dict(delta_component=False, faithfulness_coeff=0.0),
      "SPDConfig: delta_component=False and faithfulness_coeff off: nothing keeps Σ_c U_c V_cᵀ equal to the weights; "
      "set faithfulness_coeff (e.g. 1.0) or delta_component=True"),

@@ -226,6 +226,14 @@ class Method(ABC):
     def after_step(self, factors: Factors) -> None:
         """Adjust parameters after the update (default: nothing)."""
 
+    def training_state(self, cm: ComponentModel) -> dict[str, Tensor]:
+        """State besides the trained tensors that a resumed run needs, saved in training checkpoints
+        (default: none; SPD: the persistent adversarial sources of ``adversarial_recon``)."""
+        return {}
+
+    def load_training_state(self, cm: ComponentModel, state: Mapping[str, Tensor]) -> None:
+        """Restore what ``training_state`` saved, on resuming (default: nothing)."""
+
     # ----------------------------------------------------------------- evaluation
     @abstractmethod
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:

@@ -42,8 +42,10 @@ from apd.component_model import CallRecord, ComponentModel, Masks, resolve_modul
 from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import ConfigError, LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
+from apd.global_ci import GlobalMLPCI
 from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
 from apd.model_io import masked_mean
+from apd.pgd import AdversarialForm, persistent_sources
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
 __all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CompileCI", "LayerRouting", "subset_routes", "CIFunctions", "ci_functions", "CI_FNS",
@@ -118,7 +120,9 @@ class SPDConfig(MethodConfig):
     (conf/experiment/spd_resid_mlp_3.yaml)"""
     ci_fn: CIFn = CIFn.mlp
     """causal-importance function: mlp (per subcomponent, on its inner activation: the paper's),
-    vector_mlp (per subcomponent, on the layer's input), shared_mlp (one per layer, input to C outputs)"""
+    vector_mlp (per subcomponent, on the layer's input), shared_mlp (one per layer, input to C outputs),
+    global_mlp (VPD's: one network reading every decomposed layer's RMS-normalised input, to every layer's
+    C outputs, per position: ``apd.global_ci``)"""
     ci_hidden: list[int] = field(default_factory=lambda: [16])
     """hidden widths of the CI functions' MLPs (16 for the toys, 128 for the 3-layer residual MLP)"""
     init_scale: float = 1.0
@@ -175,6 +179,18 @@ class SPDConfig(MethodConfig):
     """D of the reconstruction losses: mse, or kl to the target's logits (language models); None
     (unset): the target's (``DecomposeRun``: kl for the language model, ``target.loss`` for your own
     module, else mse), mse where no target config is given (``decompose``)"""
+    adversarial_recon_coeff: float | None = None
+    """VPD's persistent-PGD reconstruction (``apd.losses.adversarial_recon``; None: off; VPD's LM run: 0.5
+    beside stochastic 0.5): masks m = g + (1 − g)·r with sources r per batch row and position chosen
+    by projected gradient ascent on D and kept from step to step (and in checkpoints)"""
+    adversarial_form: AdversarialForm = AdversarialForm.all_layers
+    """all_layers: every layer use masked at once; layerwise: each alone, the mean over layer uses (costs
+    L times the passes)"""
+    adversarial_steps: int = 4
+    """n_adv: ascent steps on the persistent sources per training step (each one forward and backward pass
+    per layer group)"""
+    adversarial_step_size: float = 0.5
+    """lr_adv: the size of each sign-gradient ascent step on r ∈ [0, 1] (VPD: n_adv·lr_adv ≈ 2)"""
 
     # before the main steps
     faithfulness_warmup_steps: int = 200
@@ -211,6 +227,12 @@ class SPDConfig(MethodConfig):
         need(self.faithfulness_warmup_lr > 0, f"SPDConfig.faithfulness_warmup_lr={self.faithfulness_warmup_lr}: must be > 0")
         need(self.faithfulness_warmup_weight_decay >= 0,
              f"SPDConfig.faithfulness_warmup_weight_decay={self.faithfulness_warmup_weight_decay}: must be >= 0")  # fmt: skip
+        need(isinstance(self.adversarial_steps, int) and not isinstance(self.adversarial_steps, bool) and self.adversarial_steps >= 1,
+             f"SPDConfig.adversarial_steps={self.adversarial_steps!r}: the adversary needs a whole number of ascent steps >= 1 "
+             "per training step (VPD: a few, with adversarial_steps * adversarial_step_size about 2)")  # fmt: skip
+        need(0 < self.adversarial_step_size <= 1,
+             f"SPDConfig.adversarial_step_size={self.adversarial_step_size}: must lie in (0, 1] (the sources live in [0, 1]; "
+             "e.g. 0.5 with adversarial_steps=4)")  # fmt: skip
         need(0 <= self.ci_threshold < 1, f"SPDConfig.ci_threshold={self.ci_threshold}: τ must lie in [0, 1)")
         need(self.layer_routing is LayerRouting.all_and_layerwise or self.coefficient("stochastic_recon") > 0,
              f"SPDConfig.layer_routing={self.layer_routing.value} routes the stochastic_recon loss, which is off "
@@ -400,10 +422,10 @@ class CIFunctions(nn.ModuleList):
         return self[self.position[name]]
 
 
-def ci_functions(cm: ComponentModel) -> CIFunctions:
+def ci_functions(cm: ComponentModel) -> "CIFunctions | GlobalMLPCI":
     """The causal-importance functions of an SPD component model (a clear error for any other)."""
     fns = cm.method_module(CI_FNS)
-    if not isinstance(fns, CIFunctions):
+    if not isinstance(fns, (CIFunctions, GlobalMLPCI)):
         raise ValueError("this decomposition has no causal-importance functions (an APD decomposition ranks its "
                          "components by attributions: apd.compute_attributions); causal importances come from SPD")  # fmt: skip
     return fns
@@ -431,7 +453,8 @@ class SPD(Method):
 
     name = "spd"
     config_class = SPDConfig
-    loss_names = ("faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality")
+    loss_names = ("faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality",
+                  "adversarial_recon")
     eval_mask_name = "ci"
     units = Units.per_matrix
     unit_noun = "subcomponent"
@@ -480,6 +503,13 @@ class SPD(Method):
                             init=ComponentInit.kaiming)  # fmt: skip
         _check_C_per_module_keys(c, cm.matrix_names, cm.tied_names)
         generator = torch.Generator().manual_seed(seed + 1_000_003)  # the CI functions' own stream
+        if c.ci_fn is CIFn.global_mlp:  # ---- VPD's global CI function: one network for every layer use
+            widths = {n: (cm.layers[n].C, cm.layers[n].C if isinstance(cm.layers[n], EmbeddingComponents) else _d_in(cm, n),
+                          isinstance(cm.layers[n], EmbeddingComponents)) for n in cm.layer_names}  # fmt: skip
+            cm.set_method_module(CI_FNS, GlobalMLPCI(widths, list(c.ci_hidden), generator))
+            if c.compile_ci:
+                cm.method_module(CI_FNS).forward = torch.compile(cm.method_module(CI_FNS).forward)  # type: ignore[union-attr,method-assign]
+            return cm.to(next(iter(cm.target_weights().values())).device)
         fns = {}
         for n in cm.layer_names:
             layer = cm.layers[n]
@@ -503,6 +533,11 @@ class SPD(Method):
         if inner is not None and getattr(fns, "auto_compile_steps", None) is not None and torch.is_grad_enabled():  # a training step
             _auto_compile(fns, acts, self.config)
         lower, upper = {}, {}
+        if isinstance(fns, GlobalMLPCI):  # ---- VPD's global CI function (apd.global_ci)
+            emb = {n: acts[n] for n in cm.layer_names if fns.reads_inner[n]}
+            for n, pre in fns(a_in, emb).items():
+                lower[n], upper[n] = leaky_hard_sigmoids(pre, alpha)
+            return lower, upper
         for n in cm.layer_names:
             lower[n], upper[n] = leaky_hard_sigmoids(fns.fn(n)(acts[n], a_in[n]), alpha)
         return lower, upper
@@ -547,6 +582,13 @@ class SPD(Method):
             opt.step()
         for p in params:
             p.grad = None
+
+    def training_state(self, cm: ComponentModel) -> dict[str, Tensor]:
+        """The persistent adversarial sources of ``adversarial_recon`` (none when it is off)."""
+        return persistent_sources(cm).state_dict() if self.config.coefficient("adversarial_recon") > 0 else {}
+
+    def load_training_state(self, cm: ComponentModel, state: Mapping[str, Tensor]) -> None:
+        persistent_sources(cm).load_state_dict(state, self.config.device)
 
     def eval_masks(self, cm: ComponentModel, x: Tensor) -> Masks:
         """The causal importances g per layer use (lower-leaky, in [0, 1])."""
