@@ -463,7 +463,12 @@ class SPD(Method):
     config: SPDConfig
 
     def vectorised(self) -> "SPD":
-        """The default rules; the CI functions run eagerly inside the seeds' vmap (``compile_ci`` off)."""
+        """The default rules; the CI functions run eagerly inside the seeds' vmap (``compile_ci`` off).
+        ``adversarial_recon`` is refused: its persistent sources belong to one run, which the seeds'
+        instances (vmapped or one after another on the same component model) would share."""
+        if self.config.coefficient("adversarial_recon") > 0:
+            raise ConfigError("adversarial_recon keeps per-run adversarial sources, which seeds trained at once "
+                              "(decompose_seeds / a seeds sweep in one process) cannot share; train each seed on its own")  # fmt: skip
         method = super().vectorised()
         return self._with(compile_ci=CompileCI.off) if self.config.compile_ci is not CompileCI.off else method  # type: ignore[return-value]
 
