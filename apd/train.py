@@ -4,7 +4,7 @@
 the trained tensors of N seeds are stacked along a leading instance dimension and the whole loss
 (target pass, attributions or causal importances, masks, every term) runs under
 ``torch.func.vmap``, so a small target pays its per-operation overhead once, not N times (a method
-may say that vmap does not pay on a device, ``vmap_seeds``: SPD on the CPU; its instances then run one
+may say that vmap does not pay on a device (``vmap_seeds``; no method does today); its instances then run one
 after another within each step, on slices of the same stacked tensors). The
 instances never interact: each starts exactly as ``decompose`` with its seed starts, draws its own
 batches (N draws per step from the global RNGs seeded with the first seed, so equal in distribution

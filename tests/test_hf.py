@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from apd import APDConfig, DataError, Decomposition, ModuleSelectionError, SPDConfig, decompose, decompose_seeds
+from apd import DataError, Decomposition, ModuleSelectionError, SPDConfig, decompose, decompose_seeds
 from apd.losses.distance import output_distance
 from apd.losses.importance_minimality import importance_minimality_loss
 from apd.methods import method_for
@@ -209,11 +209,5 @@ def test_seeds_at_once_on_token_windows_and_a_clear_error_for_padded_dict_batche
     config = SPDConfig(C=4, steps=2, output_loss="kl", faithfulness_warmup_steps=1)
     decs = decompose_seeds(gpt2(), lambda: padded_batch()["input_ids"], config, modules=GPT2_ALL, seeds=[0, 1], progress=False)
     assert [d.tied for d in decs] == [{"lm_head": "transformer.wte"}] * 2
-    # SPD's instances run one after another on the CPU (Method.vmap_seeds): padded dict batches train
-    padded = decompose_seeds(gpt2(), padded_batch, config, modules=["lm_head"], seeds=[0, 1], progress=False)
-    assert [d.config.seed for d in padded] == [0, 1]
-    assert not torch.equal(padded[0].A["lm_head"], padded[1].A["lm_head"])
-    # a method whose seeds are vmapped cannot follow the attention mask's data-dependent branches
-    apd_config = APDConfig(C=4, rank=1, topk=1, steps=2, output_loss="kl", attribution="activation")
     with pytest.raises(DataError, match="call decompose once per seed"):
-        decompose_seeds(gpt2(), padded_batch, apd_config, modules=["lm_head"], seeds=[0, 1], progress=False)
+        decompose_seeds(gpt2(), padded_batch, config, modules=["lm_head"], seeds=[0, 1], progress=False)

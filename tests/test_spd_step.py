@@ -203,14 +203,15 @@ def test_subset_routes_draw_k_uniformly_then_a_uniform_subset():
 
 
 def test_seeds_at_once_one_after_another_equal_the_vmapped_instances(monkeypatch):
-    """On the CPU SPD's seeds at once run their instances one after another within the step; with
-    deterministic losses that is exactly what vmapping them gives."""
+    """Seeds at once with their instances run one after another within the step (``vmap_seeds`` False)
+    give, with deterministic losses, exactly what vmapping them gives."""
     from apd.methods.spd import SPD
 
     cfg = SPDConfig(C=3, steps=6, lr=1e-2, faithfulness_warmup_steps=2, grad_clip_norm=0.5, ci_masked_recon_coeff=1.0,
                     stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=None)  # fmt: skip
     model, modules, x, _ = _case("resid_mlp_3")
-    assert not method_for(cfg).vmap_seeds(torch.device("cpu"))
+    assert method_for(cfg).vmap_seeds(torch.device("cpu"))  # the default: vmapped
+    monkeypatch.setattr(SPD, "vmap_seeds", lambda self, device: False)
     looped = decompose_seeds(model, lambda: x, cfg, modules, [0, 1], progress=False)
     monkeypatch.setattr(SPD, "vmap_seeds", lambda self, device: True)
     vmapped = decompose_seeds(model, lambda: x, cfg, modules, [0, 1], progress=False)
