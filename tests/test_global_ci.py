@@ -109,3 +109,10 @@ def test_trains_saves_and_loads_through_decompose(tmp_path):
     x = torch.randn(9, 5)
     a, b = dec.causal_importances(x), loaded.causal_importances(x, target)
     assert set(a) == {"0", "2"} and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_compile_ci_off_and_auto_leave_the_global_function_eager():
+    """``compile_ci`` is an Enum whose every member is truthy: only ``on`` compiles the global function."""
+    for choice, compiled in (("off", False), ("auto", False), ("on", True)):
+        cm = method_for(SPDConfig(C=3, ci_fn="global_mlp", compile_ci=choice)).build(_mlp_target(), ["0", "2"])
+        assert ("forward" in cm.method_module(CI_FNS).__dict__) is compiled, choice

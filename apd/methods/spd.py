@@ -513,7 +513,7 @@ class SPD(Method):
             widths = {n: (cm.layers[n].C, cm.layers[n].C if isinstance(cm.layers[n], EmbeddingComponents) else _d_in(cm, n),
                           isinstance(cm.layers[n], EmbeddingComponents)) for n in cm.layer_names}  # fmt: skip
             cm.set_method_module(CI_FNS, GlobalMLPCI(widths, list(c.ci_hidden), generator))
-            if c.compile_ci:
+            if c.compile_ci is CompileCI.on:  # (auto decides for the mlp functions only)
                 cm.method_module(CI_FNS).forward = torch.compile(cm.method_module(CI_FNS).forward)  # type: ignore[union-attr,method-assign]
             return cm.to(next(iter(cm.target_weights().values())).device)
         fns = {}

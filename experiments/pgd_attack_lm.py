@@ -1,5 +1,5 @@
 """KL under VPD's PGD mask attack for finished language-model runs (docs/results/lm.md, VPD's losses):
-``python scripts/pgd_attack_lm.py RUN_DIR [RUN_DIR ...] [--windows 16] [--steps 20 40 80 160]``.
+``python -m experiments.pgd_attack_lm RUN_DIR [RUN_DIR ...] [--windows 16] [--steps 20 40 80 160]``.
 
 For each run dir (written by ``python -m experiments.decompose`` on an LM target): held-out windows
 (a fixed generator, seed 0), then the KL to the target's logits with masks = the causal importances
