@@ -20,6 +20,7 @@ from apd.losses import faithfulness_loss
 from apd.losses.distance import output_distance
 from apd.mechanisms import Mechanism, mechanism_summary, mechanisms_from_masks
 from apd.methods import Method, method_for
+from apd.model_io import masked_mean, valid_rows
 
 __all__ = ["EvalContext", "ScoredTarget", "evaluate"]
 
@@ -76,18 +77,20 @@ def evaluate(
     ctx = EvalContext(target, target_config, dec, cm, method, n_eval, seed, torch.device(device))
     gen = torch.Generator().manual_seed(seed + 10_000)
     x = target_config.eval_batch(n_eval, gen, device)
+    valid = cm.valid_positions(x)  # a dict batch's attention mask: padded positions count nowhere
     with torch.no_grad():
         masks = ctx.eval_masks(x)
         out, masked = cm(x), cm(x, masks=masks)
+        kept = valid_rows(masks, valid)
         generic = {
             "faithfulness_loss": faithfulness_loss(cm.target_weights(), cm.summed_weights()).item(),
-            f"{method.eval_mask_name}_recon_mse": (masked - out).pow(2).mean().item(),
-            **method.mask_l0(masks),
+            f"{method.eval_mask_name}_recon_mse": masked_mean((masked - out).pow(2), valid).item(),
+            **method.mask_l0(kept),
         }
         if target_config.output_loss().value == "kl":
-            generic[f"{method.eval_mask_name}_recon_kl"] = output_distance(out, masked, target_config.output_loss()).item()
-        generic |= method.eval_metrics(cm, x, masks, out)
+            generic[f"{method.eval_mask_name}_recon_kl"] = output_distance(out, masked, target_config.output_loss(), valid).item()
+        generic |= method.eval_metrics(cm, x, masks, out, valid=valid)
         ranks = {n: cm.layers[n].m for n in cm.matrix_names}
-        ctx.mechanisms, summary = mechanisms_from_masks(masks, method.active_threshold(), cm.tied_names, ranks=ranks)
+        ctx.mechanisms, summary = mechanisms_from_masks(kept, method.active_threshold(), cm.tied_names, ranks=ranks)
         generic |= summary | {"mechanisms": mechanism_summary(ctx.mechanisms)}
     return target_config.evaluate(ctx) | generic

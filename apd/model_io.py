@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ModelIO", "OutputFn", "as_output_tensor", "masked_mean"]
+__all__ = ["ModelIO", "OutputFn", "as_output_tensor", "masked_mean", "valid_rows"]
 
 OutputFn = Callable[[Any], Tensor]
 
@@ -44,6 +44,17 @@ def as_output_tensor(out: Any, output_fn: OutputFn | None = None) -> Any:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     return out
+
+
+def valid_rows(masks: Any, valid: Tensor | None) -> Any:
+    """Masks (a tensor [*lead, C] or {name: [*lead, C]}) at the positions ``valid`` [*lead] (0/1) keeps,
+    flattened to [N_valid, C]; unchanged when ``valid`` is None."""
+    if valid is None:
+        return masks
+    keep = valid.bool()
+    if isinstance(masks, Mapping):
+        return {n: m[keep] for n, m in masks.items()}
+    return masks[keep]
 
 
 def masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:

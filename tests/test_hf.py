@@ -211,3 +211,38 @@ def test_seeds_at_once_on_token_windows_and_a_clear_error_for_padded_dict_batche
     assert [d.tied for d in decs] == [{"lm_head": "transformer.wte"}] * 2
     with pytest.raises(DataError, match="call decompose once per seed"):
         decompose_seeds(gpt2(), padded_batch, config, modules=["lm_head"], seeds=[0, 1], progress=False)
+
+
+def test_evaluation_counts_only_valid_positions():
+    """``apd.evaluation.evaluate`` on a right-padded dict batch gives the numbers of the same sequence
+    cut to its real tokens: reconstruction MSE and KL, L0, thresholded reconstruction, alive counts."""
+    from apd.config import OutputLoss
+    from apd.evaluation import evaluate
+
+    model = gpt2()
+    config = SPDConfig(C=6, steps=2, output_loss="kl", faithfulness_warmup_steps=1, ci_threshold=0.0)
+    dec = decompose(model, lambda: padded_batch(), config, modules=["transformer.h.0.mlp.c_fc", "transformer.h.0.attn.c_proj"],
+                    progress=False)  # fmt: skip
+    ids = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(3))
+
+    class Target:  # the protocol evaluate() reads (apd.evaluation.ScoredTarget)
+        def __init__(self, batch):  # noqa: ANN001
+            self.b = batch
+
+        def eval_batch(self, batch_size, generator, device="cpu"):  # noqa: ANN001, ANN202
+            return self.b
+
+        def output_loss(self) -> OutputLoss:
+            return OutputLoss.kl
+
+        def evaluate(self, ctx) -> dict:  # noqa: ANN001
+            return {}
+
+    padded = {"input_ids": torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1),
+              "attention_mask": torch.tensor([[1] * 8 + [0] * 3])}  # fmt: skip
+    got = evaluate(dec, model, Target(padded), n_eval=1, seed=0)
+    want = evaluate(dec, model, Target({"input_ids": ids, "attention_mask": torch.ones_like(ids)}), n_eval=1, seed=0)
+    keys = [k for k, v in want.items() if isinstance(v, float) and (k.startswith(("ci_", "l0", "n_alive")))]
+    assert {"ci_recon_mse", "ci_recon_kl", "l0", "ci_thresholded_recon_mse"} <= set(keys)
+    for k in keys:
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-7), k

@@ -286,8 +286,10 @@ class Method(ABC):
         per = {f"l0/{n}": (m > 0).float().sum(-1).mean().item() for n, m in masks.items()}
         return {"l0": sum(per.values()), **per}
 
-    def eval_metrics(self, cm: ComponentModel, x: Tensor, masks: Masks, target_out: Tensor) -> dict[str, Any]:
-        """Method-specific numbers of a finished run on evaluation inputs (default: none)."""
+    def eval_metrics(self, cm: ComponentModel, x: Tensor, masks: Masks, target_out: Tensor, *,
+                     valid: Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+        """Method-specific numbers of a finished run on evaluation inputs (default: none); ``valid``
+        [*lead] (0/1, a dict batch's attention mask) marks the positions that count."""
         return {}
 
     def run_warnings(self, metrics: Mapping[str, Any]) -> list[str]:

@@ -44,7 +44,7 @@ from apd.config import ConfigError, LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
 from apd.global_ci import GlobalMLPCI
 from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
-from apd.model_io import masked_mean
+from apd.model_io import masked_mean, valid_rows
 from apd.pgd import AdversarialForm, persistent_sources
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
@@ -615,16 +615,18 @@ class SPD(Method):
         per = {f"l0/{n}": (g > tau).float().sum(-1).mean().item() for n, g in masks.items()}
         return {"l0": sum(per.values()), **per}
 
-    def eval_metrics(self, cm: ComponentModel, x: Tensor, masks: Masks, target_out: Tensor) -> dict[str, Any]:
+    def eval_metrics(self, cm: ComponentModel, x: Tensor, masks: Masks, target_out: Tensor, *,
+                     valid: Tensor | None = None) -> dict[str, Any]:  # fmt: skip
         """Thresholded-CI reconstruction, per-layer mean CI, alive subcomponents (g > τ somewhere),
-        and the layers whose gates saturate (g > τ on > 90% of (input, subcomponent) pairs) or all die."""
+        and the layers whose gates saturate (g > τ on > 90% of (input, subcomponent) pairs) or all die;
+        over the positions ``valid`` keeps (all when None)."""
         assert isinstance(masks, Mapping)
         tau = self.config.ci_threshold
         with torch.no_grad():
             hard = {n: (g > tau).to(g.dtype) for n, g in masks.items()}
-            out: dict[str, Any] = {"ci_thresholded_recon_mse": (cm(x, masks=hard) - target_out).pow(2).mean().item()}
+            out: dict[str, Any] = {"ci_thresholded_recon_mse": masked_mean((cm(x, masks=hard) - target_out).pow(2), valid).item()}
             saturated, dead = [], []
-            for n, g in masks.items():
+            for n, g in valid_rows(masks, valid).items():
                 on = g > tau
                 rows = on.reshape(-1, on.shape[-1])
                 out[f"ci_mean/{n}"] = g.mean().item()
