@@ -13,8 +13,14 @@ extra_info) through ``apd.train.train_step``. Before timing, the reference's los
 equal to the toolkit's (rel 1e-5) from the same state and random draws. extra_info: ``flops`` of one
 step (forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode``, which counts
 matmul-type ops only: mm, bmm, addmm, einsum's contractions; no elementwise work).
+
+Besides the preset as it runs (``toolkit``), options that change the objective or the arithmetic are
+timed in the same rounds from the same start: ``routed`` (``layer_routing=uniform_k_subset``: one masked
+pass instead of 1 + L), and, when ``SPDConfig`` has ``precision``, ``bf16`` and ``routed_bf16``. Their
+FLOPs are not counted (a routed step's depend on its draws).
 """
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -87,14 +93,35 @@ class _Case:
         twin_opt = make_optimizer(self.config.optimizer, twin.trainable_parameters().values(), self.config.lr)
         self.flops = _count_flops(lambda: train_step(twin, twin_opt, self.x, twin_method, 0))
         self.ref_flops = _count_flops(lambda: reference_train_step(self.ref, self.ref_opt, self.x, 0, self.config))
+        self.initial = {k: v.clone() for k, v in self.cm.state_dict().items()}
         start = time.perf_counter()
         train_step(self.cm, self.opt, self.x, self.method, 0)  # the warm-up step (compiles the CI functions if set)
         self.compile_seconds = time.perf_counter() - start if self.config.compile_ci else 0.0
         self.steps = iter(range(1, 10**9))
         self.ref_steps = iter(range(1, 10**9))
 
+        self.kwargs, self.model, self.tcfg = kwargs, model, tcfg
+        self.variants: dict[str, tuple] = {}
+
     def toolkit_step(self) -> None:
         train_step(self.cm, self.opt, self.x, self.method, next(self.steps))
+
+    def variant_step(self, variant: str) -> None:
+        """One step of the preset with a variant's options (built from the toolkit side's initial state,
+        with one untimed warm-up step, on first use)."""
+        if variant not in self.variants:
+            kwargs = {**self.kwargs, **VARIANTS[variant]}
+            if SMOKE:
+                kwargs["compile_ci"] = False
+            method = method_for(SPDConfig(**kwargs))
+            cm = method.build(self.model, self.tcfg.modules())
+            cm.load_state_dict(self.initial)
+            opt = make_optimizer(self.config.optimizer, cm.trainable_parameters().values(), self.config.lr)
+            steps = iter(range(10**9))
+            train_step(cm, opt, self.x, method, next(steps))
+            self.variants[variant] = (cm, opt, method, steps)
+        cm, opt, method, steps = self.variants[variant]
+        train_step(cm, opt, self.x, method, next(steps))
 
     def reference_step(self) -> None:
         reference_train_step(self.ref, self.ref_opt, self.x, next(self.ref_steps), self.config)
@@ -110,14 +137,25 @@ def _case(name: str) -> _Case:
     return _CASES[name]
 
 
-@pytest.mark.parametrize("name,side", [(p, s) for p in PRESETS for s in ("toolkit", "reference")],
-                         ids=[f"{p}-{s}" for p in PRESETS for s in ("toolkit", "reference")])  # fmt: skip
+VARIANTS = {"routed": {"layer_routing": "uniform_k_subset"}}
+"""the toolkit's options timed beside the preset: {side: SPDConfig fields over the preset's}"""
+if "precision" in {f.name for f in dataclasses.fields(SPDConfig)}:
+    VARIANTS |= {"bf16": {"precision": "bf16"}, "routed_bf16": {"layer_routing": "uniform_k_subset", "precision": "bf16"}}
+SIDES = ("toolkit", "reference", *VARIANTS)
+
+
+@pytest.mark.parametrize("name,side", [(p, s) for p in PRESETS for s in SIDES],
+                         ids=[f"{p}-{s}" for p in PRESETS for s in SIDES])  # fmt: skip
 @pytest.mark.benchmark(group="spd_vs_reference")
 def test_spd_vs_reference(benchmark, name, side):
     case = _case(name)
-    fn, other = (case.toolkit_step, case.reference_step) if side == "toolkit" else (case.reference_step, case.toolkit_step)
+    if side in VARIANTS:
+        fn, other = (lambda: case.variant_step(side)), case.reference_step
+    else:
+        fn, other = (case.toolkit_step, case.reference_step) if side == "toolkit" else (case.reference_step, case.toolkit_step)
     benchmark.pedantic(fn, setup=other, rounds=ROUNDS[name], iterations=1, warmup_rounds=1)  # the other side between rounds
-    benchmark.extra_info.update({"preset": name, "side": side, "flops": case.flops if side == "toolkit" else case.ref_flops,
+    flops = {"toolkit": case.flops, "reference": case.ref_flops}.get(side)
+    benchmark.extra_info.update({"preset": name, "side": side, "flops": flops,
                                  "batch": int(case.x.shape[0]), "compile_ci": bool(case.config.compile_ci and side == "toolkit")})  # fmt: skip
     if side == "toolkit" and case.config.compile_ci:
         benchmark.extra_info["compile_seconds"] = case.compile_seconds
