@@ -21,6 +21,7 @@ __all__ = [
     "GradientMode",
     "LRSchedule",
     "OutputLoss",
+    "Precision",
     "check_types",
     "need",
     "OPTIMIZERS",
@@ -70,6 +71,13 @@ class OutputLoss(str, Enum):
 
     mse = "mse"
     kl = "kl"  # outputs are logits over the last dimension
+
+
+class Precision(str, Enum):
+    """The number format of a training step's matrix products (``MethodConfig.precision``)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"  # bfloat16 matmuls via torch.autocast; parameters, optimiser state and evaluation stay float32
 
 
 # The optimisers offered by name (``MethodConfig.optimizer``; ``apd.optim.make_optimizer`` builds them).
@@ -197,6 +205,14 @@ class MethodConfig:
     CPU of benchmarks/README.md it did not pay for APD: 0.9-1.1x the eager step, after 8-48 s of compiling"""
     seed: int = 0
     device: str = "cpu"
+    precision: Precision = Precision.fp32
+    """``bf16``: the matrix products of each training step's forward and backward run in bfloat16
+    (``torch.autocast`` on ``device``'s type, cpu or cuda; ``apd.precision``), everything else as in
+    fp32: parameters, optimiser state, checkpoints, the losses' last sums, SPD's target pass, its
+    faithfulness warm-up and all evaluation stay float32. It pays where the step is matmul-bound: one
+    thread of an AMD EPYC with avx512_bf16, ``python -m benchmarks.bf16_step time ...`` (2026-12-05):
+    residual MLP 1/3 layers 1.30x/1.36x, LM 1.57x faster, TMS 5-2 0.86x (overhead-bound). Quality and
+    one-step accuracy: docs/guide/precision.md"""
     log_every: int = 100
     checkpoint_every: int | None = None
     """steps between checkpoints when a checkpoint directory is given (None = only at the end)"""
@@ -214,6 +230,10 @@ class MethodConfig:
         need(self.log_every > 0, f"{name}.log_every={self.log_every}: must be > 0")
         need(self.checkpoint_every is None or self.checkpoint_every > 0,
              f"{name}.checkpoint_every={self.checkpoint_every}: must be > 0, or None for only at the end")  # fmt: skip
+        if self.precision is Precision.bf16:
+            kind = self.device.split(":")[0]
+            need(kind in ("cpu", "cuda"), f"{name}.precision=bf16 with device={self.device!r}: bfloat16 autocast is offered "
+                                          "on cpu and cuda devices only; use precision=fp32 on this device")  # fmt: skip
         for f in dataclasses.fields(self):
             if f.name.endswith("_coeff") or f.name == "grad_clip_norm":
                 v = getattr(self, f.name)

@@ -54,6 +54,7 @@ from apd.distributed import (
 from apd.methods import Factors, InstanceView, Method, method_for
 from apd.methods.base import VECTORISABLE_OPTIMIZERS
 from apd.model_io import ModelIO, OutputFn, check_output_fn
+from apd.precision import check_precision, step_autocast
 
 __all__ = ["decompose", "decompose_seeds", "train_step", "loss_terms", "as_floats", "NonFiniteLossError", "NonFiniteTargetError",
            "check_target_finite", "CHECKPOINT_NAME", "VECTORISABLE_OPTIMIZERS", "LogCallback", "SeedsCallback"]  # fmt: skip
@@ -232,7 +233,8 @@ class _Run:
             A={n: a.data for n, a in factors.A.items()}, B={n: b.data for n, b in factors.B.items()},
             optimizer_states=[(p.data, opt.state[p]) for p in params.values() if p in opt.state])])  # fmt: skip
         losses = method.compiled_loss_terms() if method.config.compile else method.loss_terms
-        terms = losses(cm, x, step, capture)
+        with step_autocast(method.config):  # precision=bf16: the forward's matmuls (their backward follows)
+            terms = losses(cm, x, step, capture)
         if not all_true(bool(torch.isfinite(terms["total"]))):  # every rank stops together
             which = "" if rank_and_world()[1] == 1 else f" on rank {rank_and_world()[0]} or another"
             raise NonFiniteLossError(_nan_message(step, as_floats(terms), x, params, which))
@@ -256,11 +258,12 @@ class _Run:
         def one_instance(p: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
             return functional_call(self.loss_module, {f"cm.{n}": v for n, v in p.items()}, (x, step))
 
-        if self.vmapped:
-            terms = vmap(one_instance, randomness="different")(params, x)
-        else:  # one instance after another, each on its slices of the stacked tensors (its own graph)
-            outs = [one_instance({n: p[i] for n, p in params.items()}, x[i]) for i in range(len(self.seeds))]
-            terms = {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+        with step_autocast(method.config):  # precision=bf16: the forward's matmuls (their backward follows)
+            if self.vmapped:
+                terms = vmap(one_instance, randomness="different")(params, x)
+            else:  # one instance after another, each on its slices of the stacked tensors (its own graph)
+                outs = [one_instance({n: p[i] for n, p in params.items()}, x[i]) for i in range(len(self.seeds))]
+                terms = {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
         bad = ~torch.isfinite(terms["total"].detach())
         if bad.any():
             which = [s for s, b in zip(self.seeds, bad.tolist()) if b]
@@ -365,6 +368,7 @@ def _train(
         raise DistributedError("decompose_seeds trains several seeds in one process; a data-parallel run trains one "
                                "seed over its processes: call decompose inside the process group")  # fmt: skip
     check_target_finite(model)  # once: a broken target is not a training problem
+    check_precision(config)
     _seed_everything(seeds[0])
     run = _Run(method, model, modules, seeds, stacked, tied, device, recorded or config)
     from apd.optim import make_optimizer

@@ -1,3 +1,4 @@
+import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
@@ -18,6 +19,8 @@ def output_distance(
     """
     if target_out.shape != out.shape:
         raise ValueError(f"output shapes differ: target {tuple(target_out.shape)} vs decomposed {tuple(out.shape)}")
+    dtype = torch.promote_types(torch.promote_types(target_out.dtype, out.dtype), torch.float32)
+    target_out, out = target_out.to(dtype), out.to(dtype)  # at least float32 (a precision=bf16 step's bfloat16 outputs)
     if OutputLoss(kind) is OutputLoss.mse:
         return masked_mean((target_out - out).pow(2), valid)
     log_p = F.log_softmax(target_out, dim=-1)

@@ -46,6 +46,7 @@ from apd.global_ci import GlobalMLPCI
 from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
 from apd.model_io import masked_mean, valid_rows
 from apd.pgd import AdversarialForm, persistent_sources
+from apd.precision import at_least_float32, full_precision
 from apd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
 
 __all__ = ["SPDConfig", "SPD", "SPDStep", "Sampling", "CompileCI", "LayerRouting", "subset_routes", "CIFunctions", "ci_functions", "CI_FNS",
@@ -542,10 +543,10 @@ class SPD(Method):
         if isinstance(fns, GlobalMLPCI):  # ---- VPD's global CI function (apd.global_ci)
             emb = {n: acts[n] for n in cm.layer_names if fns.reads_inner[n]}
             for n, pre in fns(a_in, emb).items():
-                lower[n], upper[n] = leaky_hard_sigmoids(pre, alpha)
+                lower[n], upper[n] = leaky_hard_sigmoids(at_least_float32(pre), alpha)
             return lower, upper
         for n in cm.layer_names:
-            lower[n], upper[n] = leaky_hard_sigmoids(fns.fn(n)(acts[n], a_in[n]), alpha)
+            lower[n], upper[n] = leaky_hard_sigmoids(at_least_float32(fns.fn(n)(acts[n], a_in[n])), alpha)  # (bf16 steps: g in fp32)
         return lower, upper
 
     def causal_importances(self, cm: ComponentModel, x: Tensor, *, upper_leaky: bool = False) -> dict[str, Tensor]:
@@ -560,7 +561,9 @@ class SPD(Method):
     def step_context(self, cm: ComponentModel, x: Tensor, step: int, capture: Sequence[str] = ()) -> SPDStep:
         calls: list[str] = []  # the layer uses in call order (decomposed layers are leaf modules)
         record = contextlib.nullcontext() if torch.compiler.is_compiling() else cm.record_calls()
-        with torch.no_grad(), cm.capture(cm.layer_names, inputs=True, calls=calls) as a_in, record as rec:
+        # (in float32 under precision=bf16: the outputs every reconstruction loss compares with, and the
+        # activations the masked passes reuse)
+        with torch.no_grad(), full_precision(), cm.capture(cm.layer_names, inputs=True, calls=calls) as a_in, record as rec:
             target_out = cm(x)
         # computed once with their graph: the CI functions read them, and the masked forwards reuse them
         # where a layer receives the target's input (SPDStep.inner_acts)
