@@ -33,10 +33,12 @@ def save_figures(comparison: Comparison, cfg: CompareConfig, out_dir: Path) -> l
     features with a dedicated latent / component), the learned directions against the ground truth
     (2-D hidden layers), the transcoder width sweep, and for APD on +ID the identity figure. The
     language model (no ground truth): loss recovered and KL against L0, loss recovered against bits
-    per token, and the log-density histograms."""
+    per token, and the log-density histograms. Any kind: the SAEs' training curves when they were
+    recorded (``sae_train.eval_every``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    curves = [training_curves(comparison.results, out_dir / "sae_training_curves.png")] if any(t.curve for t in comparison.results) else []
     if comparison.kind == "lm":
-        return [
+        return curves + [
             pareto(comparison.results, set(), out_dir / "loss_vs_l0.png", _LM_PANELS, ("l0", "L0 (active units per token)"),
                    "loss recovered and KL against L0 (markers: mean ± std over seeds; dots: seeds)"),
             pareto(comparison.results, set(), out_dir / "loss_vs_bits.png", _LM_PANELS[:1],
@@ -57,7 +59,36 @@ def save_figures(comparison: Comparison, cfg: CompareConfig, out_dir: Path) -> l
     apd_id = [r for r in results if has_shared_components(r.row["method"]) and "hidden" in r.parts]
     if apd_id:
         paths.append(apd_identity(apd_id, out_dir / "apd_identity.png"))
-    return paths
+    return paths + curves
+
+
+def training_curves(results: list[Trained], path: Path, window: float | None = None) -> Path:
+    """The SAEs' held-out training curves: one panel per recorded metric (loss recovered, FVU, L0, ...)
+    against the step, one line per SAE (solid: converged by the rule, dashed: not), the last
+    ``window`` of each line (default: the run's ``converge_window`` share, 0.2) drawn thick."""
+    curved = [t for t in results if t.curve]
+    metrics = [m for m in dict.fromkeys(m for t in curved for m in t.curve) if m != "step"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False)
+    colors = plt.cm.tab20(torch.linspace(0, 1, max(2, len(curved))).tolist())
+    for ax, metric in zip(axes[0], metrics):
+        for t, color in zip(curved, colors):
+            r, steps = t.row, t.curve["step"]
+            if metric not in t.curve:
+                continue
+            converged = r.get("converged") == 1.0
+            change = r.get("curve_change", math.nan)
+            label = (f"{r['method']} {r['sparsity_knob']}={r['sparsity']:g} s{r['seed']}: "
+                     f"{'converged' if converged else 'not converged'} (Δ {change:+.4f})")  # fmt: skip
+            ax.plot(steps, t.curve[metric], color=color, lw=1.0, ls="-" if converged else "--", label=label)
+            last = steps[-1] * (1 - (window if window is not None else 0.2))
+            tail = [(s, v) for s, v in zip(steps, t.curve[metric]) if s >= last]
+            ax.plot([s for s, _ in tail], [v for _, v in tail], color=color, lw=2.4)
+        ax.set(xlabel="training step", ylabel=metric, title=f"held-out {metric} during training")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, loc="best")
+    fig.suptitle("SAE training curves on a fixed held-out batch (thick: the last 20% of training, judged for flatness; "
+                 "Δ: its fitted change)", fontsize=9)  # fmt: skip
+    return _save(fig, path)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

@@ -2,14 +2,26 @@
 
 Architectures (registry name -> class): "standard" (ReLU + L1, unit-norm decoder), "topk" (+ AuxK),
 "batchtopk", "jumprelu". Any of them becomes a transcoder by setting ``d_out`` in its config. Dead
-latents can be resampled during training (``SAETrainConfig.resample_steps``, Bricken et al. 2023).
+latents can be resampled during training (``SAETrainConfig.resample_steps``, Bricken et al. 2023);
+a held-out curve can be recorded and training run until it is flat (``SAETrainConfig.eval_every``,
+``until_converged``; ``apd.baselines.convergence``). ``apd.baselines.layers`` trains one transcoder
+per named module (each layer's MLP) of any model and scores it spliced in.
 """
 
 from .activations import BatchTopK, TopK, jumprelu, step
 from .base import SAE, SAEConfig, TrainStepInput, TrainStepOutput
 from .batchtopk import BatchTopKSAE, BatchTopKSAEConfig
+from .convergence import ConvergenceRule, window_change
 from .io import SAELoadError, load_sae, save_sae
 from .jumprelu import JumpReLUSAE, JumpReLUSAEConfig
+from .layers import (
+    LayerTranscoder,
+    capture_module_io,
+    layer_training_data,
+    module_loss_recovered,
+    replaced_outputs,
+    train_layer_transcoders,
+)
 from .registry import get_sae_class, register_sae, registered_architectures
 from .resampling import resample_dead_latents, resampling_probabilities
 from .standard import StandardSAE, StandardSAEConfig
@@ -18,6 +30,7 @@ from .training import (
     BDecInit,
     DeadLatentTracker,
     SAEData,
+    SAEEvaluate,
     SAETrainConfig,
     TrainResult,
     geometric_median,
@@ -49,6 +62,9 @@ __all__ = [
     "BDecInit",
     "SAETrainConfig",
     "SAEData",
+    "SAEEvaluate",
+    "ConvergenceRule",
+    "window_change",
     "DeadLatentTracker",
     "TrainResult",
     "geometric_median",
@@ -56,6 +72,12 @@ __all__ = [
     "train_sae",
     "resample_dead_latents",
     "resampling_probabilities",
+    "LayerTranscoder",
+    "capture_module_io",
+    "replaced_outputs",
+    "module_loss_recovered",
+    "layer_training_data",
+    "train_layer_transcoders",
     "SAELoadError",
     "save_sae",
     "load_sae",

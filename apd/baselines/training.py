@@ -10,11 +10,19 @@ optionally Bricken et al.'s resampling of dead latents at given steps (``apd.bas
 Data is either a tensor ``[N, d_in]`` (autoencoder), a pair ``(inputs [N, d_in], targets
 [N, d_out])`` (transcoder), or a callable ``(batch_size, generator) -> tensor | pair`` that draws a
 fresh batch. Everything random draws from generators seeded by ``seed``, so a run is reproducible.
+
+Convergence (``eval_every`` > 0): every ``eval_every`` steps a metric is recorded on one fixed
+held-out batch (by default FVU and L0 on ``eval_sample_size`` rows drawn once; a caller's
+``evaluate`` function, e.g. the language model's loss recovered, instead), the curve is kept in
+:attr:`TrainResult.curve`, and :class:`apd.baselines.convergence.ConvergenceRule` says whether its
+last ``converge_window`` of training is flat; with ``until_converged`` training stops there, ``steps``
+being the cap (a warning names it when it is hit first).
 """
 
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -27,12 +35,14 @@ from torch import Tensor
 from apd.config import LRSchedule  # the same schedule choices as APD runs
 
 from .base import SAE, TrainStepInput
+from .convergence import ConvergenceRule
 from .resampling import resample_dead_latents
 
 __all__ = [
     "BDecInit",
     "SAETrainConfig",
     "SAEData",
+    "SAEEvaluate",
     "DeadLatentTracker",
     "TrainResult",
     "geometric_median",
@@ -42,6 +52,8 @@ __all__ = [
 
 Batch: TypeAlias = Tensor | tuple[Tensor, Tensor]
 SAEData: TypeAlias = Tensor | tuple[Tensor, Tensor] | Callable[[int, torch.Generator], Batch]
+SAEEvaluate: TypeAlias = Callable[[SAE], dict[str, float]]
+"""a held-out evaluation of the SAE (called in eval mode, without gradients): metric name -> value"""
 
 
 class BDecInit(str, Enum):
@@ -90,6 +102,21 @@ class SAETrainConfig:
     """fresh samples whose reconstruction losses pick the new directions"""
     resample_encoder_scale: float = 0.2
     """a resampled encoder column's norm, as a fraction of the live latents' mean encoder norm"""
+    eval_every: int = 0
+    """record the held-out metrics every this many steps (and after the last); 0 = no curve"""
+    eval_sample_size: int = 4096
+    """rows of the fixed held-out batch of the default evaluation (FVU, L0); drawn once from the data
+    with a generator of its own, so the training batches are those of a run without a curve"""
+    converge_metric: str = "fvu"
+    """the curve judged by the convergence rule (a key of the evaluation; the language-model
+    comparison: loss_recovered)"""
+    converge_window: float = 0.2
+    """the last fraction of training that must be flat"""
+    converge_tol: float = 0.005
+    """flat: the fitted change of ``converge_metric`` over the window is below this (absolute)"""
+    until_converged: bool = False
+    """stop at the first evaluation where the curve is flat (needs ``eval_every``); ``steps`` is then
+    the cap, and a warning names it when it is reached unconverged"""
 
     def __post_init__(self) -> None:
         self.resample_steps = sorted({int(s) for s in self.resample_steps})
@@ -117,6 +144,32 @@ class SAETrainConfig:
                              "those steps, after at least one")  # fmt: skip
         if not self.resample_encoder_scale > 0:
             raise ValueError(f"resample_encoder_scale={self.resample_encoder_scale} must be > 0 (Bricken et al.: 0.2)")
+        if self.eval_every < 0 or self.eval_sample_size <= 0:
+            raise ValueError(f"eval_every={self.eval_every} must be >= 0 (0 = no curve) and eval_sample_size="
+                             f"{self.eval_sample_size} > 0")  # fmt: skip
+        if not 0 < self.converge_window <= 1 or not self.converge_tol > 0:
+            raise ValueError(f"converge_window={self.converge_window} must lie in (0, 1] (e.g. 0.2, the last 20% of "
+                             f"training) and converge_tol={self.converge_tol} be > 0 (e.g. 0.005)")  # fmt: skip
+        if self.until_converged and not self.eval_every:
+            raise ValueError("until_converged needs a curve to judge: set eval_every > 0 (e.g. steps // 50)")
+        if self.until_converged and self.lr_schedule is not LRSchedule.constant:
+            raise ValueError(f"until_converged with lr_schedule={self.lr_schedule.value}: a learning rate decaying "
+                             "towards the step cap flattens the curve by itself; use lr_schedule=constant, or "
+                             "until_converged=false to only report whether the curve is flat")  # fmt: skip
+
+    @property
+    def convergence_rule(self) -> ConvergenceRule:
+        return ConvergenceRule(window=self.converge_window, tol=self.converge_tol)
+
+    @property
+    def last_schedule_step(self) -> int:
+        """The step after which nothing scheduled changes the training any more (the learning-rate and
+        sparsity warm-ups, the last resampling): the convergence window must start after it."""
+        return max([self.warmup_steps, self.sparsity_warmup_steps, *[s + 1 for s in self.resample_steps]])
+
+    def window_clear(self, steps_done: int) -> bool:
+        """Whether the last ``converge_window`` of ``steps_done`` steps starts after :attr:`last_schedule_step`."""
+        return (1 - self.converge_window) * steps_done >= self.last_schedule_step
 
 
 def _enum(cls: type[Enum], name: str, value: Any) -> Any:
@@ -218,6 +271,14 @@ class TrainResult:
     re-initialised before the step)"""
     tracker: DeadLatentTracker
     seconds: float
+    curve: dict[str, Float[Tensor, " n_evals"]] = field(default_factory=dict)
+    """held-out metrics every ``cfg.eval_every`` steps: "step" (steps done) and each metric; empty
+    without ``eval_every``"""
+    converged: bool | None = None
+    """the convergence rule on ``curve[cfg.converge_metric]`` (and its window after every warm-up and
+    resampling); None without a curve"""
+    curve_change: float = math.nan
+    """the fitted change of ``cfg.converge_metric`` over the last ``cfg.converge_window`` of training"""
     dead_latents: Bool[Tensor, " d_sae"] = field(init=False)
     firing_frequency: Float[Tensor, " d_sae"] = field(init=False)
 
@@ -228,6 +289,18 @@ class TrainResult:
     @property
     def final_losses(self) -> dict[str, float]:
         return {name: float(v[-1]) for name, v in self.losses.items()}
+
+    @property
+    def steps(self) -> int:
+        """Steps trained (fewer than ``cfg.steps`` when ``until_converged`` stopped early)."""
+        return int(self.metrics["lr"].numel())
+
+    def curve_record(self) -> dict[str, Any]:
+        """The curve and the verdict as plain JSON-able values (for a run's metrics)."""
+        return {"steps_trained": self.steps, "converged": self.converged,
+                "curve_change": None if math.isnan(self.curve_change) else self.curve_change,
+                "converge_metric": self.cfg.converge_metric, "converge_window": self.cfg.converge_window,
+                "converge_tol": self.cfg.converge_tol, "curve": {k: v.tolist() for k, v in self.curve.items()}}  # fmt: skip
 
 
 def _split(batch: Batch) -> tuple[Tensor, Tensor | None]:
@@ -301,11 +374,40 @@ def _resample(sae: SAE, cfg: SAETrainConfig, data: SAEData, optimizer: torch.opt
     return int(idx.numel())
 
 
-def train_sae(sae: SAE, data: SAEData, cfg: SAETrainConfig | None = None, /, **overrides: Any) -> TrainResult:
+def _default_evaluate(sae: SAE, cfg: SAETrainConfig, data: SAEData) -> SAEEvaluate:
+    """FVU and L0 on one fixed batch of ``cfg.eval_sample_size`` rows, drawn with a generator of its own."""
+    inputs, targets = _init_sample(data, cfg.eval_sample_size, torch.Generator().manual_seed(cfg.seed + 7919))
+    _check_batch(sae, inputs, targets)
+    inputs = inputs.to(device=sae.device, dtype=sae.dtype)
+    targets = inputs if targets is None else targets.to(device=sae.device, dtype=sae.dtype)
+    centred = (targets - targets.mean(dim=0)).pow(2).sum()
+
+    def evaluate(model: SAE) -> dict[str, float]:
+        f = model.encode(inputs)
+        fvu = float((model.decode(f) - targets).pow(2).sum() / centred.clamp_min(1e-30))
+        return {"fvu": fvu, "l0": float((f != 0).sum(dim=-1).float().mean())}
+
+    return evaluate
+
+
+@torch.no_grad()
+def _evaluate(sae: SAE, evaluate: SAEEvaluate) -> dict[str, float]:
+    sae.eval()
+    try:
+        return {k: float(v) for k, v in evaluate(sae).items()}
+    finally:
+        sae.train()
+
+
+def train_sae(
+    sae: SAE, data: SAEData, cfg: SAETrainConfig | None = None, /, evaluate: SAEEvaluate | None = None, **overrides: Any
+) -> TrainResult:
     """Train ``sae`` in place with Adam and return the per-step history.
 
     ``cfg`` holds the hyperparameters (defaults when None); keyword ``overrides`` replace single
-    fields, e.g. ``train_sae(sae, acts, steps=2000, batch_size=256, lr=3e-3, seed=1)``.
+    fields, e.g. ``train_sae(sae, acts, steps=2000, batch_size=256, lr=3e-3, seed=1)``. With
+    ``cfg.eval_every`` the held-out curve is recorded (``evaluate``: the caller's evaluation, else
+    FVU and L0 on a fixed batch of the data) and judged (module docstring).
     """
     cfg = dataclasses.replace(cfg or SAETrainConfig(), **overrides)
     device = sae.device
@@ -317,9 +419,14 @@ def train_sae(sae: SAE, data: SAEData, cfg: SAETrainConfig | None = None, /, **o
     history: dict[str, list[Tensor]] = {}
     metrics: dict[str, list[float]] = {"l0": [], "n_dead": [], "lr": [], "n_resampled": []}
     batches = _batches(data, cfg.batch_size, generator)
+    if cfg.eval_every and evaluate is None:
+        evaluate = _default_evaluate(sae, cfg, data)
+    curve: dict[str, list[float]] = {}
+    rule = cfg.convergence_rule
     sae.train()
     start = time.perf_counter()
     resample_at = set(cfg.resample_steps)
+    stopped = False
     for step_idx in range(cfg.steps):
         n_resampled = 0
         if step_idx in resample_at:
@@ -352,8 +459,28 @@ def train_sae(sae: SAE, data: SAEData, cfg: SAETrainConfig | None = None, /, **o
         metrics["n_dead"].append(float(tracker.dead.sum()))
         metrics["lr"].append(lr)
         metrics["n_resampled"].append(float(n_resampled))
+        done = step_idx + 1
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            assert evaluate is not None
+            values = _evaluate(sae, evaluate)
+            if cfg.converge_metric not in values:
+                raise ValueError(f"converge_metric={cfg.converge_metric!r} is not among the evaluation's metrics "
+                                 f"{sorted(values)}; set converge_metric to one of them")  # fmt: skip
+            for name, value in {"step": float(done), **values}.items():
+                curve.setdefault(name, []).append(value)
+            if cfg.until_converged and cfg.window_clear(done) and rule.converged(curve["step"], curve[cfg.converge_metric]):
+                stopped = True
+                break
     seconds = time.perf_counter() - start
     sae.eval()
+    converged, change = None, math.nan
+    if curve:
+        change = rule.change(curve["step"], curve[cfg.converge_metric])
+        converged = cfg.window_clear(int(curve["step"][-1])) and rule.converged(curve["step"], curve[cfg.converge_metric])
+        if cfg.until_converged and not stopped:
+            warnings.warn(f"the SAE did not converge within the step cap steps={cfg.steps}: {cfg.converge_metric} moved by "
+                          f"{change:+.4f} over the last {cfg.converge_window:.0%} of training (tolerance "
+                          f"{cfg.converge_tol}); raise steps to train on", stacklevel=2)  # fmt: skip
     return TrainResult(
         sae=sae,
         cfg=cfg,
@@ -361,4 +488,7 @@ def train_sae(sae: SAE, data: SAEData, cfg: SAETrainConfig | None = None, /, **o
         metrics={name: torch.tensor(values) for name, values in metrics.items()},
         tracker=tracker,
         seconds=seconds,
+        curve={name: torch.tensor(values) for name, values in curve.items()},
+        converged=converged,
+        curve_change=change,
     )

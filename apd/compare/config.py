@@ -147,6 +147,9 @@ class CompareConfig:
     proxy_top_k: int = 50
     """language model: top-activating tokens per unit that the monosemanticity proxies and the
     SAE-component token overlap read"""
+    curve_n_eval: int = 32
+    """language model: held-out windows (drawn from ``eval_seed`` + 1, apart from the scoring tokens) on
+    which an SAE's training curve records loss recovered, FVU and L0 every ``sae_train.eval_every`` steps"""
     save_models: bool = True
 
     def __post_init__(self) -> None:
@@ -159,6 +162,8 @@ class CompareConfig:
             raise ValueError(f"tau={self.tau}, negligible={self.negligible}: both must lie in (0, 1)")
         if self.serve_threshold <= 0:
             raise ValueError(f"serve_threshold={self.serve_threshold}: must be > 0 (the paper uses 0.04)")
+        if self.curve_n_eval < 1:
+            raise ValueError(f"curve_n_eval={self.curve_n_eval}: give at least one held-out window for the training curves")
         if not 0 < self.ultralow_density < 1 or self.proxy_top_k < 1:
             raise ValueError(f"ultralow_density={self.ultralow_density}, proxy_top_k={self.proxy_top_k}: the density must "
                              "lie in (0, 1) and proxy_top_k be >= 1")  # fmt: skip

@@ -69,9 +69,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from apd.baselines import SAE
+from apd.baselines import SAE, SAEEvaluate
 from apd.compare.config import CompareConfig, SAEGrid
 from apd.compare.lm_scoring import (
     LM_COLUMNS,
@@ -104,10 +105,11 @@ from apd.compare.runs import Comparison, decomposition_results, row_logger, sae_
 from apd.compare.scoring import Trained
 from apd.experiment import DecomposeRun
 from apd.methods import method_for
+from apd.metrics.sae import fraction_variance_unexplained
 from apd.targets import LMTargetConfig, get_target
 from apd.toy_models.lm import TransformerLM
 
-__all__ = [*_scoring_names, "lm_best_key", "run_lm_comparison"]  # the computing part re-exported (old imports keep working)
+__all__ = [*_scoring_names, "lm_best_key", "lm_curve_evaluate", "run_lm_comparison"]  # the computing part re-exported (old imports keep working)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +120,25 @@ __all__ = [*_scoring_names, "lm_best_key", "run_lm_comparison"]  # the computing
 def lm_best_key(a: dict[str, Any]) -> tuple:
     """The most loss recovered (to 3 decimals), then the fewer bits per token."""
     return (round(a["loss_recovered"], 3), -a["bits_per_token"])
+
+
+def lm_curve_evaluate(model: TransformerLM, data: LMActivations, transcoder: bool) -> SAEEvaluate:
+    """The held-out evaluation of an SAE's training curve on ``data`` (a small batch of its own):
+    ``loss_recovered`` (the reconstruction spliced in, against zero-ablating the MLP), ``fvu`` of what
+    the SAE reconstructs (neurons, or the MLP output for a transcoder) and ``l0``."""
+    inputs = (data.mlp_in if transcoder else data.acts).reshape(-1, (data.mlp_in if transcoder else data.acts).shape[-1])
+    target = data.mlp_out.reshape(-1, data.mlp_out.shape[-1]) if transcoder else inputs
+    lead = data.mlp_out.shape[:-1]
+
+    @torch.no_grad()
+    def evaluate(sae: SAE) -> dict[str, float]:
+        f = sae.encode(inputs.to(sae.W_enc))
+        recon = sae.decode(f)
+        mlp_out = recon if transcoder else model.mlp.down(recon)
+        return {"loss_recovered": splice_scores(model, data, mlp_out.reshape(*lead, -1))["loss_recovered"],
+                "fvu": fraction_variance_unexplained(target, recon), "l0": float((f != 0).sum(-1).float().mean())}  # fmt: skip
+
+    return evaluate
 
 
 def _relations(results: list[Trained], W_down: Tensor, tau: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -180,12 +201,14 @@ def run_lm_comparison(
         notes.append(_preset_note("SPD", spd_run, cfg.spd.steps))
     decomposition_results(cfg, apd_run, out, lambda dec: evaluate_decomposition_lm(dec, model, data, **opts), done, notes, spd_run)
 
+    curve_data = lm_activations(model, target_cfg, cfg.curve_n_eval, cfg.eval_seed + 1) if cfg.sae_train.eval_every else None
+
     def train(name: str, grid: SAEGrid, width: int, value: float, seed: int, save: Path | None) -> Trained:
         d_in, d_out = (target_cfg.d_model, target_cfg.d_model) if grid.transcoder else (target_cfg.d_mlp, target_cfg.d_mlp)
         return train_sae_cell(
             name, grid, width, value, seed, d_in, d_out, lm_training_data(model, target_cfg, grid.transcoder),
             lambda sae: evaluate_sae_lm(sae, model, data, transcoder=grid.transcoder, bits_per_value=cfg.bits_per_value, **opts),
-            cfg.sae_train, save,
+            cfg.sae_train, save, None if curve_data is None else lm_curve_evaluate(model, curve_data, grid.transcoder),
         )  # fmt: skip
 
     sae_results(cfg, out, train, done)

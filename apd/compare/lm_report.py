@@ -148,6 +148,19 @@ def _lm_bars(groups: list[dict[str, Any]], cfg: CompareConfig) -> list[str]:
     return lines
 
 
+def _lm_convergence(rows: list[dict[str, Any]], st: Any) -> list[str]:
+    """One line per SAE trained with a curve: its steps, the verdict and the fitted change."""
+    curved = [r for r in rows if not math.isnan(r.get("converged", math.nan))]
+    if not curved:
+        return []
+    head = (f"SAE training curves (`sae_train.eval_every={st.eval_every}`): {st.converge_metric} on a fixed held-out batch; "
+            f"converged = its fitted change over the last {st.converge_window:.0%} of training below {st.converge_tol:g}"
+            + (f", training stopped there (cap {st.steps} steps)" if st.until_converged else "") + ":")  # fmt: skip
+    return ["## Training to convergence", "", head, ""] + [
+        f"- `{r['method']}` {r['sparsity_knob']}={r['sparsity']:g} seed {r['seed']}: {r['train_steps']:.0f} steps, "
+        f"{'converged' if r['converged'] == 1.0 else 'NOT converged'} (change {r['curve_change']:+.4f})" for r in curved] + [""]  # fmt: skip
+
+
 def lm_report(inputs: ReportInputs, comparison: Comparison) -> str:
     """comparison.md of the language-model comparison (:mod:`apd.compare.lm`)."""
     cfg, apd_run, wall, figures = inputs.cfg, inputs.apd_run, inputs.wall, inputs.figures
@@ -172,6 +185,7 @@ def lm_report(inputs: ReportInputs, comparison: Comparison) -> str:
         "",
         *[f"- {note}" for note in comparison.notes],
         "",
+        *_lm_convergence(rows, st),
         "## Results per model family (mean ± std over seeds)",
         "",
         *_lm_family_tables(groups, cfg),

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from apd.baselines import SAE, SAEConfig, SAETrainConfig, get_sae_class, load_sae, save_sae, train_sae
+from apd.baselines import SAE, SAEConfig, SAEEvaluate, SAETrainConfig, get_sae_class, load_sae, save_sae, train_sae
 from apd.compare.config import CompareConfig, SAEGrid
 from apd.compare.scoring import Trained
 from apd.decomposition import Decomposition, load_decomposition
@@ -185,49 +185,57 @@ def train_sae_cell(
     score: Callable[[SAE], Trained],
     train_cfg: SAETrainConfig | None = None,
     save_dir: Path | None = None,
+    evaluate: SAEEvaluate | None = None,
 ) -> Trained:
     """Train one SAE (one grid cell, one seed) on fresh batches from ``data``, score it with
     ``score`` and fill in the row's method fields and wall time. With ``save_dir`` the SAE is saved
-    there with its training config, time, final losses and L0, and the latents resampled (as [step,
-    count] pairs) (``training.json``); an SAE already saved there with
-    the same SAE and training configs is reloaded, not retrained (its wall time: the saved one +
-    this evaluation)."""
+    there with its training config, time, final losses and L0, the latents resampled (as [step,
+    count] pairs) and, with ``eval_every``, its held-out curve and convergence verdict
+    (``training.json``; ``evaluate``: the curve's evaluation, default FVU and L0); an SAE already
+    saved there with the same SAE and training configs is reloaded, not retrained (its wall time:
+    the saved one + this evaluation). With a curve the row also gets ``train_steps``, ``converged``
+    (1 / 0) and ``curve_change``, and the Trained its ``curve``."""
     t0 = time.perf_counter()
     sae_cls, _ = get_sae_class(grid.architecture)
     sae_cfg = grid.sae_config(d_in, width, value, d_out=d_out)
     train = dataclasses.replace(train_cfg or SAETrainConfig(), seed=seed, **grid.train)
     record = {"train": {k: getattr(v, "value", v) for k, v in dataclasses.asdict(train).items()}}
-    sae, seconds = _saved_sae(save_dir, sae_cfg, record) if save_dir is not None else (None, 0.0)
+    sae, seconds, curve = _saved_sae(save_dir, sae_cfg, record) if save_dir is not None else (None, 0.0, {})
     if sae is None:
         sae = sae_cls(sae_cfg)
-        result = train_sae(sae, data, train)
+        result = train_sae(sae, data, train, evaluate=evaluate)
         seconds = time.perf_counter() - t0
+        curve = result.curve_record() if result.curve else {}
         if save_dir is not None:
             resampled = [[i, int(n)] for i, n in enumerate(result.metrics["n_resampled"].tolist()) if n]
             save_sae(sae, save_dir)
             (save_dir / "training.json").write_text(json.dumps(record | {
                 "seconds": seconds, "final_losses": result.final_losses, "final_l0": float(result.metrics["l0"][-1]),
-                "n_resampled": sum(n for _, n in resampled), "resampled": resampled}, indent=2) + "\n")  # fmt: skip
+                "n_resampled": sum(n for _, n in resampled), "resampled": resampled, **({"convergence": curve} if curve else {})}, indent=2) + "\n")  # fmt: skip
     t1 = time.perf_counter()
     trained = score(sae)
     trained.row = {"method": name, "architecture": grid.architecture, "seed": seed, "width": width,
                    "sparsity_knob": grid.knob, "sparsity": value, **trained.row,
                    "wall_seconds": seconds + time.perf_counter() - t1}  # fmt: skip
+    if curve.get("curve"):
+        trained.row |= {"train_steps": curve["steps_trained"], "converged": float(bool(curve["converged"])),
+                        "curve_change": math.nan if curve["curve_change"] is None else curve["curve_change"]}  # fmt: skip
+        trained.curve = {k: list(v) for k, v in curve["curve"].items()}
     return trained
 
 
-def _saved_sae(save_dir: Path, sae_cfg: SAEConfig, record: dict[str, Any]) -> tuple[SAE | None, float]:
-    """The SAE saved in ``save_dir`` and its training seconds, if it was trained with ``sae_cfg`` and
-    exactly the training config in ``record`` (a record written before a training field existed,
-    e.g. ``grad_clip_norm``, lacks it and so differs); (None, 0) otherwise."""
+def _saved_sae(save_dir: Path, sae_cfg: SAEConfig, record: dict[str, Any]) -> tuple[SAE | None, float, dict[str, Any]]:
+    """The SAE saved in ``save_dir``, its training seconds and its convergence record, if it was
+    trained with ``sae_cfg`` and exactly the training config in ``record`` (a record written before a
+    training field existed, e.g. ``grad_clip_norm``, lacks it and so differs); (None, 0, {}) otherwise."""
     info = save_dir / "training.json"
     if not info.is_file():
-        return None, 0.0
+        return None, 0.0, {}
     saved = json.loads(info.read_text())
     sae = load_sae(save_dir)
     if saved.get("train") != record["train"] or sae.cfg != sae_cfg:
-        return None, 0.0
-    return sae, float(saved["seconds"])
+        return None, 0.0, {}
+    return sae, float(saved["seconds"]), saved.get("convergence", {})
 
 
 def sae_dir_name(name: str, width: int, knob: str, value: float, seed: int) -> str:

@@ -82,6 +82,8 @@ class Trained:
     ``enc_share``) and, on +ID, its part of the identity (see :func:`apd.compare.tms.identity_parts`)"""
     parts: dict[str, Tensor] = field(default_factory=dict)
     """the learned weights: a decomposition's component weights per matrix ([C, d_out, d_in]), an SAE's W_dec"""
+    curve: dict[str, list[float]] = field(default_factory=dict)
+    """an SAE trained with ``eval_every``: its held-out training curve ("step" and each metric)"""
 
 
 # ---------------------------------------------------------------------------------------------
