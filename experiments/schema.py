@@ -13,7 +13,7 @@ from apd.config import ConfigError
 
 from apd import APDConfig, MethodConfig, SPDConfig
 from apd.experiment import DecomposeRun
-from apd.targets import HFTargetConfig, LMTargetConfig, ModuleTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
+from apd.targets import HFTargetConfig, LMTargetConfig, ModuleTargetConfig, MultiLMTargetConfig, ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
 
 
 class LoggerKind(str, Enum):
@@ -89,6 +89,7 @@ def register() -> None:
     cs.store(group="target", name="resid_mlp_schema", node=ResidMLPTargetConfig)
     cs.store(group="target", name="module_schema", node=ModuleTargetConfig)
     cs.store(group="target", name="lm_schema", node=LMTargetConfig)
+    cs.store(group="target", name="lm_multi_schema", node=MultiLMTargetConfig)
     cs.store(group="target", name="hf_schema", node=HFTargetConfig)
     cs.store(group="method", name="apd_schema", node=APDConfig)
     cs.store(group="method", name="spd_schema", node=SPDConfig)

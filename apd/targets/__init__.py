@@ -7,6 +7,7 @@ One module per kind, each registering itself (``apd.targets.base.register_target
 - ``apd.targets.tms``: the toy model of superposition (``TMSTargetConfig``, SPEC §2.1);
 - ``apd.targets.resid_mlp``: the residual-MLP toy (``ResidMLPTargetConfig``, SPEC §2.2);
 - ``apd.targets.lm``: the one-layer Shakespeare transformer (``LMTargetConfig``, SPEC §6);
+- ``apd.targets.lm_multi``: the four-layer Llama-style Shakespeare transformer (``MultiLMTargetConfig``, ``lm_4l``);
 - ``apd.targets.module``: your own model and data by import path (``ModuleTargetConfig``, ``target=module``);
 - ``apd.targets.hf``: a Hugging Face causal LM from a local folder (``HFTargetConfig``, ``target=hf``).
 
@@ -26,10 +27,11 @@ from apd.targets.base import (
 )
 from apd.targets.hf import HFTargetConfig
 from apd.targets.lm import CHECK_BATCH, LMTargetConfig, lm_decomposition_metrics
+from apd.targets.lm_multi import MultiLMTargetConfig, vpd_table, vpd_table_markdown
 from apd.targets.module import ModuleTargetConfig
 from apd.targets.resid_mlp import ResidMLPTargetConfig
 from apd.targets.tms import TMSTargetConfig
 
-__all__ = ["TargetConfig", "TMSTargetConfig", "ResidMLPTargetConfig", "LMTargetConfig", "ModuleTargetConfig", "HFTargetConfig", "get_target",
+__all__ = ["TargetConfig", "TMSTargetConfig", "ResidMLPTargetConfig", "LMTargetConfig", "MultiLMTargetConfig", "ModuleTargetConfig", "HFTargetConfig", "get_target",
            "train_target", "save_target", "load_target", "target_from_dict", "register_target_kind", "PRETRAINED_DIR",
-           "CHECK_BATCH", "lm_decomposition_metrics"]  # fmt: skip
+           "CHECK_BATCH", "lm_decomposition_metrics", "vpd_table", "vpd_table_markdown"]  # fmt: skip
