@@ -84,35 +84,49 @@ def find_mechanisms(
     universe = sorted(set().union(*(pieces[k] for k in alive)), key=repr)
     index = {p: i for i, p in enumerate(universe)}
     acts = active[:, alive].float()  # 0/1: float32 counts are exact up to 2^24 inputs
-    inc = torch.zeros(len(alive), len(universe), dtype=torch.float64)  # group x piece incidence
+    inc = torch.zeros(len(alive), len(universe))  # group x piece incidence, 0/1 (exact counts)
     for g, k in enumerate(alive):
         inc[g, [index[p] for p in pieces[k]]] = 1.0
     groups: list[list[int]] = [[k] for k in alive]
-    co = (acts.T @ acts).double()  # inputs where both fire
-    shared = inc @ inc.T  # pieces both hold
+    n = acts.sum(0).double()  # inputs where each group fires
+    rank = inc.sum(1).double()  # pieces each group holds
     live = torch.ones(len(alive), dtype=torch.bool)  # merged-away groups stay in place, switched off
-    upper = torch.ones(len(alive), len(alive), dtype=torch.bool).triu(1)
+    # Only pairs that may merge are kept, as a list (i < j, co-firing inputs, shared pieces): a merge
+    # changes the pairs of the merged group alone, so each round costs O(pairs + units), not O(units²).
+    co = (acts.T @ acts).double()
+    ok = (co >= min_overlap * torch.minimum(n[:, None], n[None, :])).triu(1)
+    pi, pj = ok.nonzero(as_tuple=True)
+    pco = co[pi, pj]
+    pshared = (inc @ inc.T)[pi, pj].double()
+    del co, ok
     for K in range(len(alive), 1, -1):
-        n = co.diagonal() * live
-        rank = shared.diagonal()
-        union_rank = rank[:, None] + rank[None, :] - shared
-        n_union = n[:, None] + n[None, :] - co
-        total = n.sum()
-        delta = (total - co) * math.log2(K) - total * math.log2(K + 1)
-        delta += alpha * (n_union * union_rank - (n * rank)[:, None] - (n * rank)[None, :])
-        eligible = upper & live[:, None] & live[None, :] & (co >= min_overlap * torch.minimum(n[:, None], n[None, :]))
-        delta = torch.where(eligible, delta, torch.inf)
-        i, j = divmod(int(delta.argmin()), len(alive))
-        if not delta[i, j] < -1e-9:
+        if not len(pi):
             break
+        total = (n * live).sum()
+        union_rank = rank[pi] + rank[pj] - pshared
+        n_union = n[pi] + n[pj] - pco
+        delta = (total - pco) * math.log2(K) - total * math.log2(K + 1)
+        delta += alpha * (n_union * union_rank - n[pi] * rank[pi] - n[pj] * rank[pj])
+        best = delta.min()
+        if not best < -1e-9:
+            break
+        key = torch.where(delta == best, pi * len(alive) + pj, len(alive) ** 2)  # ties: first in row order
+        i, j = divmod(int(key.min()), len(alive))
         acts[:, i] = torch.maximum(acts[:, i], acts[:, j])
         inc[i] = torch.maximum(inc[i], inc[j])
         groups[i] += groups[j]
         live[j] = False
+        n[i], rank[i] = acts[:, i].sum().double(), inc[i].sum().double()
+        keep = (pi != i) & (pj != i) & (pi != j) & (pj != j)
         col = (acts.T @ acts[:, i]).double()
-        co[i], co[:, i] = col, col
-        col = inc @ inc[i]
-        shared[i], shared[:, i] = col, col
+        new = live & (col >= min_overlap * torch.minimum(n, n[i]))
+        new[i] = False
+        others = new.nonzero().flatten()
+        ni = torch.full_like(others, i)
+        lo, hi = torch.minimum(ni, others), torch.maximum(ni, others)
+        pi, pj = torch.cat([pi[keep], lo]), torch.cat([pj[keep], hi])
+        pco = torch.cat([pco[keep], col[others]])
+        pshared = torch.cat([pshared[keep], (inc[others] @ inc[i]).double()])
     groups = [g for g, on in zip(groups, live.tolist()) if on]
     return _sorted(groups)
 

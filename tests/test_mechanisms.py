@@ -85,6 +85,19 @@ def test_the_greedy_merge_equals_recomputing_the_description_length_for_every_me
     assert len(groups) < 8  # something merged (alpha 1 and 3 also keep some groups apart)
 
 
+def test_the_pair_list_keeps_up_with_chains_of_merges_among_twenty_units():
+    """find_mechanisms keeps only the pairs allowed to merge and re-derives the merged group's pairs;
+    with 20 units from 5 causes (groups of 2 to 6 merge one unit at a time, each merge dropping and
+    adding pairs) it still makes the brute-force choices."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.rand(400, 5, generator=g) < torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05])
+    noise = torch.rand(400, 20, generator=g) < 0.08
+    active = base[:, [0] * 6 + [1] * 5 + [2] * 4 + [3] * 3 + [4] * 2] ^ noise
+    groups = find_mechanisms(active, alpha=1.0)
+    assert groups == _greedy_by_brute_force(active, 1.0)
+    assert max(len(grp) for grp in groups) >= 4
+
+
 def test_units_that_never_fire_together_stay_apart_where_names_alone_would_pay_for_joining_them():
     # 40 units, each on its own 1/40 of the inputs: with cheap pieces, every merge shortens every name
     active = torch.zeros(400, 40, dtype=torch.bool)
