@@ -428,7 +428,8 @@ def test_the_faithfulness_warmup_is_adamw_on_the_faithfulness_loss_alone():
     weights of every matrix; with a leading instance dimension each instance is its own run."""
     from apd.methods import Factors
 
-    cfg = SPDConfig(C=3, faithfulness_warmup_steps=7, faithfulness_warmup_lr=0.05, faithfulness_warmup_weight_decay=0.2)
+    cfg = SPDConfig(C=3, faithfulness_warmup_steps=7, faithfulness_warmup_lr=0.05, faithfulness_warmup_weight_decay=0.2,
+                    faithfulness_warmup_tol=None)  # the AdamW part alone (the least-squares finish: below)
     method, cm, model, x = _mlp_setup(cfg)
     W = cm.target_weights()
     names = list(W)
@@ -466,7 +467,7 @@ def test_the_faithfulness_warmup_is_adamw_on_the_faithfulness_loss_alone():
 
     # no warm-up steps: nothing moves
     idle = Factors(A={n: start[n][0].clone().requires_grad_() for n in names}, B={n: start[n][1].clone().requires_grad_() for n in names})
-    method_for(SPDConfig(C=3, faithfulness_warmup_steps=0)).warmup(idle, W)
+    method_for(SPDConfig(C=3, faithfulness_warmup_steps=0, faithfulness_warmup_tol=None)).warmup(idle, W)
     assert all(torch.equal(idle.A[n], start[n][0]) for n in names)
 
 
@@ -523,12 +524,48 @@ def test_one_subcomponent_per_matrix_hand_worked(monkeypatch):
 def test_one_warmup_step_moves_the_factors():
     from apd.methods import Factors
 
-    cfg = SPDConfig(C=3, faithfulness_warmup_steps=1)
+    cfg = SPDConfig(C=3, faithfulness_warmup_steps=1, faithfulness_warmup_tol=None)
     method, cm, model, x = _mlp_setup(cfg)
     before = cm.layers["0"].A.detach().clone()
     method.warmup(Factors(A={n: cm.layers[n].A for n in ("0", "2")}, B={n: cm.layers[n].B for n in ("0", "2")}), cm.target_weights())
     # AdamW's first step moves every entry by about lr (1e-2) against its gradient's sign, plus the decay
     assert (cm.layers["0"].A.detach() - before).abs().min().item() > 5e-3
+
+
+def test_the_least_squares_finish_brings_every_instance_within_tol_and_leaves_fitted_ones_alone():
+    """least_squares_fit on a rank-3 W with C = 4 rank-one pieces: an instance far off ends within tol,
+    an instance already within tol is untouched; relative_error is ‖W − Σ B A‖ / ‖W‖ by hand."""
+    from apd.methods.spd import least_squares_fit, relative_error
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 3, generator=g) @ torch.randn(3, 5, generator=g)
+    A = torch.randn(2, 4, 1, 5, generator=g) * 0.1
+    B = torch.randn(2, 4, 6, 1, generator=g) * 0.1
+    # instance 1: an exact rank-3 factorisation (plus a zero piece), slightly perturbed
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    B[1, :3, :, 0], A[1, :3, 0, :] = (U[:, :3] * S[:3]).T, Vh[:3]
+    B[1, 3], A[1, 3] = 0.0, 0.0
+    A[1, 0, 0, 0] += 1e-4
+    by_hand = torch.stack([(W - torch.einsum("com,cmi->oi", B[i], A[i])).norm() / W.norm() for i in range(2)])
+    torch.testing.assert_close(relative_error(A, B, W), by_hand)
+    assert by_hand[0] > 0.5 and by_hand[1] < 1e-3
+    A1, B1 = A[1].clone(), B[1].clone()
+    err = least_squares_fit(A, B, W, tol=1e-3)
+    assert err[0] <= 1e-3 and torch.equal(A[1], A1) and torch.equal(B[1], B1)
+    torch.testing.assert_close(relative_error(A, B, W), err)
+    # damped: the fitted pieces stay of the weight's size instead of large ones that cancel
+    assert torch.einsum("com,cmi->coi", B[0], A[0]).flatten(1).norm(dim=1).max() < 3 * W.norm()
+
+
+def test_the_warmup_warns_when_C_is_below_a_matrix_rank():
+    from apd.methods import Factors
+
+    torch.manual_seed(0)
+    method = method_for(SPDConfig(C=1, faithfulness_warmup_steps=5))
+    cm = method.build(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), ["0", "2"])  # ranks 3 and 2
+    names = list(cm.target_weights())
+    with pytest.warns(UserWarning, match=r"C is below the rank of .*set C \(or C_per_module\)"):
+        method.warmup(Factors(A={n: cm.layers[n].A for n in names}, B={n: cm.layers[n].B for n in names}), cm.target_weights())
 
 
 # ------------------------------------------------------------------------- data-parallel importance minimality
