@@ -186,8 +186,8 @@ def test_the_preset_decomposes_all_24_matrices() -> None:
     assert cm.C_per_module()["layers.3.mlp.down"] == 5 and cm.C_per_module()["layers.2.attn.o"] == 4
 
 
-@pytest.mark.slow  # the preset through Hydra for a few steps (C shrunk to 8: the generic metrics' mechanism merge
-# is cubic in the live subcomponents, all 4096 of the preset's are live after 5 steps), then the table script
+@pytest.mark.slow  # the preset through Hydra for a few steps (C shrunk to 8 to keep it short: the full-size preset
+# runs in tests/test_experiments.py's every-preset test), then the table script
 def test_spd_lm_4l_runs_end_to_end_and_prints_its_table(tmp_path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
