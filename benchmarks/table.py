@@ -60,7 +60,8 @@ PER_SEED = [("TMS 5-2, one seed at a time (decompose)", "test_seeds_one_at_a_tim
 VARIANT_SIDES = {"routed": "layer_routing=uniform_k_subset", "bf16": "precision=bf16",
                  "routed_bf16": "both"}  # fmt: skip
 """the toolkit's options that benchmarks/test_spd_reference.py times beside each preset"""
-REFERENCE_PRESETS = ["tms_5_2", "tms_5_2_id", "tms_40_10", "tms_40_10_id", "resid_mlp_1", "resid_mlp_2", "resid_mlp_3", "lm_1l"]
+REFERENCE_PRESETS = ["tms_5_2", "tms_5_2_id", "tms_40_10", "tms_40_10_id", "resid_mlp_1", "resid_mlp_2", "resid_mlp_3", "lm_1l",
+                     "lm_4l"]  # fmt: skip
 
 
 def _gflops(flops: float) -> str:
@@ -73,7 +74,7 @@ def reference_table(benches: dict[str, Any]) -> list[str]:
     (the fastest ``matmul_throughput`` case)."""
     peaks = [b["extra_info"].get("gflops_per_s") for n, b in benches.items() if n.startswith("test_matmul_throughput")]
     peak = max((p for p in peaks if p), default=None)
-    rows, variant_rows = [], []
+    rows, variant_rows, token_rows = [], [], []
     for p in REFERENCE_PRESETS:
         ours, theirs = benches.get(f"test_spd_vs_reference[{p}-toolkit]"), benches.get(f"test_spd_vs_reference[{p}-reference]")
         if ours is None or theirs is None:
@@ -86,6 +87,9 @@ def reference_table(benches: dict[str, Any]) -> list[str]:
         rows.append(f"| {p} | {_fmt(t)} | {_fmt(r)} | **{r / t:.2f}×** | {_gflops(f)} | {_gflops(fr)} | {achieved:.2f} | {pct} | "
                     f"{'' if comp is None else f'{comp:.0f} s'} |")  # fmt: skip
         opts = [(v, benches.get(f"test_spd_vs_reference[{p}-{v}]")) for v in VARIANT_SIDES]
+        if ours["extra_info"].get("tokens"):
+            token_rows.append(f"| {p} | " + " | ".join(f"{b['extra_info']['tokens'] / b['stats']['median']:,.0f}" if b else "-"
+                                                     for b in [theirs, ours, *(b for _, b in opts)]) + " |")  # fmt: skip
         if any(b for _, b in opts):
             variant_rows.append(f"| {p} | {_fmt(r)} | {_fmt(t)} (**{r / t:.2f}×**) | " + " | ".join(
                 f"{_fmt(b['stats']['median'])} (**{r / b['stats']['median']:.2f}×**)" if b else "-" for _, b in opts) + " |")  # fmt: skip
@@ -98,6 +102,10 @@ def reference_table(benches: dict[str, Any]) -> list[str]:
                 + ", ".join(f"`{v}` = {VARIANT_SIDES[v]}" for v in VARIANT_SIDES) + ".", "",
                 "| preset | reference | toolkit (preset) | " + " | ".join(VARIANT_SIDES) + " |",
                 "|---|---|---|" + "---|" * len(VARIANT_SIDES), *variant_rows]  # fmt: skip
+    if token_rows:
+        out += ["", "Tokens per second of the token presets (the same medians):", "",
+                "| preset | reference | toolkit (all layers) | " + " | ".join(VARIANT_SIDES) + " |",
+                "|---|---|---|" + "---|" * len(VARIANT_SIDES), *token_rows]  # fmt: skip
     mm = [(n.split("[")[1].rstrip("]"), b["extra_info"].get("gflops_per_s")) for n, b in sorted(benches.items())
           if n.startswith("test_matmul_throughput")]  # fmt: skip
     if mm:

@@ -14,6 +14,11 @@ equal to the toolkit's (rel 1e-5) from the same state and random draws. extra_in
 step (forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode``, which counts
 matmul-type ops only: mm, bmm, addmm, einsum's contractions; no elementwise work).
 
+The reference has no layer routing: a preset that routes (``spd_lm_4l``) runs its ``toolkit`` side and
+the equality check with ``layer_routing=all_and_layerwise`` (the reference's objective), and its
+``routed`` side is the preset as it runs. Token targets report ``tokens`` per step in extra_info
+(``benchmarks.table`` prints tokens/s).
+
 Besides the preset as it runs (``toolkit``), options that change the objective or the arithmetic are
 timed in the same rounds from the same start: ``routed`` (``layer_routing=uniform_k_subset``: one masked
 pass instead of 1 + L), and, when ``SPDConfig`` has ``precision``, ``bf16`` and ``routed_bf16``. Their
@@ -38,9 +43,10 @@ from benchmarks.conftest import SMOKE, size
 from benchmarks.reference_spd import ReferenceSPD, paired_loss_terms, reference_optimizer, reference_train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "experiment"
-PRESETS = ["tms_5_2", "tms_5_2_id", "tms_40_10", "tms_40_10_id", "resid_mlp_1", "resid_mlp_2", "resid_mlp_3", "lm_1l"]
+PRESETS = ["tms_5_2", "tms_5_2_id", "tms_40_10", "tms_40_10_id", "resid_mlp_1", "resid_mlp_2", "resid_mlp_3", "lm_1l",
+           "lm_4l"]  # fmt: skip
 ROUNDS = {"tms_5_2": 60, "tms_5_2_id": 60, "tms_40_10": 60, "tms_40_10_id": 40, "resid_mlp_1": 40, "resid_mlp_2": 20,
-          "resid_mlp_3": 20, "lm_1l": 20}  # fmt: skip
+          "resid_mlp_3": 20, "lm_1l": 20, "lm_4l": 8}  # fmt: skip
 """timed steps per side (after one warm-up step); each timed step is preceded by an untimed step of the
 other side, so the two sides' rounds interleave (A, B, A, B, ...) and share the machine's state. The
 group takes ~4-5 min on this 2-core machine with other jobs on it."""
@@ -73,6 +79,7 @@ class _Case:
 
     def __init__(self, name: str):
         target_name, kwargs, batch = preset(name)
+        kwargs["layer_routing"] = "all_and_layerwise"  # the reference's objective (the `routed` side: the routed one)
         if SMOKE:
             kwargs["compile_ci"] = False  # compiling takes 10-30 s; compile_ci is tested in tests/test_spd.py
         model, tcfg = _target(target_name)
@@ -80,7 +87,7 @@ class _Case:
         self.method = method_for(self.config)
         self.cm = self.method.build(model, tcfg.modules())
         self.ref = ReferenceSPD.from_toolkit(self.cm, self.method, model)
-        self.x = tcfg.batch(size(batch, 2 if target_name == "lm_1l" else 32), torch.Generator().manual_seed(0))
+        self.x = tcfg.batch(size(batch, 2 if target_name.startswith("lm_") else 32), torch.Generator().manual_seed(0))
         ours, theirs = paired_loss_terms(self.cm, self.method, self.ref, self.x, 0)  # same state, same draws
         for term in ("stochastic_recon", "stochastic_recon_layerwise", "importance_minimality", "total"):
             if term in ours:
@@ -157,6 +164,8 @@ def test_spd_vs_reference(benchmark, name, side):
     flops = {"toolkit": case.flops, "reference": case.ref_flops}.get(side)
     benchmark.extra_info.update({"preset": name, "side": side, "flops": flops,
                                  "batch": int(case.x.shape[0]), "compile_ci": bool(case.config.compile_ci and side == "toolkit")})  # fmt: skip
+    if not case.x.is_floating_point():  # token windows
+        benchmark.extra_info["tokens"] = int(case.x.numel())
     if side == "toolkit" and case.config.compile_ci:
         benchmark.extra_info["compile_seconds"] = case.compile_seconds
 
