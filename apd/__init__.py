@@ -10,7 +10,7 @@ from apd.attributions import (
 from apd.checkpoint import CheckpointError
 from apd.component_model import ComponentModel, ModuleSelectionError
 from apd.components import EmbeddingComponents, LinearComponents, TiedLinear, TransposedComponents
-from apd.config import Attribution, ConfigError, GradientMode, LRSchedule, MethodConfig, OutputLoss, Precision
+from apd.config import Attribution, ConfigError, FaithfulnessNorm, GradientMode, LRSchedule, MethodConfig, OutputLoss, Precision
 from apd.data import DataError
 from apd.decomposition import Decomposition, load_decomposition
 from apd.ci_functions import CIFn
@@ -31,6 +31,7 @@ __all__ = [
     "LRSchedule",
     "OutputLoss",
     "Precision",
+    "FaithfulnessNorm",
     "OPTIMIZERS",
     "decompose",
     "decompose_seeds",

@@ -22,6 +22,7 @@ __all__ = [
     "LRSchedule",
     "OutputLoss",
     "Precision",
+    "FaithfulnessNorm",
     "check_types",
     "need",
     "OPTIMIZERS",
@@ -71,6 +72,13 @@ class OutputLoss(str, Enum):
 
     mse = "mse"
     kl = "kl"  # outputs are logits over the last dimension
+
+
+class FaithfulnessNorm(str, Enum):
+    """What the faithfulness loss divides each matrix's ‖W − Σ_c P_c‖² by (``SPDConfig.faithfulness_norm``)."""
+
+    entries = "entries"  # N, the decomposed weights' entries, summed over matrices (the papers' loss; APD's always)
+    relative = "relative"  # ‖W_l‖² per matrix, averaged over matrices: a scale-free coefficient
 
 
 class Precision(str, Enum):

@@ -11,7 +11,8 @@ from apd.methods import method_for
 def test_ci_masked_recon_is_the_output_distance_under_the_causal_importances():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-    cfg = SPDConfig(C=5, ci_masked_recon_coeff=2.0, stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=None)
+    cfg = SPDConfig(C=5, ci_masked_recon_coeff=2.0, stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=None,
+                    faithfulness_coeff=None)
     method = method_for(cfg)
     cm = method.build(model, ["0", "2"])
     x = torch.randn(16, 4)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from apd.config import OutputLoss
+from apd.config import FaithfulnessNorm
 from apd.losses import act_recon_loss, faithfulness_loss, lp_sparsity_loss, minimality_loss, simplicity_loss
 from apd.losses.lp_sparsity import lp_sparsity_per_component
 
@@ -13,6 +14,32 @@ def test_faithfulness_hand_worked():
     summed = {"a": torch.tensor([[1.0, 0.0]]), "b": torch.tensor([[1.0], [3.0]])}
     # squared errors: a -> 4, b -> 1; N = 2 + 2 = 4
     assert faithfulness_loss(W, summed).item() == pytest.approx(5 / 4)
+    # relative: a -> 4 / ‖W_a‖² = 4 / 5, b -> 1 / 9, averaged over the 2 matrices
+    assert faithfulness_loss(W, summed, FaithfulnessNorm.relative).item() == pytest.approx((4 / 5 + 1 / 9) / 2)
+    # scale-free: the same relative error at 1000x smaller weights costs the same (entries: 1e-6 of it)
+    small = ({n: w * 1e-3 for n, w in W.items()}, {n: w * 1e-3 for n, w in summed.items()})
+    assert faithfulness_loss(*small, "relative").item() == pytest.approx((4 / 5 + 1 / 9) / 2)
+    assert faithfulness_loss(*small).item() == pytest.approx(5 / 4 * 1e-6)
+    # a zero weight matrix counts its squared distance alone
+    assert faithfulness_loss({"z": torch.zeros(1, 2)}, {"z": torch.tensor([[1.0, 1.0]])}, "relative").item() == pytest.approx(2.0)
+
+
+def test_spd_uses_the_relative_faithfulness_by_default_and_apd_the_papers():
+    from apd import APDConfig, SPDConfig
+    from apd.methods import method_for
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x = torch.randn(8, 3)
+    for cfg, norm in [(SPDConfig(C=3), FaithfulnessNorm.relative), (SPDConfig(C=3, faithfulness_norm="entries"), "entries"),
+                      (APDConfig(C=3, topk=1.0), "entries")]:  # fmt: skip
+        method = method_for(cfg)
+        cm = method.build(model, ["0", "2"])
+        with torch.no_grad():
+            for p in cm.trainable_parameters().values():
+                p.mul_(0.5)  # off the weights
+        term = method.loss_terms(cm, x, step=0)["faithfulness"]
+        assert term.item() == pytest.approx(faithfulness_loss(cm.target_weights(), cm.summed_weights(), norm).item(), rel=1e-6)
 
 
 def test_minimality_mse_and_kl_hand_worked():
@@ -120,7 +147,8 @@ def test_a_registered_loss_is_recorded_ordered_and_needs_its_coefficient(monkeyp
     del registry.LOSSES["zz_test"]
     names = [l.name for l in registry.losses_for(SPD.loss_names, SPDConfig(faithfulness_coeff=1.0, ci_masked_recon_coeff=0.5))]
     assert names == ["faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "ci_masked_recon", "importance_minimality"]
-    assert [l.name for l in losses_for(SPD.loss_names, SPDConfig())] == ["stochastic_recon", "stochastic_recon_layerwise", "importance_minimality"]
+    assert [l.name for l in losses_for(SPD.loss_names, SPDConfig())] == ["faithfulness", "stochastic_recon", "stochastic_recon_layerwise",
+                                                                     "importance_minimality"]
 
 
 def test_kl_of_sequence_logits_sums_over_the_vocabulary_and_averages_over_positions():

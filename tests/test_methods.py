@@ -152,7 +152,7 @@ def test_units_and_report_lines_come_from_the_method():
         "C=6, rank=full, batch top-k=2.0, 10 steps, coefficients faithfulness/minimality/simplicity 1/1/1")
     assert method_for(SPDConfig(steps=7)).settings_note({"a": 3, "b": 2}) == "components per matrix {'a': 3, 'b': 2}, 7 steps"
     assert method_for(SPDConfig(C=5, ci_hidden=[8])).key_settings_text() == (
-        "C=5, ci_fn=mlp, ci_hidden=[8], importance_minimality_coeff=0.001, pnorm=1.0, pnorm_final=None, faithfulness_coeff=None, lr=0.001")
+        "C=5, ci_fn=mlp, ci_hidden=[8], importance_minimality_coeff=0.001, pnorm=1.0, pnorm_final=None, faithfulness_coeff=1000.0, lr=0.001")
     with pytest.raises(ConfigError, match="method 'nmf' is not known"):
         method_class("nmf")
 

@@ -22,7 +22,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # The TMS 5-2 preset's method (conf/experiment/spd_tms_5_2.yaml), compile_ci off.
 TMS_SPD = dict(C=20, ci_fn="mlp", ci_hidden=[16], importance_minimality_coeff=3e-3, pnorm=1.0, stochastic_recon_coeff=1.0,
-               stochastic_recon_layerwise_coeff=1.0, lr=2e-3, lr_schedule="cosine")  # fmt: skip
+               stochastic_recon_layerwise_coeff=1.0, lr=2e-3, lr_schedule="cosine", faithfulness_coeff=None)  # fmt: skip  (spd_tms_5_2)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,23 @@ def test_a_bf16_step_is_close_to_the_fp32_step_from_the_same_state_and_draws(tms
     assert torch.cosine_similarity(g16, g32, 0) > 0.9999
     assert (g16 - g32).norm() / g32.norm() < 0.02
     assert g16.dtype == torch.float32
+
+
+def test_the_faithfulness_term_of_a_bf16_step_is_the_float32_one(tms_5_2):
+    """SPD's default faithfulness coefficient (1e6) would chase bfloat16 rounding of Σ_c P_c (2^-8 of W):
+    the term is computed in float32 inside the bf16 step, so it equals the fp32 step's to rounding."""
+    model, tcfg = tms_5_2
+    config = SPDConfig(C=20, faithfulness_coeff=1e6)
+    m32, m16 = method_for(config), method_for(dataclasses.replace(config, precision="bf16"))
+    cm = m32.build(model, tcfg.modules())
+    m32.warmup(_factors(cm, cm.trainable_parameters()), cm.target_weights())
+    x = tcfg.batch(256, torch.Generator().manual_seed(0))
+    t32, _ = _terms_and_grads(cm, m32, x, 0)
+    t16, _ = _terms_and_grads(cm, m16, x, 0)
+    assert t32["faithfulness"] > 0 and t16["faithfulness"] == pytest.approx(t32["faithfulness"], rel=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # what it would be in bfloat16
+        rounded = sum(((w - cm.summed_weights()[n].float()) ** 2).sum() for n, w in cm.target_weights().items())
+    assert float(rounded) / cm.n_weights() != pytest.approx(t32["faithfulness"], rel=1e-2)
 
 
 def test_bf16_changes_only_the_matmuls_of_the_step():

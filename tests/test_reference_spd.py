@@ -37,7 +37,7 @@ def _build(case: str, **extra):
         model, _ = get_target(tcfg)
     else:
         model, tcfg, _ = load_target(PRETRAINED_DIR / f"{name}.pt")
-    method = method_for(SPDConfig(**{**kwargs, **extra}))
+    method = method_for(SPDConfig(**{"faithfulness_coeff": None, **kwargs, **extra}))  # as the presets
     cm = method.build(model, tcfg.modules())
     x = tcfg.batch(batch, torch.Generator().manual_seed(0))
     return cm, method, ReferenceSPD.from_toolkit(cm, method, model), x

@@ -248,7 +248,7 @@ def test_losses_by_hand_on_a_one_matrix_model():
         out = torch.einsum("bdo,bo->bd", W_masked, x)
         recon = (out - lin(x)).pow(2).mean()
         imp = (g_up.pow(2)).mean(0).sum()
-        faith = (lin.weight - (layer.B[:, :, 0].T @ layer.A[:, 0])).pow(2).mean()
+        faith = (lin.weight - (layer.B[:, :, 0].T @ layer.A[:, 0])).pow(2).sum() / lin.weight.pow(2).sum()  # relative (default)
     assert terms["stochastic_recon"].item() == pytest.approx(recon.item(), rel=1e-5)
     assert terms["importance_minimality"].item() == pytest.approx(imp.item(), rel=1e-5)
     assert terms["faithfulness"].item() == pytest.approx(faith.item(), rel=1e-5)
@@ -364,7 +364,7 @@ def test_ci_masks_from_the_component_model():
         ({"importance_minimality_decay_start_frac": 1.5}, "importance_minimality_decay_start_frac=1.5"),
         ({"ci_threshold": 1.0}, "ci_threshold"),
         ({"stochastic_recon_coeff": None, "stochastic_recon_layerwise_coeff": None}, "every reconstruction loss is off"),
-        ({"delta_component": False}, "faithfulness_coeff"),
+        ({"delta_component": False, "faithfulness_coeff": None}, "faithfulness_coeff"),
         ({"output_loss": "xent"}, "output_loss"),
     ],
 )
@@ -449,7 +449,9 @@ def test_training_lowers_the_reconstruction_and_saves_the_ci_functions(tmp_path)
 def test_seeds_at_once_equal_single_runs_fed_the_same_batches():
     """Deterministic losses (no random masks): each vmapped instance is exactly its single run,
     components and CI functions, warm-up and per-instance clipping included."""
-    cfg = SPDConfig(C=3, steps=12, lr=1e-2, log_every=4, faithfulness_warmup_steps=5, grad_clip_norm=0.5,
+    # faithfulness off: near Σ = W its gradient is rounding noise, which Adam scales up to lr-sized steps, so
+    # summation order (vmapped or not) shows; the equality of the machinery is what is tested here
+    cfg = SPDConfig(C=3, steps=12, lr=1e-2, log_every=4, faithfulness_warmup_steps=5, grad_clip_norm=0.5, faithfulness_coeff=None,
                     ci_masked_recon_coeff=1.0, stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=None)  # fmt: skip
     batches = [torch.randn(32, 5, generator=torch.Generator().manual_seed(i)) for i in range(24)]
     decs = decompose_seeds(_mlp(), batches, cfg, ["0", "2"], seeds=[3, 5], progress=False)

@@ -118,7 +118,8 @@ def test_stochastic_losses_hand_worked_on_one_matrix(monkeypatch):
     r = (1, 1), r_Δ = 0.5: y = 2 + 1 + 0.5 = 3.5, error² 0.25; mean over layers and samples 0.625.
     importance minimality, p = 1: 0.5 + 1.005 = 1.505."""
     cfg = SPDConfig(C=2, n_mask_samples=2, stochastic_recon_coeff=2.0, stochastic_recon_layerwise_coeff=3.0,
-                    importance_minimality_coeff=0.1, importance_minimality_eps=0.0, faithfulness_coeff=0.5)  # fmt: skip
+                    importance_minimality_coeff=0.1, importance_minimality_eps=0.0, faithfulness_coeff=0.5,
+                    faithfulness_norm="entries")  # fmt: skip
     method, cm = _one_matrix(cfg)
     queue = _Queue([[[0.2, 0.7]], [0.5], [[0.6, 0.1]], [0.0], [[0.0, 0.0]], [1.0], [[1.0, 1.0]], [0.5]])
     monkeypatch.setattr(spd_module, "rand_rows", queue)
@@ -224,8 +225,11 @@ def _reference(cm, model, x: Tensor, cfg: SPDConfig, draws: list[Tensor], step: 
         kind = "mse" if cfg.output_loss is None else cfg.output_loss.value  # unset: MSE (Method.__init__)
         terms: dict[str, float] = {}
         if cfg.coefficient("faithfulness"):
-            sq = sum(((lins[n].weight - _uv(cm, n)[0].T @ _uv(cm, n)[1]) ** 2).sum() for n in names)
-            terms["faithfulness"] = float(sq / sum(lins[n].weight.numel() for n in names))
+            sq = {n: ((lins[n].weight - _uv(cm, n)[0].T @ _uv(cm, n)[1]) ** 2).sum() for n in names}
+            if cfg.faithfulness_norm.value == "relative":  # the default: each matrix's share of its own ‖W‖², averaged
+                terms["faithfulness"] = float(sum(sq[n] / (lins[n].weight ** 2).sum() for n in names) / len(names))
+            else:
+                terms["faithfulness"] = float(sum(sq.values()) / sum(lins[n].weight.numel() for n in names))
         if cfg.coefficient("stochastic_recon"):
             terms["stochastic_recon"] = float(sum(_distance(target, forward(draw_masks()), kind) for _ in range(S)) / S)
         if cfg.coefficient("stochastic_recon_layerwise"):
@@ -279,9 +283,10 @@ def _check_against_reference(monkeypatch, cfg: SPDConfig, step: int = 0) -> list
 @pytest.mark.parametrize("delta_component", [True, False])
 def test_every_spd_term_matches_the_written_out_computation(monkeypatch, S, output_loss, delta_component):
     """stochastic recon averaged over S samples, layerwise averaged over layers and samples, Δ under
-    its own mask, KL of softmaxes, CI-masked recon, faithfulness over all N weights, minimality."""
+    its own mask, KL of softmaxes, CI-masked recon, faithfulness (relative per matrix; over all N weights
+    with S = 3), minimality."""
     cfg = SPDConfig(C=3, ci_hidden=[2], n_mask_samples=S, output_loss=output_loss, delta_component=delta_component,
-                    **COEFFS)  # fmt: skip
+                    faithfulness_norm="entries" if S == 3 else "relative", **COEFFS)  # fmt: skip
     draws = _check_against_reference(monkeypatch, cfg)
     assert not any(binary for _, binary, _ in draws)
     assert all(bool(((r > 0) & (r < 1)).all()) for _, _, r in draws)  # continuous r ~ U(0, 1)
@@ -360,7 +365,7 @@ def _reference_total_with_grad(cm, model, x, cfg, draws):
         return out
 
     S = cfg.n_mask_samples
-    faith = sum(((lins[n].weight - _uv(cm, n)[0].T @ _uv(cm, n)[1]) ** 2).sum() for n in names) / 20
+    faith = sum(((lins[n].weight - _uv(cm, n)[0].T @ _uv(cm, n)[1]) ** 2).sum() / (lins[n].weight ** 2).sum() for n in names) / 2
     recon = sum(_distance(target, forward(draw_masks()), "mse") for _ in range(S)) / S
     layerwise = 0
     for _ in range(S):
