@@ -39,38 +39,26 @@ def _split_tokens(split: Split) -> Tensor:
     return load_corpus(split)
 
 
-@register_target_kind
-@dataclass(kw_only=True)
-class LMTargetConfig(TargetConfig):
-    """One-layer transformer on the Shakespeare characters: d_model 128, a ReLU MLP of 512 neurons."""
+class CharacterWindows:
+    """What the character-LM targets (``lm``, ``lm_multi``) share: training on the plays with
+    ``train_lm`` (AdamW, warm-up + cosine, the ``train_*`` fields) and windows of ``seq_len`` tokens
+    from a split. A target class lists it before ``TargetConfig`` and names its ``model_class``."""
 
-    name: str = "lm_1l"
-    seq_len: int = 128
-    d_model: int = 128
-    n_heads: int = 4
-    d_mlp: int = 512
-    train_steps: int = 6_000
-    train_batch_size: int = 32
-    train_lr: float = 3e-3
-    train_weight_decay: float = 0.1
-    train_warmup_steps: int = 200
-    train_final_lr_fraction: float = 0.1
-    """the cosine schedule decays the learning rate to this fraction of train_lr"""
-    train_grad_clip: float = 1.0
-
-    kind: ClassVar[str] = "lm"
-
-    def model_config(self) -> LMConfig:
-        return LMConfig(vocab_size=load_tokenizer().vocab_size, seq_len=self.seq_len, d_model=self.d_model,
-                        n_heads=self.n_heads, d_mlp=self.d_mlp, init_seed=self.train_seed)  # fmt: skip
-
-    def build(self) -> TransformerLM:
-        return TransformerLM(self.model_config())
+    model_class: ClassVar[type[nn.Module]]
+    seq_len: int
+    train_steps: int
+    train_batch_size: int
+    train_lr: float
+    train_weight_decay: float
+    train_warmup_steps: int
+    train_final_lr_fraction: float
+    train_grad_clip: float
+    train_seed: int
 
     def train(self, model: nn.Module) -> float:
         """Train in place; returns the mean training loss (nats/token) over the last 250 steps."""
-        assert isinstance(model, TransformerLM)
-        result = train_lm(model, _split_tokens(Split.train), _split_tokens(Split.heldout), steps=self.train_steps,
+        assert isinstance(model, self.model_class), f"{type(model).__name__} is not a {self.model_class.__name__}"
+        result = train_lm(model, _split_tokens(Split.train), _split_tokens(Split.heldout), steps=self.train_steps,  # type: ignore[arg-type]
                           batch_size=self.train_batch_size, lr=self.train_lr, weight_decay=self.train_weight_decay,
                           warmup_steps=self.train_warmup_steps, final_lr_fraction=self.train_final_lr_fraction,
                           grad_clip=self.train_grad_clip, seed=self.train_seed, log_every=250,
@@ -94,16 +82,46 @@ class LMTargetConfig(TargetConfig):
         """Model inputs: token windows of the held-out plays."""
         return self.windows(Split.heldout, batch_size, generator, device)
 
+    def eval_batch(self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu") -> Int[Tensor, "B seq_len"]:
+        """A run's metrics read held-out windows (``n_eval`` of them; each ``seq_len`` tokens)."""
+        return self.heldout_batch(batch_size, generator, device)
+
+
+@register_target_kind
+@dataclass(kw_only=True)
+class LMTargetConfig(CharacterWindows, TargetConfig):
+    """One-layer transformer on the Shakespeare characters: d_model 128, a ReLU MLP of 512 neurons."""
+
+    name: str = "lm_1l"
+    seq_len: int = 128
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    train_steps: int = 6_000
+    train_batch_size: int = 32
+    train_lr: float = 3e-3
+    train_weight_decay: float = 0.1
+    train_warmup_steps: int = 200
+    train_final_lr_fraction: float = 0.1
+    """the cosine schedule decays the learning rate to this fraction of train_lr"""
+    train_grad_clip: float = 1.0
+
+    kind: ClassVar[str] = "lm"
+    model_class: ClassVar[type[nn.Module]] = TransformerLM
+
+    def model_config(self) -> LMConfig:
+        return LMConfig(vocab_size=load_tokenizer().vocab_size, seq_len=self.seq_len, d_model=self.d_model,
+                        n_heads=self.n_heads, d_mlp=self.d_mlp, init_seed=self.train_seed)  # fmt: skip
+
+    def build(self) -> TransformerLM:
+        return TransformerLM(self.model_config())
+
     def modules(self) -> list[str]:
         return ["mlp.up", "mlp.down"]
 
     def output_loss(self) -> OutputLoss:
         """Decompositions match the target's next-token distribution: KL on the logits."""
         return OutputLoss.kl
-
-    def eval_batch(self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu") -> Int[Tensor, "B seq_len"]:
-        """A run's metrics read held-out windows (``n_eval`` of them; each ``seq_len`` tokens)."""
-        return self.heldout_batch(batch_size, generator, device)
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         """A decomposition of the MLP on held-out windows: next-token loss clean, under the method's

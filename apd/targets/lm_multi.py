@@ -9,31 +9,27 @@ masks rounded at CI > 0 and CI > 0.5; L0 and alive subcomponents per matrix and 
 loss recovered against zero-ablating that layer's matrices); ``vpd_table_markdown`` prints it.
 """
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from jaxtyping import Int
 from torch import Tensor, nn
 
 from apd.config import OutputLoss
 from apd.evaluation import EvalContext
 from apd.targets.base import TargetConfig, register_target_kind
-from apd.targets.lm import CHECK_BATCH, _split_tokens
-from apd.toy_models.lm import evaluate_lm, lm_loss, train_lm
-from apd.toy_models.lm_data import Split, lm_batch, load_tokenizer, unigram_cross_entropy
+from apd.targets.lm import CHECK_BATCH, CharacterWindows, _split_tokens
+from apd.toy_models.lm import evaluate_lm, lm_loss
+from apd.toy_models.lm_data import Split, load_tokenizer, unigram_cross_entropy
 from apd.toy_models.lm_multi import MultiLayerLM, MultiLMConfig
 
 __all__ = ["MultiLMTargetConfig", "vpd_table", "vpd_table_markdown"]
 
-log = logging.getLogger(__name__)
-
 
 @register_target_kind
 @dataclass(kw_only=True)
-class MultiLMTargetConfig(TargetConfig):
+class MultiLMTargetConfig(CharacterWindows, TargetConfig):
     """Llama-style transformer on the Shakespeare characters: 4 pre-RMSNorm blocks, d_model 128,
     4 heads, bias-free q/k/v/o and a ReLU MLP of 256 neurons per block, context 128."""
 
@@ -53,6 +49,7 @@ class MultiLMTargetConfig(TargetConfig):
     train_grad_clip: float = 1.0
 
     kind: ClassVar[str] = "lm_multi"
+    model_class: ClassVar[type[nn.Module]] = MultiLayerLM
 
     def model_config(self) -> MultiLMConfig:
         return MultiLMConfig(vocab_size=load_tokenizer().vocab_size, seq_len=self.seq_len, n_layers=self.n_layers,
@@ -60,38 +57,6 @@ class MultiLMTargetConfig(TargetConfig):
 
     def build(self) -> MultiLayerLM:
         return MultiLayerLM(self.model_config())
-
-    def train(self, model: nn.Module) -> float:
-        """Train in place (``train_lm``: AdamW, warm-up + cosine); returns the mean training loss
-        (nats/token) over the last 250 steps."""
-        assert isinstance(model, MultiLayerLM)
-        result = train_lm(model, _split_tokens(Split.train), _split_tokens(Split.heldout), steps=self.train_steps,  # type: ignore[arg-type]
-                          batch_size=self.train_batch_size, lr=self.train_lr, weight_decay=self.train_weight_decay,
-                          warmup_steps=self.train_warmup_steps, final_lr_fraction=self.train_final_lr_fraction,
-                          grad_clip=self.train_grad_clip, seed=self.train_seed, log_every=250,
-                          callback=lambda r: log.info("step %(step)d: train %(train_loss).4f, held-out %(heldout_loss).4f "
-                                                      "nats/token, lr %(lr).2e, %(seconds).0f s", r))  # fmt: skip
-        return float(result["final_loss"])
-
-    def windows(self, split: Split | str, batch_size: int, generator: torch.Generator | None = None,
-                device: str | torch.device = "cpu", length: int | None = None) -> Int[Tensor, "B L"]:  # fmt: skip
-        """``batch_size`` windows of ``length`` (default ``seq_len``) tokens from one split; take
-        ``length = seq_len + 1`` for inputs ``w[:, :-1]`` and next-token targets ``w[:, 1:]``."""
-        return lm_batch(_split_tokens(Split(split)), batch_size, length or self.seq_len, generator, device)
-
-    def batch(self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu") -> Int[Tensor, "B seq_len"]:
-        """Model inputs: token windows of the training plays."""
-        return self.windows(Split.train, batch_size, generator, device)
-
-    def heldout_batch(
-        self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu"
-    ) -> Int[Tensor, "B seq_len"]:
-        """Model inputs: token windows of the held-out plays."""
-        return self.windows(Split.heldout, batch_size, generator, device)
-
-    def eval_batch(self, batch_size: int, generator: torch.Generator | None, device: str | torch.device = "cpu") -> Int[Tensor, "B seq_len"]:
-        """A run's metrics read held-out windows (``n_eval`` of them; each ``seq_len`` tokens)."""
-        return self.heldout_batch(batch_size, generator, device)
 
     def modules(self) -> list[str]:
         """Every attention and MLP matrix of every block."""
