@@ -89,15 +89,16 @@ class LMConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with separate ``q``, ``k``, ``v``, ``o`` projections."""
+    """Multi-head causal self-attention with separate ``q``, ``k``, ``v``, ``o`` projections (with
+    biases, or without: ``bias=False``, the 4-layer model's)."""
 
-    def __init__(self, d_model: int, n_heads: int):
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True):
         super().__init__()
         self.n_heads = n_heads
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
-        self.v = nn.Linear(d_model, d_model)
-        self.o = nn.Linear(d_model, d_model)
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.k = nn.Linear(d_model, d_model, bias=bias)
+        self.v = nn.Linear(d_model, d_model, bias=bias)
+        self.o = nn.Linear(d_model, d_model, bias=bias)
 
     def forward(self, x: Float[Tensor, "B T d_model"]) -> Float[Tensor, "B T d_model"]:
         B, T, d = x.shape

@@ -26,9 +26,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from apd.toy_models.lm import CausalSelfAttention
 
 __all__ = ["MultiLMConfig", "Attention", "ReLUMLP", "Block", "MultiLayerLM", "BLOCK_MATRICES"]
 
@@ -61,23 +62,11 @@ class MultiLMConfig:
             raise ValueError(f"d_model={self.d_model} is split evenly over n_heads={self.n_heads}; choose d_model divisible by n_heads")
 
 
-class Attention(nn.Module):
+class Attention(CausalSelfAttention):
     """Causal multi-head self-attention, bias-free ``q``, ``k``, ``v``, ``o`` projections."""
 
     def __init__(self, d_model: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.q = nn.Linear(d_model, d_model, bias=False)
-        self.k = nn.Linear(d_model, d_model, bias=False)
-        self.v = nn.Linear(d_model, d_model, bias=False)
-        self.o = nn.Linear(d_model, d_model, bias=False)
-
-    def forward(self, x: Float[Tensor, "B T d_model"]) -> Float[Tensor, "B T d_model"]:
-        B, T, d = x.shape
-        hs = d // self.n_heads
-        q, k, v = (proj(x).view(B, T, self.n_heads, hs).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.o(y.transpose(1, 2).reshape(B, T, d))
+        super().__init__(d_model, n_heads, bias=False)
 
 
 class ReLUMLP(nn.Module):
