@@ -80,10 +80,12 @@ def as_floats(terms: dict[str, Tensor | float]) -> dict[str, float]:
     return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in terms.items()}
 
 
-def loss_terms(cm: ComponentModel, x: Tensor, config: MethodConfig, step: int = 0) -> dict[str, Tensor]:
-    """One step's loss terms for ``config``'s method on ``cm`` (``{"total": ..., <loss>: ..., <metric>: ...}``)."""
-    method = method_for(config)
-    return method.loss_terms(cm, x, step, method.capture_names(cm))
+def loss_terms(cm: ComponentModel, x: Tensor, config: MethodConfig | Method, step: int = 0) -> dict[str, Tensor]:
+    """One step's loss terms for ``config``'s method on ``cm`` (``{"total": ..., <loss>: ..., <metric>: ...}``),
+    computed as a training step computes them (``precision=bf16``: under its autocast)."""
+    method = config if isinstance(config, Method) else method_for(config)
+    with step_autocast(method.config):
+        return method.loss_terms(cm, x, step, method.capture_names(cm))
 
 
 def train_step(cm: ComponentModel, opt: torch.optim.Optimizer, x: Tensor, config: MethodConfig | Method, step: int,

@@ -24,8 +24,8 @@ import apd.methods.spd as spd_module
 from apd import SPDConfig, load_decomposition
 from apd.methods import method_for
 from apd.optim import make_optimizer
-from apd.precision import full_precision, step_autocast
-from apd.train import _factors, train_step
+from apd.precision import full_precision
+from apd.train import _factors, loss_terms, train_step
 from benchmarks.test_spd_reference import _target, preset
 
 
@@ -54,8 +54,7 @@ def _terms_and_grads(cm, method, x, seed: int, target_bf16: bool = False):
     for p in cm.trainable_parameters().values():
         p.grad = None
     torch.manual_seed(seed)
-    with step_autocast(method.config):
-        terms = method.loss_terms(cm, x, 0, method.capture_names(cm))
+    terms = loss_terms(cm, x, method)  # the step's autocast region
     terms["total"].backward()
     _target_pass(False)
     return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in cm.trainable_parameters().items()

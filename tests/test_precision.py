@@ -15,7 +15,7 @@ from apd.methods import method_for
 from apd.optim import make_optimizer
 from apd.precision import full_precision, step_autocast
 from apd.targets import PRETRAINED_DIR, load_target
-from apd.train import _factors, train_step
+from apd.train import _factors, loss_terms, train_step
 from experiments.schema import DecomposeApp
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -36,8 +36,7 @@ def _terms_and_grads(cm, method, x, seed):
     for p in cm.trainable_parameters().values():
         p.grad = None
     torch.manual_seed(seed)
-    with step_autocast(method.config):
-        terms = method.loss_terms(cm, x, 0, method.capture_names(cm))
+    terms = loss_terms(cm, x, method)  # the step's autocast region
     terms["total"].backward()
     grads = torch.cat([p.grad.flatten() for p in cm.trainable_parameters().values() if p.grad is not None])
     return {k: float(v.detach()) for k, v in terms.items()}, grads
