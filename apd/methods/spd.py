@@ -8,9 +8,9 @@ input (per position for sequences): how much it cannot be ablated there. One ste
 1. a target pass records every layer's input; the inner activations V_cᵀ a feed the CI functions;
 2. the lower-leaky hard sigmoid gives g (the masks' importances), the upper-leaky one g⁺ (the
    minimality loss's);
-3. the registered SPD losses read the step context: faithfulness (coefficient 1e6 by default: the
-   optional Δ-component W − Σ_c U_c V_cᵀ, under its own random mask, keeps the unmasked model exactly
-   the target, so without it the sum drifts off the weights), stochastic reconstruction with masks
+3. the registered SPD losses read the step context: faithfulness (on by default, relative form at
+   1e3: the optional Δ-component W − Σ_c U_c V_cᵀ, under its own random mask, keeps the unmasked model
+   exactly the target, so without it the sum drifts off the weights), stochastic reconstruction with masks
    m = g + (1 − g)·r, r ~ U(0, 1) (every layer masked, then one layer at a time), importance
    minimality Σ_l Σ_c mean_x (g⁺)^p, and the optional CI-masked reconstruction.
 
@@ -44,6 +44,7 @@ from apd.components import ComponentInit, EmbeddingComponents
 from apd.config import ConfigError, FaithfulnessNorm, LRSchedule, MethodConfig, OutputLoss, need
 from apd.distributed import rand_rows
 from apd.global_ci import GlobalMLPCI
+from apd.losses.faithfulness import faithfulness_loss
 from apd.methods.base import Factors, Method, MLPUnits, StepContext, Units
 from apd.model_io import masked_mean, valid_rows
 from apd.pgd import AdversarialForm, persistent_sources
@@ -477,7 +478,11 @@ def _d_in(cm: ComponentModel, name: str) -> int:
 
 def relative_error(A: Tensor, B: Tensor, W: Tensor) -> Tensor:
     """‖W − Σ_c B_c A_c‖_F / ‖W‖_F per instance (A [*I, C, m, d_in], B [*I, C, d_out, m], W [d_out, d_in]): [*I]."""
-    R = W - torch.einsum("...com,...cmi->...oi", B, A)
+    return _relative_norm(W - torch.einsum("...com,...cmi->...oi", B, A), W)
+
+
+def _relative_norm(R: Tensor, W: Tensor) -> Tensor:
+    """‖R‖_F / ‖W‖_F per instance of R [*I, d_out, d_in]."""
     return R.flatten(-2).norm(dim=-1) / W.norm().clamp_min(torch.finfo(W.dtype).tiny)
 
 
@@ -515,7 +520,7 @@ def least_squares_fit(A: Tensor, B: Tensor, W: Tensor, tol: float, max_rounds: i
                 G = Bm.mT @ Bm
                 lam = LEAST_SQUARES_DAMPING * torch.linalg.eigvalsh(G)[..., -1:, None]
                 Am = Am + todo * torch.linalg.solve(G + lam * eye, Bm.mT @ R)
-        err = (W - Bm @ Am).flatten(-2).norm(dim=-1) / W.norm().clamp_min(torch.finfo(W.dtype).tiny)
+        err = _relative_norm(W - Bm @ Am, W)
     A.copy_(Am.reshape(A.shape))
     B.copy_(Bm.reshape(*lead, d_out, C, m).movedim(-2, -3))
     return err
@@ -674,10 +679,9 @@ class SPD(Method):
         if c.faithfulness_warmup_steps > 0:
             params = [*factors.A.values(), *factors.B.values()]
             opt = torch.optim.AdamW(params, lr=c.faithfulness_warmup_lr, weight_decay=c.faithfulness_warmup_weight_decay)
-            n_weights = sum(w.numel() for w in target_weights.values())
             for _ in range(c.faithfulness_warmup_steps):
-                loss = sum(((target_weights[n] - torch.einsum("...com,...cmi->...oi", factors.B[n], A)) ** 2).sum()
-                           for n, A in factors.A.items()) / n_weights  # fmt: skip
+                summed = {n: torch.einsum("...com,...cmi->...oi", factors.B[n], A) for n, A in factors.A.items()}
+                loss = faithfulness_loss(target_weights, summed)  # /N (instances summed: each its own run)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[union-attr]
                 opt.step()
