@@ -63,6 +63,7 @@ from apd.config import ConfigError
 from apd.decomposition import CheckpointError
 from apd.experiment import RunArtifacts, load_run
 from apd.targets import LMTargetConfig
+from apd.targets.lm import CharacterWindows
 from apd.methods import Method, method_for
 from apd.targets import TargetConfig, get_target
 from apd.toy_models.lm import MLPActivations, TransformerLM
@@ -444,7 +445,7 @@ class LMUnits:
         self.layout, self.tm, self.target, self.sources, self.config = layout, tm, target, sources, config
         self.model = tm.model
         self.notes = notes
-        self.tokenizer = load_tokenizer() if isinstance(target, LMTargetConfig) else None
+        self.tokenizer = load_tokenizer() if isinstance(target, CharacterWindows) else None  # lm_1l, lm_4l: the characters
         self.vocab = list(self.tokenizer.tokens) if self.tokenizer is not None else [f"\u27e8{i}\u27e9" for i in range(tm.vocab_size)]
 
     @property
@@ -458,7 +459,7 @@ class LMUnits:
     def windows(self) -> Int[Tensor, "S T"]:
         """The text the data is built on (``LMBrowserConfig.n_windows``)."""
         cfg = self.config
-        if isinstance(self.target, LMTargetConfig):
+        if isinstance(self.target, CharacterWindows):
             return heldout_windows(self.target.seq_len, cfg.n_windows)
         x = self.target.eval_batch(cfg.n_windows, torch.Generator().manual_seed(cfg.text_seed))
         if x.ndim != 2 or x.is_floating_point():
@@ -466,7 +467,7 @@ class LMUnits:
         return x.long().cpu()
 
     def text_description(self) -> str:
-        if isinstance(self.target, LMTargetConfig):
+        if isinstance(self.target, CharacterWindows):
             return "evenly spaced windows of the held-out plays"
         return f"windows from the target's eval_batch (seed {self.config.text_seed})"
 
