@@ -7,6 +7,8 @@ co-active units, ``apd.mechanisms``), and then asks the target config for its gr
 (``TargetConfig.evaluate``) through an :class:`EvalContext`.
 """
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,7 +20,7 @@ from apd.config import OutputLoss
 from apd.decomposition import Decomposition
 from apd.losses import faithfulness_loss
 from apd.losses.distance import output_distance
-from apd.mechanisms import Mechanism, mechanism_summary, mechanisms_from_masks
+from apd.mechanisms import MAX_PAIRS, Mechanism, MechanismSearchTooLarge, mechanism_summary, mechanisms_from_masks
 from apd.methods import Method, method_for
 from apd.model_io import masked_mean, valid_rows
 
@@ -91,6 +93,11 @@ def evaluate(
             generic[f"{method.eval_mask_name}_recon_kl"] = output_distance(out, masked, target_config.output_loss(), valid).item()
         generic |= method.eval_metrics(cm, x, masks, out, valid=valid)
         ranks = {n: cm.layers[n].m for n in cm.matrix_names}
-        ctx.mechanisms, summary = mechanisms_from_masks(kept, method.active_threshold(), cm.tied_names, ranks=ranks)
+        try:
+            ctx.mechanisms, summary = mechanisms_from_masks(kept, method.active_threshold(), cm.tied_names, ranks=ranks,
+                                                            max_pairs=MAX_PAIRS)  # fmt: skip
+        except MechanismSearchTooLarge as e:  # a dense run: its other metrics still count; no mechanisms
+            warnings.warn(f"mechanisms skipped: {e}", stacklevel=2)
+            ctx.mechanisms, summary = [], {"n_mechanisms": math.nan, "mechanisms_skipped": 1.0}
         generic |= summary | {"mechanisms": mechanism_summary(ctx.mechanisms)}
     return target_config.evaluate(ctx) | generic

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-__all__ = ["ALPHA", "Mechanism", "find_mechanisms", "description_bits", "mechanisms_from_masks", "mechanism_summary"]
+__all__ = ["ALPHA", "MAX_PAIRS", "MechanismSearchTooLarge", "Mechanism", "find_mechanisms", "description_bits", "mechanisms_from_masks", "mechanism_summary"]
 
 
 ALPHA = 3.0
@@ -32,6 +32,18 @@ ALPHA = 3.0
 (K ≈ 12 units, ~3.6 bits a name) folds a feature into the identity, and at 1 all of it into one
 group; at 3 it gives the identity as one rank-2 mechanism and each feature's W/Wᵀ pieces as one,
 TMS 40-10 + ID the identity as one rank-10 mechanism and 40 rank-one features."""
+
+
+MAX_PAIRS = 2_000_000
+"""Default cap on the candidate pairs (units that fire together enough to merge) of one search: a
+round costs O(pairs) and there are up to K rounds. Measured on 1000-step runs of ``spd_lm_4l``
+(8,192 tokens, ~4,090 live subcomponents): L0 367 per token gave 0.79 M pairs (its evaluation,
+mechanisms included, ~2 min); with the adversarial loss, L0 1,336 gave 4.8 M and the search ran
+for over 5 minutes without ending. So dense a decomposition has no sparse mechanisms to find."""
+
+
+class MechanismSearchTooLarge(ValueError):
+    """More candidate pairs than ``max_pairs``: the greedy search would not end in useful time."""
 
 
 @dataclass
@@ -63,7 +75,8 @@ def description_bits(
 
 
 def find_mechanisms(
-    active: Bool[Tensor, "N K"], pieces: Sequence[set] | None = None, *, alpha: float = ALPHA, min_overlap: float = 0.5
+    active: Bool[Tensor, "N K"], pieces: Sequence[set] | None = None, *, alpha: float = ALPHA, min_overlap: float = 0.5,
+    max_pairs: int | None = MAX_PAIRS,
 ) -> list[list[int]]:  # fmt: skip
     """Groups of the K units with activity ``active`` over N inputs, by a greedy merge that lowers the
     description length :func:`description_bits` (α bits per rank-one piece; ``pieces[k]`` is unit k's
@@ -76,7 +89,10 @@ def find_mechanisms(
     every merge makes each group's name cheaper on every input (K falls), which pays for joining two
     rare units that fire apart. Among overlapping units the bits decide: a unit that fires on a
     tenth of a frequent one's inputs stays apart (the merged group would carry its rank on the
-    other nine tenths), the identity's two pieces that fire on 4 of 5 inputs each join."""
+    other nine tenths), the identity's two pieces that fire on 4 of 5 inputs each join.
+
+    More than ``max_pairs`` candidate pairs (None: no cap) raises :class:`MechanismSearchTooLarge`
+    before the search starts (:data:`MAX_PAIRS`)."""
     alive = active.any(0).nonzero().flatten().tolist()
     if not alive:
         return []
@@ -95,6 +111,12 @@ def find_mechanisms(
     # changes the pairs of the merged group alone, so each round costs O(pairs + units), not O(units²).
     co = (acts.T @ acts).double()
     ok = (co >= min_overlap * torch.minimum(n[:, None], n[None, :])).triu(1)
+    if max_pairs is not None and int(ok.sum()) > max_pairs:
+        raise MechanismSearchTooLarge(
+            f"{int(ok.sum()):,} pairs of the {len(alive):,} live units fire together on at least {min_overlap:g} of the "
+            f"rarer one's inputs (cap max_pairs={max_pairs:,}): the activity is too dense for a greedy merge to end in "
+            "useful time; lower L0 (a larger sparsity coefficient) or raise max_pairs"
+        )  # fmt: skip
     pi, pj = ok.nonzero(as_tuple=True)
     pco = co[pi, pj]
     pshared = (inc @ inc.T)[pi, pj].double()
@@ -138,7 +160,7 @@ def _sorted(groups: list[list[int]]) -> list[list[int]]:
 
 def mechanisms_from_masks(
     masks: Tensor | Mapping[str, Tensor], tau: float, tied: Mapping[str, str] | None = None, *,
-    ranks: Mapping[str, int] | None = None, alpha: float = ALPHA, min_overlap: float = 0.5,
+    ranks: Mapping[str, int] | None = None, alpha: float = ALPHA, min_overlap: float = 0.5, max_pairs: int | None = MAX_PAIRS,
 ) -> tuple[list[Mechanism], dict[str, float]]:  # fmt: skip
     """Mechanisms of a decomposition from its evaluation masks on some inputs.
 
@@ -147,7 +169,8 @@ def mechanisms_from_masks(
     unit; a tied second use shares its matrix's pieces, ``tied`` {use: matrix}). A unit is active on
     a row where its mask exceeds ``tau``. Returns the mechanisms (largest first) and a summary:
     the number of mechanisms, of live units, and the description bits per input before and after
-    merging."""
+    merging. Too dense an activity for the search raises :class:`MechanismSearchTooLarge`
+    (``max_pairs``)."""
     tied = dict(tied or {})
     if isinstance(masks, Tensor):
         C = masks.shape[-1]
@@ -165,7 +188,7 @@ def mechanisms_from_masks(
             pieces += [{(matrix, c)} for c in range(C)]
             layer_of += [layer] * C
         active = torch.cat(cols, 1)
-    groups = find_mechanisms(active, pieces, alpha=alpha, min_overlap=min_overlap)
+    groups = find_mechanisms(active, pieces, alpha=alpha, min_overlap=min_overlap, max_pairs=max_pairs)
     mechs = []
     for g in groups:
         freq = float(active[:, g].any(1).float().mean())

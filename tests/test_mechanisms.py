@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from apd.mechanisms import description_bits, find_mechanisms, mechanisms_from_masks
+from apd.mechanisms import MechanismSearchTooLarge, description_bits, find_mechanisms, mechanisms_from_masks
 
 
 def _activity(rows: list[list[int]]) -> torch.Tensor:
@@ -142,3 +142,31 @@ def test_shared_masks_make_one_unit_per_component_spanning_every_matrix():
     mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).repeat(4, 1)  # component 2 dead
     mechs, summary = mechanisms_from_masks(mask, tau=0.5, ranks={"enc": 2, "dec": 1})
     assert summary["n_live_units"] == 2 and [m.rank for m in mechs] == [3, 3]
+
+
+def test_too_many_candidate_pairs_are_refused_before_the_search_and_evaluation_goes_on_without_mechanisms(monkeypatch):
+    # units 0-3 always together: 6 pairs; units 4, 5 each on inputs of their own add none
+    active = _activity([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]] * 3)
+    assert find_mechanisms(active, max_pairs=6) == [[0, 1, 2, 3], [4], [5]]
+    with pytest.raises(MechanismSearchTooLarge, match=r"6 pairs of the 6 live units .*max_pairs=5"):
+        find_mechanisms(active, max_pairs=5)
+    with pytest.raises(MechanismSearchTooLarge):
+        mechanisms_from_masks({"a": active[:, :3].float(), "b": active[:, 3:].float()}, tau=0.5, max_pairs=5)
+    # a run's evaluation: the cap hit, every other metric is still there and the mechanisms are marked skipped
+    import apd.evaluation
+    from apd import decompose
+    from apd.methods.spd import SPDConfig
+    from apd.targets import TMSTargetConfig, get_target
+
+    target_cfg = TMSTargetConfig(name="tms_5_2")
+    model, _ = get_target(target_cfg)
+    config = SPDConfig(C=5, steps=2, faithfulness_warmup_steps=1, ci_threshold=0.0)
+    dec = decompose(model, lambda: target_cfg.batch(64, None), config, target_cfg.modules(), progress=False)
+    full = apd.evaluation.evaluate(dec, model, target_cfg, n_eval=64, seed=0)
+    assert full["n_mechanisms"] >= 1 and "mechanisms_skipped" not in full
+    monkeypatch.setattr(apd.evaluation, "MAX_PAIRS", 0)
+    with pytest.warns(UserWarning, match="mechanisms skipped: .* pairs"):
+        dense = apd.evaluation.evaluate(dec, model, target_cfg, n_eval=64, seed=0)
+    assert dense["mechanisms_skipped"] == 1.0 and math.isnan(dense["n_mechanisms"]) and dense["mechanisms"] == []
+    for k in ("faithfulness_loss", "ci_recon_mse", "l0"):
+        assert dense[k] == pytest.approx(full[k]), k

@@ -21,6 +21,7 @@ from .layers import (
     module_loss_recovered,
     replaced_outputs,
     train_layer_transcoders,
+    transcoder_scores,
 )
 from .registry import get_sae_class, register_sae, registered_architectures
 from .resampling import resample_dead_latents, resampling_probabilities
@@ -78,6 +79,7 @@ __all__ = [
     "module_loss_recovered",
     "layer_training_data",
     "train_layer_transcoders",
+    "transcoder_scores",
     "SAELoadError",
     "save_sae",
     "load_sae",

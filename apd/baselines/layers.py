@@ -34,6 +34,7 @@ __all__ = [
     "module_loss_recovered",
     "layer_training_data",
     "train_layer_transcoders",
+    "transcoder_scores",
 ]
 
 Draw = Callable[[torch.Generator], Any]
@@ -157,7 +158,10 @@ class LayerTranscoder:
 
 
 @torch.no_grad()
-def _scores(model: nn.Module, module: str, sae: SAE, batch: Any, loss_fn: LossFn, io: tuple[Tensor, Tensor]) -> dict[str, float]:
+def transcoder_scores(model: nn.Module, module: str, sae: SAE, batch: Any, loss_fn: LossFn, io: tuple[Tensor, Tensor]) -> dict[str, float]:
+    """``module``'s transcoder ``sae`` on ``batch``: the splice's losses and ``loss_recovered``
+    (:func:`module_loss_recovered`), ``fvu`` of the module's output and ``l0``, from ``io`` = the
+    module's (input, output) rows on that batch (:func:`capture_module_io`)."""
     was_training = sae.training
     sae.eval()
     try:
@@ -198,7 +202,7 @@ def train_layer_transcoders(
                              "apply_b_dec_to_input=False) to make it a transcoder")  # fmt: skip
 
         def evaluate(s: SAE, name: str = name) -> dict[str, float]:
-            return _scores(model, name, s, eval_batch, loss_fn, held_out[name])
+            return transcoder_scores(model, name, s, eval_batch, loss_fn, held_out[name])
 
         layer_cfg = dataclasses.replace(cfg, seed=cfg.seed + i)
         result = train_sae(sae, layer_training_data(model, name, draw, loss_fn), layer_cfg, evaluate=evaluate if cfg.eval_every else None)

@@ -110,8 +110,13 @@ def _layer_matrices(ctx: EvalContext, n_layers: int) -> list[list[str]]:
     return [[n for n in ctx.cm.matrix_names if n.startswith(f"layers.{i}.")] for i in range(n_layers)]
 
 
+VPD_CHUNK = 64
+"""windows per forward pass of ``vpd_table`` (memory: each pass holds every matrix's causal
+importances and masked activations for its windows)"""
+
+
 @torch.no_grad()
-def vpd_table(cfg: MultiLMTargetConfig, ctx: EvalContext) -> dict[str, float]:
+def vpd_table(cfg: MultiLMTargetConfig, ctx: EvalContext, chunk: int = VPD_CHUNK) -> dict[str, float]:
     """VPD's table of a decomposition on ``n_eval`` held-out windows (``seq_len`` tokens each), keys ``vpd/...``.
 
     Cross-entropy of the next token (nats/token): ``ce_target`` (the target), ``ce_unmasked`` (every
@@ -125,44 +130,59 @@ def vpd_table(cfg: MultiLMTargetConfig, ctx: EvalContext) -> dict[str, float]:
     (that block's matrices zero, the others the target's), ``ce_layer_masked/{i}`` (that block's matrices
     under the CI masks, the others the target's) and ``loss_recovered_layer/{i}`` =
     (ablated − masked) / (ablated − target); ``loss_recovered_all`` likewise with every block at once.
+
+    The windows are run ``chunk`` at a time (means over all tokens; r drawn chunk by chunk from the
+    same generator, so up to ``chunk`` windows the draw is one batch's).
     """
     model, cm = ctx.target, ctx.cm
     gen = torch.Generator().manual_seed(ctx.seed + 40_000)
     w = cfg.windows(Split.heldout, ctx.n_eval, gen, ctx.device, length=cfg.seq_len + 1)
-    x, y = w[:, :-1], w[:, 1:]
-    g = ctx.eval_masks(x)
-    assert isinstance(g, dict), "VPD's table needs one causal-importance tensor per matrix (a method with per-matrix masks)"
     tau = ctx.method.active_threshold()
-    r = {n: torch.rand(v.shape, generator=gen).to(v.device) for n, v in g.items()}
+    layers = _layer_matrices(ctx, cfg.n_layers)
+    sums: dict[str, float] = {}
+    alive: dict[str, Tensor] = {}
 
-    def ce(masks: dict[str, Tensor] | None) -> float:
-        return float(lm_loss(model(x) if masks is None else cm(x, masks=masks), y))
+    def add(key: str, value: float, weight: int) -> None:
+        sums[key] = sums.get(key, 0.0) + value * weight
 
-    out: dict[str, float] = {
-        "ce_target": ce(None),
-        "ce_unmasked": ce({n: torch.ones_like(v) for n, v in g.items()}),
-        "ce_ci_masked": ce(g),
-        "ce_stochastic": ce({n: v + (1 - v) * r[n] for n, v in g.items()}),
-        "ce_rounded_gt0": ce({n: (v > 0).to(v.dtype) for n, v in g.items()}),
-        "ce_rounded_gt0.5": ce({n: (v > 0.5).to(v.dtype) for n, v in g.items()}),
-        "ce_all_ablated": ce({n: torch.zeros_like(v) for n, v in g.items()}),
-    }
+    for part in w.split(chunk):
+        x, y = part[:, :-1], part[:, 1:]
+        n = y.numel()
+        g = ctx.eval_masks(x)
+        assert isinstance(g, dict), "VPD's table needs one causal-importance tensor per matrix (a method with per-matrix masks)"
+        r = {k: torch.rand(v.shape, generator=gen).to(v.device) for k, v in g.items()}
+
+        def ce(masks: dict[str, Tensor] | None) -> float:
+            return float(lm_loss(model(x) if masks is None else cm(x, masks=masks), y))
+
+        add("ce_target", ce(None), n)
+        add("ce_unmasked", ce({k: torch.ones_like(v) for k, v in g.items()}), n)
+        add("ce_ci_masked", ce(g), n)
+        add("ce_stochastic", ce({k: v + (1 - v) * r[k] for k, v in g.items()}), n)
+        add("ce_rounded_gt0", ce({k: (v > 0).to(v.dtype) for k, v in g.items()}), n)
+        add("ce_rounded_gt0.5", ce({k: (v > 0.5).to(v.dtype) for k, v in g.items()}), n)
+        add("ce_all_ablated", ce({k: torch.zeros_like(v) for k, v in g.items()}), n)
+        for k, v in g.items():
+            on = (v > tau).reshape(-1, v.shape[-1])
+            add(f"l0/{k}", float(on.sum(-1).float().mean()), n)
+            alive[k] = on.any(0) | alive[k] if k in alive else on.any(0)
+        for i, names in enumerate(layers):
+            if names:
+                add(f"ce_layer_ablated/{i}", ce({k: torch.zeros_like(g[k]) for k in names}), n)
+                add(f"ce_layer_masked/{i}", ce({k: g[k] for k in names}), n)
+    total = int(w[:, 1:].numel())
+    out = {k: v / total for k, v in sums.items()}
     out["loss_recovered_all"] = (out["ce_all_ablated"] - out["ce_ci_masked"]) / (out["ce_all_ablated"] - out["ce_target"])
-    for n, v in g.items():
-        on = (v > tau).reshape(-1, v.shape[-1])
-        out[f"l0/{n}"] = float(on.sum(-1).float().mean())
-        out[f"alive/{n}"] = float(on.any(0).sum())
-    for i, names in enumerate(_layer_matrices(ctx, cfg.n_layers)):
+    for k, on in alive.items():
+        out[f"alive/{k}"] = float(on.sum())
+    for i, names in enumerate(layers):
         if not names:
             continue
-        out[f"l0_layer/{i}"] = sum(out[f"l0/{n}"] for n in names)
-        out[f"alive_layer/{i}"] = sum(out[f"alive/{n}"] for n in names)
-        ablated = ce({n: torch.zeros_like(g[n]) for n in names})
-        masked = ce({n: g[n] for n in names})
-        out[f"ce_layer_ablated/{i}"] = ablated
-        out[f"ce_layer_masked/{i}"] = masked
+        out[f"l0_layer/{i}"] = sum(out[f"l0/{k}"] for k in names)
+        out[f"alive_layer/{i}"] = sum(out[f"alive/{k}"] for k in names)
+        ablated, masked = out[f"ce_layer_ablated/{i}"], out[f"ce_layer_masked/{i}"]
         out[f"loss_recovered_layer/{i}"] = (ablated - masked) / (ablated - out["ce_target"])
-    out["n_eval_tokens"] = float(x.numel())
+    out["n_eval_tokens"] = float(total)
     return {f"vpd/{k}": v for k, v in out.items()}
 
 

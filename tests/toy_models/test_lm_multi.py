@@ -3,15 +3,17 @@
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
+from apd.baselines import load_sae, module_loss_recovered
 from apd.checkpoint import safe_load
+from apd.compare.lm_layers import decomposition_layer_scores, mlp_modules
 from apd.evaluation import EvalContext
 from apd.methods import method_for
 from apd.methods.spd import CI_FNS, SPDConfig
@@ -150,6 +152,113 @@ def test_vpd_table_rounds_masks_at_zero_and_one_half() -> None:
     assert "| 0 | 0.0 | 0 |" in md and f"{t['vpd/ce_rounded_gt0.5']:.4f}" in md and "| layers.2.mlp.up | 8.00 | 8 |" in md
     with pytest.raises(ValueError, match="no VPD table"):
         vpd_table_markdown({"l0": 3.0})
+
+
+def test_vpd_table_in_chunks_is_the_table_in_one_batch() -> None:
+    """Per-token g (random CI functions): one window at a time gives every mean, L0 and alive count of the
+    one-batch table (the stochastic draw differs: r is drawn chunk by chunk)."""
+    target = _tiny_target()
+    method, cm = _exact_decomposition(target)
+    with torch.no_grad():
+        for fn in cm.method_module(CI_FNS):
+            fn.layers.net[-1].weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(5))
+    ctx = EvalContext(target, TINY, None, cm, method, 4, 0, torch.device("cpu"))  # type: ignore[arg-type]
+    whole, parts = vpd_table(TINY, ctx), vpd_table(TINY, ctx, chunk=1)
+    assert set(whole) == set(parts)
+    assert 0 < whole["vpd/l0_layer/1"] < 48 and whole["vpd/alive_layer/1"] > whole["vpd/l0_layer/1"]  # g varies per token
+    for k in whole:
+        if k != "vpd/ce_stochastic":
+            assert parts[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-5), k  # float32 sums in another order
+
+
+# --- per-layer MLP replacements: SPD's side of experiments.layer_transcoders ------------------
+
+
+def test_mlp_modules_group_each_layers_mlp_matrices_and_refuse_a_run_without_mlps() -> None:
+    names = MultiLayerLM(MultiLMConfig(vocab_size=5, seq_len=4, n_layers=2, d_model=4, n_heads=2, d_mlp=4)).matrix_names()
+    assert mlp_modules(names) == {"layers.0.mlp": ["layers.0.mlp.up", "layers.0.mlp.down"],
+                                  "layers.1.mlp": ["layers.1.mlp.up", "layers.1.mlp.down"]}  # fmt: skip
+    with pytest.raises(ValueError, match="no decomposed matrix lies in a module named 'mlp'"):
+        mlp_modules(["layers.0.attn.q", "layers.0.attn.k"])
+
+
+def test_decomposition_layer_scores_by_hand_on_an_exact_decomposition() -> None:
+    """Σ subcomponents = W (an SVD), g set by hand: g = 1 is the target (all recovered), g = 0 the MLP
+    zeroed (nothing), g = 0.5 halves both MLP matrices (worked out on a copy with the weights halved;
+    thresholded at τ = 0.1 it is g = 1 again); the zeroed MLP is the transcoder side's ablation too."""
+    target = _tiny_target()
+    method, cm = _exact_decomposition(target)
+    x, y = _xy()
+    w = torch.cat([x, y[:, -1:]], dim=1)
+
+    def loss_fn(m, batch):
+        return lm_loss(m(batch[:, :-1]), batch[:, 1:])
+
+    mlp = ["layers.2.mlp.up", "layers.2.mlp.down"]
+    with torch.no_grad():
+        clean = float(lm_loss(target(x), y))
+        half = copy.deepcopy(target)
+        for n in mlp:
+            half.get_submodule(n).weight.mul_(0.5)
+        halved = float(lm_loss(half(x), y))
+    splice = module_loss_recovered(target, w, loss_fn, "layers.2.mlp", lambda h: torch.zeros_like(h))
+    for g, recovered, l0 in ((1.0, 1.0, 16), (0.0, 0.0, 0), (0.5, None, 16)):
+        _set_ci(cm, method, {"layers.2.mlp": g})
+        with torch.no_grad():
+            ci = method.causal_importances(cm, x)
+        s = decomposition_layer_scores(target, cm, ci, x, y, mlp, tau=0.1)
+        assert s["loss_clean"] == pytest.approx(clean, rel=1e-6)
+        assert s["loss_ablated"] == pytest.approx(splice["loss_ablated"], abs=1e-5)  # zero matrices = zero MLP output
+        assert abs(s["loss_ablated"] - clean) > 0.01
+        assert s["l0"] == l0 and s["bits_per_token"] == pytest.approx(l0 * 3.0)  # 8 + 8 subcomponents, log2(8) = 3 bits each
+        if recovered is not None:
+            assert s["loss_recovered"] == pytest.approx(recovered, abs=1e-3)
+        else:
+            assert s["loss"] == pytest.approx(halved, abs=1e-5)
+            assert s["loss_recovered"] == pytest.approx((s["loss_ablated"] - halved) / (s["loss_ablated"] - clean), abs=1e-6)
+            assert s["loss_recovered_thresholded"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_layer_transcoders_script_scores_a_transcoder_per_mlp_beside_spd(tmp_path) -> None:
+    """A 5-step spd_lm_4l run (C 8) and a copy of it, then the script with tiny transcoders: one row per
+    layer, the table, the curves and the weights written; both sides scored against the same
+    zero-ablation, both runs alike."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.decompose", "experiment=spd_lm_4l", "steps=5", "n_eval=2",
+                           "method.faithfulness_warmup_steps=5", "method.C=8", "method.C_per_module={mlp.up:8,mlp.down:8}",
+                           "figures=false", f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(run, tmp_path / "copy")  # a second run of the same target: scored beside the first
+    proc = subprocess.run([sys.executable, "-m", "experiments.layer_transcoders", str(run), str(tmp_path / "copy"), "--width", "32", "--k", "4",
+                           "--steps", "20", "--eval-every", "5", "--batch-windows", "2", "--curve-windows", "2",
+                           "--n-eval", "2"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run / "layer_transcoders"
+    record = json.loads((out / "layer_transcoders.json").read_text())
+    assert [r["module"] for r in record["rows"]] == [f"layers.{i}.mlp" for i in range(4)]
+    for r in record["rows"]:
+        t, s = r["transcoder"], r["spd"][str(run)]
+        assert 2 < t["l0"] <= 4 and t["bits_per_token"] == pytest.approx(t["l0"] * (5 + 8))  # top-4 (some may be 0); log2(32) + 8 bits
+        assert t["loss_ablated"] == pytest.approx(s["loss_ablated"], abs=1e-4) and t["loss_clean"] == pytest.approx(s["loss_clean"], abs=1e-5)
+        assert t["loss_recovered"] > 0.05 and t["steps_trained"] <= 20 and len(t["curve"]["step"]) >= 1
+        assert load_sae(out / f"transcoder_{r['module']}").cfg.d_sae == 32
+        assert r["spd"][str(tmp_path / "copy")] == pytest.approx(s)
+    assert (out / "layer_transcoder_curves.png").stat().st_size > 10_000
+    assert f"| layers.3.mlp | transcoder 32, k 4 |" in (out / "layer_transcoders.md").read_text()
+    assert f"| layers.3.mlp | SPD {run} |" in (out / "layer_transcoders.md").read_text() and "layers.3.mlp" in proc.stdout
+    # scoring the same transcoders again, loaded instead of trained, beside another run
+    again = subprocess.run([sys.executable, "-m", "experiments.layer_transcoders", str(tmp_path / "copy"), "--load-transcoders",
+                            str(out), "--n-eval", "2"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    reloaded = json.loads((tmp_path / "copy" / "layer_transcoders" / "layer_transcoders.json").read_text())["rows"]
+    for r, r2 in zip(record["rows"], reloaded):
+        assert r2["transcoder"]["loss_recovered"] == pytest.approx(r["transcoder"]["loss_recovered"], abs=1e-6)
+        assert r2["transcoder"]["curve"] == r["transcoder"]["curve"] and r2["spd"][str(tmp_path / "copy")] == pytest.approx(r["spd"][str(run)])
+    bad = subprocess.run([sys.executable, "-m", "experiments.layer_transcoders", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, env=env, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "is not a run dir" in bad.stderr
 
 
 # --- the shipped target -----------------------------------------------------------------------
