@@ -259,6 +259,15 @@ def test_layer_transcoders_script_scores_a_transcoder_per_mlp_beside_spd(tmp_pat
     bad = subprocess.run([sys.executable, "-m", "experiments.layer_transcoders", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, env=env, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "is not a run dir" in bad.stderr
+    # lm_1l's MLP has biases: zeroing its matrices is not zeroing its output, so the script refuses it
+    one = tmp_path / "lm_1l"
+    proc = subprocess.run([sys.executable, "-m", "experiments.decompose", "experiment=spd_lm_1l", "steps=3", "n_eval=2",
+                           "method.faithfulness_warmup_steps=3", "method.C=8", "figures=false", f"hydra.run.dir={one}"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bad = subprocess.run([sys.executable, "-m", "experiments.layer_transcoders", str(one)], cwd=ROOT, capture_output=True,
+                         text=True, env=env, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "have biases" in bad.stderr and "bias-free" in bad.stderr
 
 
 # --- the shipped target -----------------------------------------------------------------------
