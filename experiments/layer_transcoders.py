@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--load-transcoders", type=Path, default=None, metavar="DIR",
                    help="score the transcoders an earlier invocation wrote to DIR (its --out) instead of training new ones")
     args = p.parse_args(argv)
+    if not 1 <= args.k <= args.width:
+        sys.exit(f"error: --k {args.k} must lie in [1, --width] = [1, {args.width}]")
+    for name in ("steps", "batch_windows", "eval_every", "curve_windows", "n_eval"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if not (args.lr > 0 and args.tol > 0):
+        sys.exit(f"error: --lr {args.lr} and --tol {args.tol} must be > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     for d in args.run_dirs:

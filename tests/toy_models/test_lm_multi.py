@@ -259,6 +259,9 @@ def test_layer_transcoders_script_scores_a_transcoder_per_mlp_beside_spd(tmp_pat
     bad = subprocess.run([sys.executable, "-m", "experiments.layer_transcoders", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, env=env, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "is not a run dir" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "experiments.layer_transcoders", str(run), "--k", "40", "--width", "32"], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "--k 40 must lie in [1, --width] = [1, 32]" in bad.stderr
     # lm_1l's MLP has biases: zeroing its matrices is not zeroing its output, so the script refuses it
     one = tmp_path / "lm_1l"
     proc = subprocess.run([sys.executable, "-m", "experiments.decompose", "experiment=spd_lm_1l", "steps=3", "n_eval=2",
