@@ -95,7 +95,7 @@ def evaluate(
         ranks = {n: cm.layers[n].m for n in cm.matrix_names}
         try:
             ctx.mechanisms, summary = mechanisms_from_masks(kept, method.active_threshold(), cm.tied_names, ranks=ranks,
-                                                            max_pairs=MAX_PAIRS)  # fmt: skip
+                                                            max_pairs=MAX_PAIRS)  # read here, at call time: tests lower it
         except MechanismSearchTooLarge as e:  # a dense run: its other metrics still count; no mechanisms
             warnings.warn(f"mechanisms skipped: {e}", stacklevel=2)
             ctx.mechanisms, summary = [], {"n_mechanisms": math.nan, "mechanisms_skipped": 1.0}

@@ -38,6 +38,7 @@ from apd.baselines import (  # noqa: E402
     transcoder_scores,
 )
 from apd.compare.lm_layers import decomposition_layer_scores, mlp_modules, transcoder_layer_row  # noqa: E402
+from apd.config import ConfigError  # noqa: E402
 from apd.experiment import load_run  # noqa: E402
 from apd.targets.lm import CharacterWindows  # noqa: E402
 from apd.toy_models.lm import lm_loss  # noqa: E402
@@ -71,10 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --lr {args.lr} and --tol {args.tol} must be > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    runs = []
     for d in args.run_dirs:
-        if not (d / "config.yaml").is_file() and not (d / "metrics.json").is_file():
-            sys.exit(f"error: {d} is not a run dir of experiments.decompose (no config.yaml or metrics.json)")
-    runs = [load_run(d) for d in args.run_dirs]
+        try:
+            runs.append(load_run(d))
+        except ConfigError as e:
+            sys.exit(f"error: {d} is not a run dir of experiments.decompose: {e}")
     target_cfg, model = runs[0].run.target, runs[0].target
     if not isinstance(target_cfg, CharacterWindows):
         sys.exit(f"error: the run's target {target_cfg.name!r} is not a character LM (lm_1l, lm_4l): this script draws its windows")
@@ -85,11 +88,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {d}'s target is not {args.run_dirs[0]}'s (other weights): compare runs of one target")
     try:
         modules = mlp_modules(runs[0].decomposition.matrix_names)
-        for art in runs[1:]:
-            if mlp_modules(art.decomposition.matrix_names) != modules:
-                raise ValueError("the runs decompose different MLP matrices; compare runs of one preset")
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if any(mlp_modules(art.decomposition.matrix_names) != modules for art in runs[1:]):
+        sys.exit("error: the runs decompose different MLP matrices; compare runs of one preset")
     biased = [n for names in modules.values() for n in names if getattr(model.get_submodule(n), "bias", None) is not None]
     if biased:
         sys.exit(f"error: {biased} have biases, so zeroing the matrices is not zeroing the MLP's output and the two sides' "
@@ -150,16 +152,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def loaded_transcoders(directory: Path, modules: list[str]) -> tuple[dict[str, SAE], dict[str, dict]]:
-    """The transcoders and training records an earlier invocation wrote to ``directory``."""
+    """The transcoders an earlier invocation wrote to ``directory`` and their rows there (which hold
+    the training records)."""
     path = directory / "layer_transcoders.json"
     if not path.is_file():
         sys.exit(f"error: --load-transcoders {directory}: no layer_transcoders.json there (pass an earlier --out)")
     earlier = {r["module"]: r["transcoder"] for r in json.loads(path.read_text())["rows"]}
     if sorted(earlier) != sorted(modules):
         sys.exit(f"error: --load-transcoders {directory} holds transcoders of {sorted(earlier)}, these runs' MLPs are {modules}")
-    keys = ("steps_trained", "converged", "curve_change", "converge_metric", "converge_window", "converge_tol", "curve")
-    return ({m: load_sae(directory / f"transcoder_{m}") for m in modules},
-            {m: {k: earlier[m][k] for k in keys} for m in modules})  # fmt: skip
+    return {m: load_sae(directory / f"transcoder_{m}") for m in modules}, earlier  # its scores are recomputed
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:

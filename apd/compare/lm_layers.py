@@ -72,7 +72,8 @@ def decomposition_layer_scores(
 
 
 def transcoder_layer_row(scores: dict[str, float], bits_per_value: float, record: dict[str, Any], n_latents: int, k: int) -> dict[str, Any]:
-    """A transcoder's row: its scores (``apd.baselines.transcoder_scores``), its size, its description
-    length and its training record (``TrainResult.curve_record()``: steps, converged, the curve)."""
-    return {**scores, "n_latents": n_latents, "k": k,
-            "bits_per_token": description_length_bits(scores["l0"], n_latents, bits_per_value), **record}  # fmt: skip
+    """A transcoder's row: its training record (``TrainResult.curve_record()``: steps, converged, the
+    curve; or an earlier row of the same transcoder, whose scores these replace), its scores
+    (``apd.baselines.transcoder_scores``), its size and its description length."""
+    return {**record, **scores, "n_latents": n_latents, "k": k,
+            "bits_per_token": description_length_bits(scores["l0"], n_latents, bits_per_value)}  # fmt: skip
