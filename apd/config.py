@@ -219,7 +219,7 @@ class MethodConfig:
     fp32: parameters, optimiser state, checkpoints, the losses' last sums, SPD's target pass, its
     faithfulness warm-up and all evaluation stay float32. It pays where the step is matmul-bound: one
     thread of an AMD EPYC with avx512_bf16, ``python -m benchmarks.bf16_step time ...`` (2026-12-05):
-    residual MLP 1/3 layers 1.30x/1.36x, LM 1.57x faster, TMS 5-2 0.86x (overhead-bound). Quality and
+    residual MLP 1/3 layers 1.30x/1.36x, LM 1.57x faster, TMS 5-2 0.86x (its step is elementwise work). Quality and
     one-step accuracy: docs/guide/precision.md"""
     log_every: int = 100
     checkpoint_every: int | None = None

@@ -11,7 +11,9 @@ Where bfloat16 would spoil the numbers, the code that knows asks for float32 bac
 target pass (the outputs every reconstruction loss compares with) under :func:`full_precision`, and
 squashes its causal-importance functions' pre-activations in float32 (:func:`at_least_float32`; the
 masks, their random draws and the minimality loss are then float32), and the losses' distances cast
-both outputs to float32 before subtracting.
+both outputs to float32 before subtracting. The toy language models run their attention core in
+float32 under CPU autocast (``apd.toy_models.lm.CausalSelfAttention``: torch's bfloat16 CPU attention
+is slower than its float32 one; docs/guide/precision.md).
 """
 
 import contextlib

@@ -8,8 +8,8 @@ Groups: ``spd_vs_reference`` (per preset, ``[<preset>-toolkit]`` and ``[<preset>
 ``matmul_throughput`` (sgemm GFLOP/s at one thread, the yardstick for the steps' achieved GFLOP/s).
 Each preset's settings are read from conf/experiment/spd_<preset>.yaml (C, C_per_module, batch, CI
 function, losses, n_mask_samples, Δ-component, output loss, compile_ci); the toolkit side runs as
-the preset runs (``compile_ci`` included: timed after the compiling warm-up step, whose seconds are in
-extra_info) through ``apd.train.train_step``. Before timing, the reference's loss terms are checked
+the preset runs (``compile_ci`` included: timed after the compiling first forward and backward, whose
+seconds are in extra_info) through ``apd.train.train_step``. Before timing, the reference's loss terms are checked
 equal to the toolkit's (rel 1e-5) from the same state and random draws. extra_info: ``flops`` of one
 step (forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode``, which counts
 matmul-type ops only: mm, bmm, addmm, einsum's contractions; no elementwise work).
@@ -23,6 +23,11 @@ Besides the preset as it runs (``toolkit``), options that change the objective o
 timed in the same rounds from the same start: ``routed`` (``layer_routing=uniform_k_subset``: one masked
 pass instead of 1 + L), and, when ``SPDConfig`` has ``precision``, ``bf16`` and ``routed_bf16``. Their
 FLOPs are not counted (a routed step's depend on its draws).
+
+``ci_only`` times the preset's causal-importance functions alone (forward and backward, as the toolkit
+step runs them) on the step's inner activations: work every step of the preset does on either side. The
+reference's step over it is the most any speed-up of the rest of the step could reach (``benchmarks.table``'s
+last column).
 """
 
 import dataclasses
@@ -35,7 +40,9 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from apd import SPDConfig
+from apd.global_ci import GlobalMLPCI
 from apd.methods import method_for
+from apd.methods.spd import ci_functions
 from apd.optim import make_optimizer
 from apd.targets import PRETRAINED_DIR, LMTargetConfig, get_target, load_target
 from apd.train import train_step
@@ -88,6 +95,14 @@ class _Case:
         self.cm = self.method.build(model, tcfg.modules())
         self.ref = ReferenceSPD.from_toolkit(self.cm, self.method, model)
         self.x = tcfg.batch(size(batch, 2 if target_name.startswith("lm_") else 32), torch.Generator().manual_seed(0))
+        # the first forward and backward compile the CI functions where compile_ci does (auto: decided
+        # here); no update, so the state the equality check below starts from is the initial one
+        start = time.perf_counter()
+        self.method.loss_terms(self.cm, self.x, 0, self.method.capture_names(self.cm))["total"].backward()
+        self.cm.zero_grad(set_to_none=True)
+        fns = ci_functions(self.cm)
+        self.ci_compiled = any("forward" in f.__dict__ for f in (fns.modules() if isinstance(fns, GlobalMLPCI) else fns))
+        self.compile_seconds = time.perf_counter() - start if self.ci_compiled else 0.0
         ours, theirs = paired_loss_terms(self.cm, self.method, self.ref, self.x, 0)  # same state, same draws
         for term in ("stochastic_recon", "stochastic_recon_layerwise", "importance_minimality", "total"):
             if term in ours:
@@ -101,14 +116,31 @@ class _Case:
         self.flops = _count_flops(lambda: train_step(twin, twin_opt, self.x, twin_method, 0))
         self.ref_flops = _count_flops(lambda: reference_train_step(self.ref, self.ref_opt, self.x, 0, self.config))
         self.initial = {k: v.clone() for k, v in self.cm.state_dict().items()}
-        start = time.perf_counter()
-        train_step(self.cm, self.opt, self.x, self.method, 0)  # the warm-up step (compiles the CI functions if set)
-        self.compile_seconds = time.perf_counter() - start if self.config.compile_ci else 0.0
+        train_step(self.cm, self.opt, self.x, self.method, 0)  # the warm-up step
         self.steps = iter(range(1, 10**9))
         self.ref_steps = iter(range(1, 10**9))
 
         self.kwargs, self.model, self.tcfg = kwargs, model, tcfg
         self.variants: dict[str, tuple] = {}
+        # the CI functions' own work (``ci_only``): their inputs as the step computes them, leaves here
+        with torch.no_grad(), self.cm.capture(self.cm.layer_names, inputs=True) as a_in:
+            self.cm(self.x)
+        self.ci_in = {n: (self.cm.layers[n].component_acts(a).detach().requires_grad_(True), a) for n, a in a_in.items()}
+
+    def ci_step(self) -> None:
+        """Forward and backward of the preset's causal-importance functions alone (as the toolkit step runs
+        them, compiled where ``compile_ci`` compiled them), on the step's inner activations: work every
+        SPD step of this preset does, here and in the reference, whatever else it saves."""
+        fns = ci_functions(self.cm)
+        fns.zero_grad(set_to_none=True)  # as the step does: its backward writes the gradients, not adds to them
+        for v, _ in self.ci_in.values():
+            v.grad = None
+        if isinstance(fns, GlobalMLPCI):
+            outs = list(fns({n: a for n, (_, a) in self.ci_in.items()},
+                            {n: v for n, (v, _) in self.ci_in.items() if fns.reads_inner[n]}).values())  # fmt: skip
+        else:
+            outs = [fns.fn(n)(v, a) for n, (v, a) in self.ci_in.items()]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
     def toolkit_step(self) -> None:
         train_step(self.cm, self.opt, self.x, self.method, next(self.steps))
@@ -148,7 +180,7 @@ VARIANTS = {"routed": {"layer_routing": "uniform_k_subset"}}
 """the toolkit's options timed beside the preset: {side: SPDConfig fields over the preset's}"""
 if "precision" in {f.name for f in dataclasses.fields(SPDConfig)}:
     VARIANTS |= {"bf16": {"precision": "bf16"}, "routed_bf16": {"layer_routing": "uniform_k_subset", "precision": "bf16"}}
-SIDES = ("toolkit", "reference", *VARIANTS)
+SIDES = ("toolkit", "reference", *VARIANTS, "ci_only")
 
 
 @pytest.mark.parametrize("name,side", [(p, s) for p in PRESETS for s in SIDES],
@@ -158,15 +190,17 @@ def test_spd_vs_reference(benchmark, name, side):
     case = _case(name)
     if side in VARIANTS:
         fn, other = (lambda: case.variant_step(side)), case.reference_step
+    elif side == "ci_only":
+        fn, other = case.ci_step, case.reference_step
     else:
         fn, other = (case.toolkit_step, case.reference_step) if side == "toolkit" else (case.reference_step, case.toolkit_step)
     benchmark.pedantic(fn, setup=other, rounds=ROUNDS[name], iterations=1, warmup_rounds=1)  # the other side between rounds
     flops = {"toolkit": case.flops, "reference": case.ref_flops}.get(side)
     benchmark.extra_info.update({"preset": name, "side": side, "flops": flops,
-                                 "batch": int(case.x.shape[0]), "compile_ci": bool(case.config.compile_ci and side == "toolkit")})  # fmt: skip
+                                 "batch": int(case.x.shape[0]), "compile_ci": case.ci_compiled and side == "toolkit"})  # fmt: skip
     if not case.x.is_floating_point():  # token windows
         benchmark.extra_info["tokens"] = int(case.x.numel())
-    if side == "toolkit" and case.config.compile_ci:
+    if side == "toolkit" and case.ci_compiled:
         benchmark.extra_info["compile_seconds"] = case.compile_seconds
 
 

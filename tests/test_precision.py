@@ -186,3 +186,32 @@ def test_the_target_pass_and_the_causal_importances_stay_float32_in_a_bf16_step(
             ctx = method.step_context(cm, x, 0)
         assert ctx.target_out.dtype == torch.float32 and torch.equal(ctx.target_out, expected)
         assert all(g.dtype == torch.float32 for g in [*ctx.ci.values(), *ctx.ci_upper.values()]), ci_fn
+
+
+def test_attention_runs_in_float32_on_the_bf16_projections_in_a_cpu_bf16_step():
+    """Under CPU bfloat16 autocast the toy LMs' attention core takes the projections' bfloat16 outputs
+    in float32 (torch's bf16 CPU attention is much slower); the result is exactly that computation,
+    and not the bf16 attention's (which rounds differently); outside autocast nothing changes."""
+    import torch.nn.functional as F
+
+    from apd.toy_models.lm import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, bias=False)
+    x = torch.randn(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+        q, k, v = (p(x).view(2, 16, 4, 8).transpose(1, 2) for p in (attn.q, attn.k, attn.v))
+        bf16_core = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert q.dtype == torch.bfloat16 and bf16_core.dtype == torch.bfloat16
+    fp32_core = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = attn.o(fp32_core.transpose(1, 2).reshape(2, 16, 32))
+        via_bf16_core = attn.o(bf16_core.transpose(1, 2).reshape(2, 16, 32))
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, via_bf16_core)
+    ref = attn(x)  # fp32, no autocast: the plain attention
+    q, k, v = (p(x).view(2, 16, 4, 8).transpose(1, 2) for p in (attn.q, attn.k, attn.v))
+    plain = attn.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 16, 32))
+    assert ref.dtype == torch.float32 and torch.equal(ref, plain)
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 projections: close to fp32

@@ -104,7 +104,15 @@ class CausalSelfAttention(nn.Module):
         B, T, d = x.shape
         hs = d // self.n_heads
         q, k, v = (proj(x).view(B, T, self.n_heads, hs).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # bfloat16 steps (apd.precision) on the CPU: the attention core in float32 on the projections'
+            # bfloat16 outputs. torch's CPU attention is 2.6x slower forward and backward in bfloat16 than in
+            # float32 (8 windows of 128 tokens, 4 heads of 32, one thread; either kernel), which cost the
+            # 4-layer LM's all-layers bf16 step all that its matrix products gained (docs/guide/precision.md)
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.o(y.transpose(1, 2).reshape(B, T, d))
 
 
