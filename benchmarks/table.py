@@ -58,7 +58,7 @@ PER_SEED = [("TMS 5-2, one seed at a time (decompose)", "test_seeds_one_at_a_tim
 
 
 VARIANT_SIDES = {"routed": "layer_routing=uniform_k_subset", "bf16": "precision=bf16",
-                 "routed_bf16": "both"}  # fmt: skip
+                 "routed_bf16": "both", "compiled": "compile_ci=on"}  # fmt: skip
 """the toolkit's options that benchmarks/test_spd_reference.py times beside each preset"""
 REFERENCE_PRESETS = ["tms_5_2", "tms_5_2_id", "tms_40_10", "tms_40_10_id", "resid_mlp_1", "resid_mlp_2", "resid_mlp_3", "lm_1l",
                      "lm_4l"]  # fmt: skip

@@ -21,7 +21,8 @@ the equality check with ``layer_routing=all_and_layerwise`` (the reference's obj
 
 Besides the preset as it runs (``toolkit``), options that change the objective or the arithmetic are
 timed in the same rounds from the same start: ``routed`` (``layer_routing=uniform_k_subset``: one masked
-pass instead of 1 + L), and, when ``SPDConfig`` has ``precision``, ``bf16`` and ``routed_bf16``. Their
+pass instead of 1 + L), when ``SPDConfig`` has ``precision``, ``bf16`` and ``routed_bf16``, and
+``compiled`` (``compile_ci=on``: for the presets whose runs are too short for ``auto`` to compile). Their
 FLOPs are not counted (a routed step's depend on its draws).
 
 ``ci_only`` times the preset's causal-importance functions alone (forward and backward, as the toolkit
@@ -180,6 +181,7 @@ VARIANTS = {"routed": {"layer_routing": "uniform_k_subset"}}
 """the toolkit's options timed beside the preset: {side: SPDConfig fields over the preset's}"""
 if "precision" in {f.name for f in dataclasses.fields(SPDConfig)}:
     VARIANTS |= {"bf16": {"precision": "bf16"}, "routed_bf16": {"layer_routing": "uniform_k_subset", "precision": "bf16"}}
+VARIANTS["compiled"] = {"compile_ci": "on"}  # the CI functions compiled whatever the run's length (auto's choice aside)
 SIDES = ("toolkit", "reference", *VARIANTS, "ci_only")
 
 
