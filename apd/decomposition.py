@@ -145,7 +145,8 @@ class Decomposition:
         for n in self.matrix_names:
             w = cm.layers[n].target_weight()
             if w.shape != self.target_weights[n].shape:
-                raise ValueError(f"{n}: model weight {tuple(w.shape)} vs decomposed {tuple(self.target_weights[n].shape)}")
+                raise ValueError(f"{n}: model weight {tuple(w.shape)} vs decomposed {tuple(self.target_weights[n].shape)}: this "
+                                 "decomposition was made from another model; attach it to the model it was made from")  # fmt: skip
             if not torch.allclose(w.detach().cpu(), self.target_weights[n], atol=1e-6):
                 raise ValueError(f"{n}: the model's weight differs from the decomposed target's; attach to the same trained model")
         own = cm.trainable_parameters()

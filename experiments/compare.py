@@ -14,6 +14,7 @@ is reloaded when the run dir is reused), SAEs in ``saes/``.
 import csv
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,11 @@ def markdown(app: compare_schema.CompareApp, apd_run: DecomposeRun, comparison: 
 def main(cfg: DictConfig) -> None:
     schema.exit_on_unknown_keys(cfg)  # before anything runs: a +key typo is refused, not ignored
     out = Path(HydraConfig.get().runtime.output_dir)
-    compare_app(cfg, out)
+    try:
+        compare_app(cfg, out)
+    except ConfigError as e:  # a setting to change: its message names it and the fix (as experiments.decompose reports it)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"results written to {out}")
 
 

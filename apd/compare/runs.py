@@ -25,7 +25,8 @@ from apd.baselines import SAE, SAEConfig, SAEEvaluate, SAETrainConfig, get_sae_c
 from apd.compare.config import CompareConfig, SAEGrid
 from apd.compare.scoring import Trained
 from apd.decomposition import Decomposition, load_decomposition
-from apd.experiment import DecomposeRun, run_decompose
+from apd.config import ConfigError
+from apd.experiment import RUN_FILE, DecomposeRun, run_decompose
 from apd.methods import method_class, method_for
 from apd.targets import get_target
 
@@ -122,6 +123,22 @@ def load_decomposition_run(run_dir: str | Path) -> tuple[Decomposition, float]:
     return dec, float(wall)
 
 
+def refuse_other_target(run_dir: str | Path, apd_run: DecomposeRun, key: str) -> None:
+    """A ConfigError, naming ``key`` and the fix, when the run dir ``run_dir`` (its ``run.json``)
+    decomposed another target than the comparison's (``apd_run.target``): its scores against this
+    target would mean nothing. A bare decomposition file has no run.json; attaching it to the target
+    checks its matrices (``Decomposition.attach``)."""
+    f = Path(run_dir) / RUN_FILE
+    if not f.is_file():
+        return
+    theirs, ours = DecomposeRun.from_dict(json.loads(f.read_text())).target.to_dict(), apd_run.target.to_dict()
+    if theirs != ours:
+        differ = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)}
+        raise ConfigError(f"{key}: {run_dir} decomposed another target than this comparison's ({ours.get('name')}); "
+                          f"they differ in {', '.join(f'{k} (run {a!r}, comparison {b!r})' for k, (a, b) in differ.items())}. "
+                          f"Pass runs of {ours.get('name')}, or leave {key} empty to train them here")  # fmt: skip
+
+
 def _loaded_note(dec: Decomposition, run_dir: str, wall: float) -> str:
     """The comparison.md line of a loaded run: where it came from and its settings."""
     m = dec.config
@@ -141,8 +158,9 @@ def decomposition_results(
     (its decompose preset) × ``cfg.seeds`` into ``out/spd/``. A finished run there is reloaded, not
     redone. Appends a line per loaded run to ``notes``."""
 
-    def loaded(run_dirs: list[str]) -> None:
+    def loaded(run_dirs: list[str], key: str) -> None:
         for run_dir in run_dirs:
+            refuse_other_target(run_dir, apd_run, key)
             dec, wall = load_decomposition_run(run_dir)
             if notes is not None:
                 notes.append(_loaded_note(dec, run_dir, wall))
@@ -151,14 +169,14 @@ def decomposition_results(
             done(_with_fields(trained, dec, wall + time.perf_counter() - t0))
 
     if cfg.apd.enabled:
-        loaded(cfg.apd.runs)
+        loaded(cfg.apd.runs, "apd.runs")
         if not cfg.apd.runs:
             for method in cfg.apd.settings(apd_run.method):
                 for seed in cfg.seeds:
                     run = dataclasses.replace(apd_run, method=method, seed=seed, steps=method.steps)
                     done(run_decomposition(run, out / method.method / f"C{method.C}_topk{method.topk:g}" / f"seed{seed}", score))
     if cfg.spd.enabled:
-        loaded(cfg.spd.runs)
+        loaded(cfg.spd.runs, "spd.runs")
         if not cfg.spd.runs:
             if spd_run is None:
                 raise ValueError("spd.enabled but no SPD preset was given (spd_experiment) and spd.runs is empty")

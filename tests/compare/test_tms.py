@@ -261,3 +261,29 @@ def test_reduced_tms_5_2_comparison_end_to_end(tmp_path):
     assert "mean ± std" in md and "Legend" in md and "| apd | 10 | topk=0.211 | 2 |" in md  # width = the preset's C
     for name in ["pareto_l0.png", "directions.png"]:
         assert (out / "figures" / name).stat().st_size > 10_000
+
+
+def test_a_finished_run_of_another_target_is_refused_naming_the_key_and_the_fix(tmp_path):
+    """`compare ... 'spd.runs=[DIR]'` where DIR decomposed TMS 5-2 but the comparison is on TMS 40-10:
+    a ConfigError naming spd.runs, what differs and the fix (the CLI: one "error:" line, exit 2) before
+    anything is scored; the same run passes the check against its own target."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from apd import ConfigError, SPDConfig
+    from apd.compare.runs import refuse_other_target
+    from apd.experiment import run_decompose
+
+    run = DecomposeRun(target=TMSTargetConfig(name="tms_5_2"), method=SPDConfig(C=5, steps=2), batch_size=32, n_eval=100)
+    run_decompose(run, tmp_path / "spd52", progress=False)
+    refuse_other_target(tmp_path / "spd52", run, "spd.runs")  # its own target: no error
+    other = DecomposeRun(target=TMSTargetConfig(name="tms_40_10", n_features=40, n_hidden=10), method=APDConfig())
+    with pytest.raises(ConfigError, match=r"spd\.runs: .*spd52 decomposed another target .*n_features \(run 5, comparison 40\)"):
+        refuse_other_target(tmp_path / "spd52", other, "spd.runs")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "experiments.compare", "experiment=compare_tms_40_10",
+                           f"spd.runs=[{tmp_path / 'spd52'}]", "apd.enabled=false", "~saes", "browser=false",
+                           f"hydra.run.dir={tmp_path / 'cmp'}"], cwd=root, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: spd.runs: ") and "Pass runs of tms_40_10" in proc.stderr and "Traceback" not in proc.stderr
