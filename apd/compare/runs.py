@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from apd.baselines import SAE, SAEConfig, SAEEvaluate, SAETrainConfig, get_sae_class, load_sae, save_sae, train_sae
 from apd.compare.config import CompareConfig, SAEGrid
 from apd.compare.scoring import Trained
-from apd.decomposition import Decomposition, load_decomposition
 from apd.config import ConfigError
+from apd.decomposition import Decomposition, load_decomposition
 from apd.experiment import RUN_FILE, DecomposeRun, run_decompose
 from apd.methods import method_class, method_for
 from apd.targets import get_target
@@ -159,8 +159,9 @@ def decomposition_results(
     redone. Appends a line per loaded run to ``notes``."""
 
     def loaded(run_dirs: list[str], key: str) -> None:
-        for run_dir in run_dirs:
+        for run_dir in run_dirs:  # every run checked before any is scored
             refuse_other_target(run_dir, apd_run, key)
+        for run_dir in run_dirs:
             dec, wall = load_decomposition_run(run_dir)
             if notes is not None:
                 notes.append(_loaded_note(dec, run_dir, wall))
