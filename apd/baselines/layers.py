@@ -32,6 +32,7 @@ __all__ = [
     "capture_module_io",
     "replaced_outputs",
     "module_loss_recovered",
+    "recovered_fraction",
     "layer_training_data",
     "train_layer_transcoders",
     "transcoder_scores",
@@ -124,9 +125,14 @@ def module_loss_recovered(
         ablated = float(loss_fn(model, batch))
     with replaced_outputs(model, {module: replacement}):
         loss = float(loss_fn(model, batch))
+    return {"loss_clean": clean, "loss_ablated": ablated, "loss": loss, "loss_recovered": recovered_fraction(clean, ablated, loss)}
+
+
+def recovered_fraction(clean: float, ablated: float, loss: float) -> float:
+    """(ablated − loss) / (ablated − clean): 1 when a replacement's loss is the clean model's, 0 when it
+    is the ablated one's; NaN when ablating changes nothing."""
     gap = ablated - clean
-    return {"loss_clean": clean, "loss_ablated": ablated, "loss": loss,
-            "loss_recovered": (ablated - loss) / gap if gap != 0 else math.nan}  # fmt: skip
+    return (ablated - loss) / gap if gap != 0 else math.nan
 
 
 def layer_training_data(model: nn.Module, module: str, draw: Draw, loss_fn: LossFn) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from apd.baselines.layers import recovered_fraction
 from apd.component_model import ComponentModel
 from apd.metrics.sae import description_length_bits
 from apd.toy_models.lm import lm_loss
@@ -61,11 +62,10 @@ def decomposition_layer_scores(
     masked = loss({n: ci[n] for n in matrices})
     thresholded = loss({n: (ci[n] > tau).to(ci[n].dtype) for n in matrices})
     l0 = {n: float((ci[n] > tau).sum(-1).float().mean()) for n in matrices}
-    gap = ablated - clean
     return {
         "loss_clean": clean, "loss_ablated": ablated, "loss": masked,
-        "loss_recovered": (ablated - masked) / gap if gap else math.nan,
-        "loss_recovered_thresholded": (ablated - thresholded) / gap if gap else math.nan,
+        "loss_recovered": recovered_fraction(clean, ablated, masked),
+        "loss_recovered_thresholded": recovered_fraction(clean, ablated, thresholded),
         "l0": sum(l0.values()),
         "bits_per_token": sum(v * math.log2(C[n]) for n, v in l0.items()),
     }  # fmt: skip
