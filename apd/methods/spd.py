@@ -655,7 +655,10 @@ class SPD(Method):
 
     def step_context(self, cm: ComponentModel, x: Tensor, step: int, capture: Sequence[str] = ()) -> SPDStep:
         calls: list[str] = []  # the layer uses in call order (decomposed layers are leaf modules)
-        record = contextlib.nullcontext() if torch.compiler.is_compiling() else cm.record_calls()
+        # no call record under compile=True: the masked passes' reuse swaps module forwards, which a
+        # compiled frame resumed after a graph break cannot undo (is_compiling() is False in the eager part)
+        compiled = self.config.compile or torch.compiler.is_compiling()
+        record = contextlib.nullcontext() if compiled else cm.record_calls()
         # (in float32 under precision=bf16: the outputs every reconstruction loss compares with, and the
         # activations the masked passes reuse)
         with torch.no_grad(), full_precision(), cm.capture(cm.layer_names, inputs=True, calls=calls) as a_in, record as rec:
