@@ -102,6 +102,17 @@ def test_default_eps_is_negligible_and_eps_enters_inside_the_power():
     assert importance_minimality_loss({"a": attr}, p=2.0, eps=1.0).item() == pytest.approx((25 + 1) / 2 + (1 + 16) / 2)
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 0.5])
+def test_importance_minimality_gradient_is_p_g_to_the_p_minus_1_over_rows(p):
+    """d/dg of Σ_c mean_rows (g + ε)^p is p (g + ε)^(p−1) / rows, by hand (p 1 and 2 take a path without pow)."""
+    from apd.losses.importance_minimality import importance_minimality_loss
+
+    g = torch.tensor([[0.5, 0.0, 2.0], [1.5, 0.25, 1.0]], dtype=torch.float64, requires_grad=True)
+    eps = 0.1
+    importance_minimality_loss({"a": g}, p=p, eps=eps).backward()
+    torch.testing.assert_close(g.grad, p * (g.detach() + eps) ** (p - 1) / 2)
+
+
 def test_per_position_rows_of_simplicity_and_lp():
     """[B, T, C] masks and attributions: every (sample, position) is a row, with T != C."""
     A = {"w": torch.tensor([[[3.0, 4.0]], [[1.0, 0.0]]])}  # (C=2, m=1, d_in=2): ‖A‖² 25, 1

