@@ -104,7 +104,7 @@ def test_default_eps_is_negligible_and_eps_enters_inside_the_power():
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 0.5])
 def test_importance_minimality_gradient_is_p_g_to_the_p_minus_1_over_rows(p):
-    """d/dg of Σ_c mean_rows (g + ε)^p is p (g + ε)^(p−1) / rows, by hand (p 1 and 2 take a path without pow)."""
+    """d/dg of Σ_c mean_rows (g + ε)^p is p (g + ε)^(p−1) / rows, by hand (p 1 takes a path without pow)."""
     from apd.losses.importance_minimality import importance_minimality_loss
 
     g = torch.tensor([[0.5, 0.0, 2.0], [1.5, 0.25, 1.0]], dtype=torch.float64, requires_grad=True)

@@ -50,13 +50,11 @@ def importance_minimality_loss(
 
 
 def _power(x: Tensor, p: float) -> Tensor:
-    """x^p; at p 1 and 2 (the presets') without pow, whose backward costs 2-5x more (a [2048, 512] batch
-    of the 1-layer LM: forward and backward 4.7 ms with pow(2.0), 1.9 ms with x·x; 5.0 and 0.9 at p 1)"""
-    if p == 1:
-        return x
-    if p == 2:
-        return x * x
-    return x.pow(p)
+    """x^p, and x itself at p 1 (where the annealed presets end): pow(1.0)'s backward still computes
+    p·x^(p−1). On the 1-layer LM's g⁺ (2 × [2048, 512]) the loss's forward and backward take about
+    half the time (pow's over this: 1.9-2.7× in four runs; benchmarks/README.md, ``minimality_power``).
+    At p 2, x·x was not measurably faster than pow (0.87-1.29× over five runs), so pow stays."""
+    return x if p == 1 else x.pow(p)
 
 
 @register_loss("importance_minimality", order=30)
