@@ -44,7 +44,7 @@ RATIOS = [
     ("SPD step, residual MLP 3-layer: C 200 for every matrix / 40 for each W_out (C_per_module)",
      "test_spd_step[resid_mlp_3]", "test_spd_step_w_out_C40"),
     ("importance minimality fwd + bwd, 2 × [2048, 512]: pow / x at p 1",
-     "test_importance_minimality_power[pow-1.0]", "test_importance_minimality_power[toolkit-1.0]"),
+     "test_importance_minimality_power[pow]", "test_importance_minimality_power[toolkit]"),
     ("SPD step, inner activations recomputed / reused: residual MLP 1-layer",
      "test_spd_step_recomputed_inner[resid_mlp_1]", "test_spd_step[resid_mlp_1]"),
     ("SPD step, inner activations recomputed / reused: residual MLP 3-layer",

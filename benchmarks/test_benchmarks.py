@@ -350,18 +350,18 @@ def test_spd_step_separate_squash(benchmark, case, monkeypatch):
 MIN_ROWS = size(2048, 64)  # rows of g⁺ in the minimality benchmark: the 1-layer LM's 16 windows of 128 tokens
 
 
-@pytest.mark.parametrize("p", [1.0])
 @pytest.mark.parametrize("power", ["toolkit", "pow"])
 @pytest.mark.benchmark(group="minimality_power")
-def test_importance_minimality_power(benchmark, p, power, monkeypatch):
-    """The importance minimality loss, forward and backward, on g⁺ of [2048, 512] for each of the 1-layer
-    LM's two decomposed matrices (``spd_lm_1l``: 16 windows of 128 tokens, C 512): ``toolkit`` takes (g⁺)^1 as
-    g⁺ itself, ``pow`` as ``Tensor.pow`` (the loss before 2026-12-06; the same values)."""
+def test_importance_minimality_power(benchmark, power, monkeypatch):
+    """The importance minimality loss at p 1, forward and backward, on g⁺ of [2048, 512] for each of the
+    1-layer LM's two decomposed matrices (``spd_lm_1l``: 16 windows of 128 tokens, C 512): ``toolkit`` takes
+    (g⁺)^1 as g⁺ itself, ``pow`` as ``Tensor.pow`` (the loss before 2026-12-06; the same values)."""
     import apd.losses.importance_minimality as im
 
     torch.manual_seed(0)
     leaves = [torch.rand(MIN_ROWS, 512, requires_grad=True) for _ in range(2)]
     ci_upper = {"mlp.up": leaves[0], "mlp.down": leaves[1]}
+    p = 1.0
     ours = im.importance_minimality_loss(ci_upper, p).item()
     if power == "pow":
         monkeypatch.setattr(im, "_power", lambda x, q: x.pow(q))
